@@ -1,0 +1,38 @@
+"""Installs simclr_jax: SimCLR self-supervised pretraining in JAX/Flax."""
+
+import setuptools
+
+# Pinned to the stack known to work together on Python 3.11 (see README).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "clu==0.0.12",
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    # tfds imports it without declaring it.
+    "importlib_resources",
+    "numpy>=2.4,<2.5",
+    "pillow",
+    "matplotlib",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest", "pytest-xdist", "ruff"],
+}
+
+setuptools.setup(
+    name="simclr_jax",
+    version="0.1.0",
+    description="SimCLR self-supervised pretraining of image encoders in JAX/Flax.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["simclr_jax", "simclr_jax.*"]),
+    package_data={"simclr_jax": ["data/assets/*.npz"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
