@@ -1,0 +1,1 @@
+"""Input data: sources (datasets), augmentations (augment), tf.data pipelines (pipeline)."""

@@ -1,0 +1,650 @@
+"""SimCLR image augmentations as stateless TensorFlow ops, for use in tf.data.
+
+Every op takes one image, float32 [H, W, 3] in [0, 1] (uint8 is converted with
+tf.image.convert_image_dtype), and returns float32 in [0, 1]. Random ops take a
+`seed`: an integer tensor of shape [2], as used by tf.random.stateless_*. The same
+seed gives the same output eagerly and inside tf.data's `.map` (graph mode), so a
+pipeline that derives seeds from the element index is reproducible and resumable.
+Sub-seeds are derived with tf.random.experimental.stateless_split, never by
+adding constants, so the streams of different ops stay independent.
+
+The ops follow google-research/simclr (tf2/data_util.py); where it has quirks we
+keep them, so that published numbers stay comparable:
+
+- Random resized crop uses TensorFlow's own box sampler (the stateless twin of
+  the one the reference calls), with the reference's min_object_covered=0.1
+  against the whole image. Consequences: the aspect ratio is uniform (not
+  log-uniform) in aspect_range, the crop *height* is uniform between its
+  smallest and largest allowed value (so the area is not uniform), and the area
+  fraction is effectively at least max(area_range[0], 0.1). After max_attempts
+  failed draws the whole image is used.
+- Gaussian blur pads with zeros ('SAME' convolution), which darkens a border of
+  kernel_size // 2 pixels, and uses kernel_size // 2 as its radius.
+- Colour jitter clips to [0, 1] after each of its four ops.
+
+One difference by design: blur runs here, per image on the host, while the
+reference applies it batch-wise on the accelerator (benchmarks/input_pipeline.py
+measures its host cost).
+"""
+
+from collections.abc import Sequence
+
+import ml_collections as mlc
+import tensorflow as tf
+
+# The reference passes min_object_covered=0.1 with the whole image as the object,
+# which makes 0.1 the effective lower bound of the crop area fraction.
+REFERENCE_MIN_OBJECT_COVERED = 0.1
+# The centre crop is skipped for images this small that already have the output
+# size, as the reference does for CIFAR (it disables test_crop at <= 32 px).
+CENTER_CROP_SKIP_MAX_SIZE = 32
+# Contrast and saturation factors are 1 +- 0.8 * strength and must stay >= 0.
+MAX_JITTER_STRENGTH = 1.25
+BRIGHTNESS_MODES = ("multiplicative", "additive")
+# Pretrain-view sub-seed slots; fixed so that, e.g., turning blur off does not
+# change the crops.
+_CROP, _FLIP, _JITTER, _GRAY, _BLUR = range(5)
+
+AUGMENT_FIELDS = (
+    "image_size",
+    "crop_area_range",
+    "crop_aspect_range",
+    "crop_max_attempts",
+    "flip_prob",
+    "jitter_strength",
+    "jitter_prob",
+    "brightness_mode",
+    "grayscale_prob",
+    "blur_prob",
+    "blur_sigma_range",
+    "eval_crop_fraction",
+)
+
+
+# ----------------------------------------------------------------------------
+# Argument checks (Python values, checked once at trace time).
+
+
+def _check_number(name, value, lo, hi, *, lo_open=False):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}={value!r}: expected a number in {_interval(lo, hi, lo_open)}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise ValueError(f"{name}={value!r}: allowed range is {_interval(lo, hi, lo_open)}")
+
+
+def _interval(lo, hi, lo_open):
+    return f"{'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def _check_int(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {lo}")
+
+
+def _check_pair(name, value, lo, hi, *, lo_open=True):
+    """Checks an ordered (low, high) pair with both ends in the given interval."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"{name}={value!r}: expected a pair (low, high)")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"{name}={value!r}: expected numbers in {_interval(lo, hi, lo_open)}")
+        if v < lo or v > hi or (lo_open and v == lo):
+            raise ValueError(f"{name}={value!r}: both ends must be in {_interval(lo, hi, lo_open)}")
+    if value[0] > value[1]:
+        raise ValueError(f"{name}={value!r}: low must be <= high")
+
+
+def _check_prob(name, value):
+    _check_number(name, value, 0.0, 1.0)
+
+
+def _check_brightness_mode(value):
+    if value not in BRIGHTNESS_MODES:
+        raise ValueError(f"brightness_mode={value!r}: allowed values are {BRIGHTNESS_MODES}")
+
+
+def _as_seed(seed):
+    """Returns `seed` as an int64 [2] tensor (int32 and int64 seeds agree)."""
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype not in (tf.int32, tf.int64):
+        raise ValueError(f"seed has dtype {seed.dtype.name}: expected int32 or int64")
+    if not seed.shape.is_compatible_with([2]):
+        raise ValueError(f"seed has shape {seed.shape}: expected [2]")
+    return tf.cast(tf.ensure_shape(seed, [2]), tf.int64)
+
+
+def _split(seed, num):
+    return tf.unstack(tf.random.experimental.stateless_split(seed, num=num))
+
+
+def _as_float_image(image):
+    """Converts to float32 in [0, 1] and checks the [H, W, 3] layout."""
+    image = tf.convert_to_tensor(image)
+    if not image.shape.is_compatible_with([None, None, 3]):
+        raise ValueError(f"image has shape {image.shape}: expected [height, width, 3]")
+    if image.dtype != tf.float32:
+        image = tf.image.convert_image_dtype(image, tf.float32)
+    return image
+
+
+def _clip(image):
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Sampled decisions and parameters (public so tests can check their statistics;
+# the ops below use exactly these helpers).
+
+
+def sample_decision(seed, prob):
+    """Returns a scalar bool tensor that is True with probability `prob`.
+
+    Args:
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1]; 0 is never and 1 is always true.
+
+    Returns:
+      A scalar tf.bool tensor.
+    """
+    _check_prob("prob", prob)
+    return tf.random.stateless_uniform([], seed=_as_seed(seed)) < prob
+
+
+def sample_crop_box(
+    image_shape,
+    seed,
+    *,
+    area_range=(0.08, 1.0),
+    aspect_range=(3 / 4, 4 / 3),
+    max_attempts=100,
+):
+    """Samples the random-resized-crop box the way the reference does.
+
+    Args:
+      image_shape: int tensor [3] (height, width, channels), e.g. tf.shape(image).
+      seed: int32/int64 tensor of shape [2].
+      area_range: (low, high) crop area as a fraction of the image, in (0, 1].
+      aspect_range: (low, high) crop width / height, positive; sampled uniformly.
+      max_attempts: draws before falling back to the whole image.
+
+    Returns:
+      An int32 tensor [4]: (offset_y, offset_x, height, width).
+    """
+    _check_pair("area_range", area_range, 0.0, 1.0)
+    _check_pair("aspect_range", aspect_range, 0.0, float("inf"))
+    _check_int("max_attempts", max_attempts, 1)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.cast(image_shape, tf.int32),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=_as_seed(seed),
+        min_object_covered=REFERENCE_MIN_OBJECT_COVERED,
+        aspect_ratio_range=tuple(float(a) for a in aspect_range),
+        area_range=tuple(float(a) for a in area_range),
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def sample_color_jitter_params(seed, *, strength, brightness_mode="multiplicative"):
+    """Samples the colour-jitter factors and the order of the four ops.
+
+    Args:
+      seed: int32/int64 tensor of shape [2].
+      strength: jitter strength s in [0, 1.25]; brightness, contrast and
+        saturation use 0.8 s, hue 0.2 s.
+      brightness_mode: 'multiplicative' (SimCLR v2: factor uniform in
+        [max(0, 1 - 0.8 s), 1 + 0.8 s]) or 'additive' (v1: delta uniform in
+        [-0.8 s, 0.8 s]).
+
+    Returns:
+      A dict of scalar float32 tensors 'brightness', 'contrast', 'saturation',
+      'hue' and an int32 tensor 'order' [4], a permutation of (brightness=0,
+      contrast=1, saturation=2, hue=3) giving the order they are applied in.
+    """
+    _check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
+    _check_brightness_mode(brightness_mode)
+    seeds = _split(_as_seed(seed), 5)
+    s = 0.8 * strength
+
+    def uniform(i, lo, hi):
+        return tf.random.stateless_uniform([], seed=seeds[i], minval=lo, maxval=hi)
+
+    if brightness_mode == "multiplicative":
+        brightness = uniform(0, max(0.0, 1.0 - s), 1.0 + s)
+    else:
+        brightness = uniform(0, -s, s)
+    return {
+        "brightness": brightness,
+        "contrast": uniform(1, 1.0 - s, 1.0 + s),
+        "saturation": uniform(2, 1.0 - s, 1.0 + s),
+        "hue": uniform(3, -0.2 * strength, 0.2 * strength),
+        # argsort of i.i.d. uniforms is a uniformly random permutation.
+        "order": tf.argsort(tf.random.stateless_uniform([4], seed=seeds[4])),
+    }
+
+
+# ----------------------------------------------------------------------------
+# Ops.
+
+
+def random_resized_crop(
+    image,
+    seed,
+    *,
+    size,
+    area_range=(0.08, 1.0),
+    aspect_range=(3 / 4, 4 / 3),
+    max_attempts=100,
+):
+    """Crops a random box (see sample_crop_box) and resizes it bicubically.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      size: output height and width in pixels.
+      area_range: (low, high) crop area fraction; see sample_crop_box.
+      aspect_range: (low, high) crop width / height.
+      max_attempts: draws before falling back to the whole image.
+
+    Returns:
+      float32 [size, size, 3] in [0, 1] (clipped: bicubic overshoots).
+    """
+    _check_int("size", size, 1)
+    image = _as_float_image(image)
+    box = sample_crop_box(
+        tf.shape(image),
+        seed,
+        area_range=area_range,
+        aspect_range=aspect_range,
+        max_attempts=max_attempts,
+    )
+    crop = tf.slice(image, [box[0], box[1], 0], [box[2], box[3], 3])
+    out = tf.image.resize(crop, [size, size], method=tf.image.ResizeMethod.BICUBIC)
+    return tf.ensure_shape(_clip(out), [size, size, 3])
+
+
+def random_flip(image, seed, *, prob=0.5):
+    """Flips left-right with probability `prob`.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: flip probability in [0, 1].
+
+    Returns:
+      float32 image of the input's shape.
+    """
+    image = _as_float_image(image)
+    return tf.cond(
+        sample_decision(seed, prob), lambda: tf.image.flip_left_right(image), lambda: image
+    )
+
+
+def adjust_brightness(image, value, *, mode="multiplicative"):
+    """Scales (multiplicative) or shifts (additive) all pixels, then clips.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      value: scalar factor ('multiplicative') or delta ('additive').
+      mode: one of BRIGHTNESS_MODES.
+
+    Returns:
+      float32 image in [0, 1].
+    """
+    _check_brightness_mode(mode)
+    image = _as_float_image(image)
+    out = image * value if mode == "multiplicative" else image + value
+    return _clip(out)
+
+
+def color_jitter(image, seed, *, strength, brightness_mode="multiplicative"):
+    """Brightness, contrast, saturation and hue jitter in a random order.
+
+    Each of the four ops is always applied, with a factor drawn by
+    sample_color_jitter_params, and the image is clipped to [0, 1] after each.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      strength: jitter strength s in [0, 1.25] (1.0 ImageNet, 0.5 CIFAR).
+      brightness_mode: 'multiplicative' (v2) or 'additive' (v1).
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    params = sample_color_jitter_params(seed, strength=strength, brightness_mode=brightness_mode)
+    image = _as_float_image(image)
+    if strength == 0:
+        # All factors are neutral; skip the ops (and their rounding), as the reference does.
+        return image
+
+    def branches(x):
+        return [
+            lambda: adjust_brightness(x, params["brightness"], mode=brightness_mode),
+            lambda: tf.image.adjust_contrast(x, params["contrast"]),
+            lambda: tf.image.adjust_saturation(x, params["saturation"]),
+            lambda: tf.image.adjust_hue(x, params["hue"]),
+        ]
+
+    for i in range(4):
+        image = _clip(tf.switch_case(params["order"][i], branches(image)))
+    return image
+
+
+def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="multiplicative"):
+    """Applies color_jitter with probability `prob`.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1] of jittering.
+      strength: jitter strength, see color_jitter.
+      brightness_mode: 'multiplicative' or 'additive', see color_jitter.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    decide_seed, jitter_seed = _split(_as_seed(seed), 2)
+    image = _as_float_image(image)
+    return tf.cond(
+        sample_decision(decide_seed, prob),
+        lambda: color_jitter(
+            image, jitter_seed, strength=strength, brightness_mode=brightness_mode
+        ),
+        lambda: image,
+    )
+
+
+def to_grayscale(image):
+    """Converts to luma (ITU-R 601 weights) and keeps 3 identical channels.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+
+    Returns:
+      float32 [H, W, 3] image.
+    """
+    image = _as_float_image(image)
+    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+def random_grayscale(image, seed, *, prob=0.2):
+    """Converts to grayscale (3 channels kept) with probability `prob`.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1].
+
+    Returns:
+      float32 image of the input's shape.
+    """
+    image = _as_float_image(image)
+    return tf.cond(sample_decision(seed, prob), lambda: to_grayscale(image), lambda: image)
+
+
+def gaussian_blur(image, seed, *, sigma_range=(0.1, 2.0), kernel_size=None):
+    """Separable Gaussian blur with sigma drawn uniformly from `sigma_range`.
+
+    As in the reference, the radius is kernel_size // 2 (so the filter has
+    2 * (kernel_size // 2) + 1 taps, even sizes round up) and the convolution
+    is 'SAME' with zero padding.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      sigma_range: (low, high), both > 0; equal ends give a fixed sigma.
+      kernel_size: filter size; None means image height // 10 (the reference).
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    _check_pair("sigma_range", sigma_range, 0.0, float("inf"))
+    if kernel_size is not None:
+        _check_int("kernel_size", kernel_size, 0)
+    image = _as_float_image(image)
+    if kernel_size is None:
+        height = image.shape[0]
+        kernel_size = height // 10 if height is not None else tf.shape(image)[0] // 10
+    radius = kernel_size // 2
+    sigma = tf.random.stateless_uniform(
+        [], seed=_as_seed(seed), minval=sigma_range[0], maxval=sigma_range[1]
+    )
+    x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    taps = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+    taps /= tf.reduce_sum(taps)
+    # depthwise_conv2d filters are [rows, cols, in_channels, multiplier].
+    horizontal = tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, 3, 1])
+    vertical = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, 3, 1])
+    out = tf.nn.depthwise_conv2d(image[None], horizontal, [1, 1, 1, 1], "SAME")
+    out = tf.nn.depthwise_conv2d(out, vertical, [1, 1, 1, 1], "SAME")[0]
+    return _clip(tf.ensure_shape(out, image.shape))
+
+
+def random_blur(image, seed, *, prob=0.5, sigma_range=(0.1, 2.0), kernel_size=None):
+    """Applies gaussian_blur with probability `prob`.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1] of blurring.
+      sigma_range: see gaussian_blur.
+      kernel_size: see gaussian_blur.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    decide_seed, blur_seed = _split(_as_seed(seed), 2)
+    image = _as_float_image(image)
+    return tf.cond(
+        sample_decision(decide_seed, prob),
+        lambda: gaussian_blur(image, blur_seed, sigma_range=sigma_range, kernel_size=kernel_size),
+        lambda: image,
+    )
+
+
+def center_crop(image, *, size, crop_fraction=0.875):
+    """Evaluation crop: the central crop_fraction of the shorter side, resized.
+
+    The crop is square with side rint(crop_fraction * min(H, W)) and offsets
+    ((H - side) + 1) // 2, ((W - side) + 1) // 2, as in the reference; it is
+    resized bicubically to [size, size] and clipped. When size <= 32 and the
+    image is already size x size (CIFAR), the image is returned unchanged: the
+    reference disables the test crop for such small images.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      size: output height and width.
+      crop_fraction: fraction in (0, 1] of the shorter side to keep.
+
+    Returns:
+      float32 [size, size, 3] in [0, 1].
+    """
+    _check_int("size", size, 1)
+    _check_number("crop_fraction", crop_fraction, 0.0, 1.0, lo_open=True)
+    image = _as_float_image(image)
+
+    def crop_and_resize():
+        shape = tf.shape(image)
+        side = tf.cast(
+            tf.math.rint(crop_fraction * tf.cast(tf.minimum(shape[0], shape[1]), tf.float32)),
+            tf.int32,
+        )
+        side = tf.maximum(side, 1)
+        top = (shape[0] - side + 1) // 2
+        left = (shape[1] - side + 1) // 2
+        crop = tf.slice(image, [top, left, 0], [side, side, 3])
+        out = tf.image.resize(crop, [size, size], method=tf.image.ResizeMethod.BICUBIC)
+        return _clip(out)
+
+    static_hw = image.shape[:2]
+    if size > CENTER_CROP_SKIP_MAX_SIZE:
+        out = crop_and_resize()
+    elif static_hw.is_fully_defined():
+        out = _clip(image) if tuple(static_hw) == (size, size) else crop_and_resize()
+    else:
+        already_sized = tf.reduce_all(tf.shape(image)[:2] == size)
+        out = tf.cond(
+            already_sized, lambda: tf.reshape(_clip(image), [size, size, 3]), crop_and_resize
+        )
+    return tf.ensure_shape(out, [size, size, 3])
+
+
+# ----------------------------------------------------------------------------
+# Config and composite views.
+
+
+def default_augment_config(image_size, *, jitter_strength, blur_prob):
+    """Returns the reference augmentation settings for one image size.
+
+    Args:
+      image_size: output height and width (32 CIFAR, 224 ImageNet).
+      jitter_strength: colour-jitter strength (0.5 CIFAR, 1.0 ImageNet).
+      blur_prob: blur probability (0.0 CIFAR, 0.5 ImageNet).
+
+    Returns:
+      An ml_collections.ConfigDict with exactly the fields in AUGMENT_FIELDS.
+    """
+    cfg = mlc.ConfigDict(
+        {
+            "image_size": image_size,
+            "crop_area_range": (0.08, 1.0),
+            "crop_aspect_range": (3 / 4, 4 / 3),
+            "crop_max_attempts": 100,
+            "flip_prob": 0.5,
+            "jitter_strength": jitter_strength,
+            "jitter_prob": 0.8,
+            "brightness_mode": "multiplicative",
+            "grayscale_prob": 0.2,
+            "blur_prob": blur_prob,
+            "blur_sigma_range": (0.1, 2.0),
+            "eval_crop_fraction": 0.875,
+        }
+    )
+    validate_augment_config(cfg)
+    return cfg
+
+
+def validate_augment_config(cfg):
+    """Raises ValueError naming the field, its value and what is allowed.
+
+    Args:
+      cfg: a ConfigDict (or any object with the AUGMENT_FIELDS attributes). For
+        mappings and ConfigDicts, unknown fields are rejected too, so a typo
+        cannot silently leave a default in place.
+    """
+    missing = [f for f in AUGMENT_FIELDS if not hasattr(cfg, f)]
+    if missing:
+        raise ValueError(f"augment config is missing fields {missing}; required: {AUGMENT_FIELDS}")
+    if hasattr(cfg, "keys"):
+        unknown = sorted(set(cfg.keys()) - set(AUGMENT_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"augment config has unknown fields {unknown}; allowed: {AUGMENT_FIELDS}"
+            )
+    checks = {
+        "image_size": lambda n, v: _check_int(n, v, 1),
+        "crop_area_range": lambda n, v: _check_pair(n, v, 0.0, 1.0),
+        "crop_aspect_range": lambda n, v: _check_pair(n, v, 0.0, float("inf")),
+        "crop_max_attempts": lambda n, v: _check_int(n, v, 1),
+        "flip_prob": _check_prob,
+        "jitter_strength": lambda n, v: _check_number(n, v, 0.0, MAX_JITTER_STRENGTH),
+        "jitter_prob": _check_prob,
+        "brightness_mode": lambda n, v: _check_brightness_mode(v),
+        "grayscale_prob": _check_prob,
+        "blur_prob": _check_prob,
+        "blur_sigma_range": lambda n, v: _check_pair(n, v, 0.0, float("inf")),
+        "eval_crop_fraction": lambda n, v: _check_number(n, v, 0.0, 1.0, lo_open=True),
+    }
+    for name, check in checks.items():
+        try:
+            check(name, getattr(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"augment config field {e}") from None
+
+
+def pretrain_view(image, seed, cfg):
+    """One SimCLR pretraining view, in the reference order.
+
+    crop -> flip -> colour jitter (p = jitter_prob) -> grayscale
+    (p = grayscale_prob) -> blur (p = blur_prob, only when blur_prob > 0).
+    The seed is split into five fixed slots, one per op.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8, any H and W.
+      seed: int32/int64 tensor of shape [2]; use different seeds for the views.
+      cfg: augmentation config (see default_augment_config).
+
+    Returns:
+      float32 [image_size, image_size, 3] in [0, 1].
+    """
+    validate_augment_config(cfg)
+    seeds = _split(_as_seed(seed), 5)
+    size = cfg.image_size
+    x = random_resized_crop(
+        image,
+        seeds[_CROP],
+        size=size,
+        area_range=tuple(cfg.crop_area_range),
+        aspect_range=tuple(cfg.crop_aspect_range),
+        max_attempts=cfg.crop_max_attempts,
+    )
+    x = random_flip(x, seeds[_FLIP], prob=cfg.flip_prob)
+    x = random_color_jitter(
+        x,
+        seeds[_JITTER],
+        prob=cfg.jitter_prob,
+        strength=cfg.jitter_strength,
+        brightness_mode=cfg.brightness_mode,
+    )
+    x = random_grayscale(x, seeds[_GRAY], prob=cfg.grayscale_prob)
+    if cfg.blur_prob > 0:
+        x = random_blur(
+            x,
+            seeds[_BLUR],
+            prob=cfg.blur_prob,
+            sigma_range=tuple(cfg.blur_sigma_range),
+            kernel_size=size // 10,
+        )
+    return tf.ensure_shape(x, [size, size, 3])
+
+
+def finetune_view(image, seed, cfg):
+    """Linear-eval / fine-tuning training view: random resized crop + flip.
+
+    Uses the same seed slots as pretrain_view for the crop and the flip.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      cfg: augmentation config.
+
+    Returns:
+      float32 [image_size, image_size, 3] in [0, 1].
+    """
+    validate_augment_config(cfg)
+    seeds = _split(_as_seed(seed), 5)
+    x = random_resized_crop(
+        image,
+        seeds[_CROP],
+        size=cfg.image_size,
+        area_range=tuple(cfg.crop_area_range),
+        aspect_range=tuple(cfg.crop_aspect_range),
+        max_attempts=cfg.crop_max_attempts,
+    )
+    return random_flip(x, seeds[_FLIP], prob=cfg.flip_prob)
+
+
+def eval_view(image, cfg):
+    """Evaluation view: center_crop to image_size with eval_crop_fraction.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      cfg: augmentation config.
+
+    Returns:
+      float32 [image_size, image_size, 3] in [0, 1].
+    """
+    validate_augment_config(cfg)
+    return center_crop(image, size=cfg.image_size, crop_fraction=cfg.eval_crop_fraction)

@@ -1,0 +1,351 @@
+"""Tests of simclr_jax.data.pipeline: order, resume, sharding, views, eval padding.
+
+With an identity augmentation (full-image crop, no flip/jitter/grayscale) each
+view reproduces its source image exactly, so every example in a batch can be
+traced back to the DataSource by its pixels: coverage, labels and host
+disjointness are checked against the source, not against the pipeline itself.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import ml_collections as mlc
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from simclr_jax.data import augment, datasets, pipeline
+
+SIZE = 12
+NUM_TRAIN = 23
+
+
+class PipelineTestTiny(tfds.core.GeneratorBasedBuilder):
+    """A tiny RGB tfds dataset prepared offline (23 train, 7 test examples)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=3),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            "train": self._generate_examples(0, NUM_TRAIN),
+            "test": self._generate_examples(100, 7),
+        }
+
+    def _generate_examples(self, start, count):
+        for i in range(start, start + count):
+            yield i, {"image": random_image(i), "label": i % 3}
+
+
+def random_image(i):
+    return np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+
+
+def data_config(**overrides):
+    cfg = mlc.ConfigDict(
+        {
+            "source": "embedded",
+            "name": "cifar10_sample",
+            "data_dir": None,
+            "download": False,
+            "train_split": "train",
+            "eval_split": "test",
+            "val_fraction": 0.0,
+            "strict": False,
+            "cache": None,
+        }
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def aug_config(*, identity=False, size=SIZE):
+    cfg = augment.default_augment_config(size, jitter_strength=0.5, blur_prob=0.0)
+    if identity:
+        cfg.crop_area_range = (1.0, 1.0)
+        cfg.crop_aspect_range = (1.0, 1.0)
+        cfg.flip_prob = 0.0
+        cfg.jitter_prob = 0.0
+        cfg.grayscale_prob = 0.0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Data configs of the same-sized folder and tfds datasets, keyed by kind."""
+    root = tmp_path_factory.mktemp("folder")
+    for i in range(NUM_TRAIN):
+        path = root / f"class{i % 3}" / f"{i:03d}.png"
+        os.makedirs(path.parent, exist_ok=True)
+        Image.fromarray(random_image(i)).save(path)
+    tfds_dir = str(tmp_path_factory.mktemp("tfds"))
+    PipelineTestTiny(data_dir=tfds_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    folder = {"source": "folder", "name": str(root)}
+    tiny = {"source": "tfds", "name": "pipeline_test_tiny", "data_dir": tfds_dir}
+    return {
+        "folder-cached": data_config(**folder, cache=True),
+        "folder-uncached": data_config(**folder, cache=False),
+        "tfds-cached": data_config(**tiny, cache=True),
+        "tfds-stream": data_config(**tiny, cache=False, shuffle_buffer=5),
+    }
+
+
+def source_lookup(cfg, split="train"):
+    """{image bytes: (index, label)} read from the DataSource directly."""
+    source = datasets.load_source(cfg, split)
+    table = {}
+    for e in source.shard(0, 1).as_numpy_iterator():
+        table[e["image"].tobytes()] = (int(e["index"]), int(e["label"]))
+    assert len(table) == source.num_examples  # Images are distinct.
+    return source, table
+
+
+def identify(images, table):
+    """Source (index, label) of every float image of a batch."""
+    pixels = np.round(images * 255).astype(np.uint8)
+    return [table[p.tobytes()] for p in pixels]
+
+
+def take(ds, count):
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(count)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+KINDS = ["folder-cached", "folder-uncached", "tfds-cached", "tfds-stream"]
+
+
+def test_pretrain_batches_embedded():
+    ds, info = pipeline.build_pretrain_dataset(
+        data_config(),
+        aug_config(size=32),
+        global_batch_size=16,
+        seed=3,
+        process_index=1,
+        process_count=2,
+    )
+    assert (info.local_batch_size, info.steps_per_epoch) == (8, 2000 // 8)
+    assert (info.num_examples, info.num_classes, info.cached) == (4000, 10, True)
+    for batch in take(ds, 2):
+        assert batch.keys() == {"view1", "view2", "label"}
+        for view in ("view1", "view2"):
+            assert batch[view].shape == (8, 32, 32, 3) and batch[view].dtype == np.float32
+            assert batch[view].min() >= 0.0 and batch[view].max() <= 1.0
+        diff = np.abs(batch["view1"] - batch["view2"]).reshape(8, -1).max(axis=1)
+        assert (diff > 0.05).all()
+        assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_epochs_are_fresh_permutations_of_the_host_shard(sources, kind):
+    cfg = sources[kind]
+    source, table = source_lookup(cfg)
+    process_count, batch = 2, 3
+    per_epoch = (NUM_TRAIN // process_count) // batch * batch  # 11 // 3 * 3 = 9
+    seen_by_host = []
+    for p in range(process_count):
+        ds, info = pipeline.build_pretrain_dataset(
+            cfg,
+            aug_config(identity=True),
+            global_batch_size=batch * process_count,
+            seed=0,
+            process_index=p,
+            process_count=process_count,
+        )
+        assert info.steps_per_epoch * batch == per_epoch
+        steps = info.steps_per_epoch
+        batches = take(ds, 2 * steps)
+        epochs = []
+        for epoch_batches in (batches[:steps], batches[steps:]):
+            drawn = []
+            for b in epoch_batches:
+                np.testing.assert_array_equal(b["view1"], b["view2"])  # Identity views.
+                ids = identify(b["view1"], table)
+                assert [label for _, label in ids] == list(b["label"])
+                drawn += [index for index, _ in ids]
+            assert len(set(drawn)) == per_epoch  # No repeats within an epoch.
+            assert set(drawn) <= set(source.shard_indices(p, process_count))
+            epochs.append(drawn)
+        assert epochs[0] != epochs[1]  # Reshuffled.
+        seen_by_host.append(set(epochs[0]) | set(epochs[1]))
+    assert not seen_by_host[0] & seen_by_host[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_matches_uninterrupted_run(sources, kind):
+    def build(start_step):
+        return pipeline.build_pretrain_dataset(
+            sources[kind],
+            aug_config(),
+            global_batch_size=6,
+            seed=7,
+            process_index=1,
+            process_count=2,
+            start_step=start_step,
+        )
+
+    ds, info = build(0)
+    assert info.steps_per_epoch == 3
+    full = take(ds, 8)  # Epochs 0, 1 and part of 2.
+    # Resuming at step 4 skips epoch 0 by arithmetic and 1 batch of epoch 1, then
+    # crosses into epoch 2 at step 6; the stream path also resumes inside epoch 0.
+    for k in (2, 4) if kind == "tfds-stream" else (4,):
+        assert_batches_equal(take(build(k)[0], 8 - k), full[k:])
+    # Epochs see different views of their examples (fresh order and fresh seeds).
+    assert not np.array_equal(full[0]["view1"], full[3]["view1"])
+
+
+def test_seed_determines_the_stream(sources):
+    def first_batches(seed):
+        ds, _ = pipeline.build_pretrain_dataset(
+            sources["folder-cached"], aug_config(), global_batch_size=4, seed=seed
+        )
+        return take(ds, 2)
+
+    reference = first_batches(11)
+    assert_batches_equal(first_batches(11), reference)
+    other = first_batches(12)
+    assert not np.array_equal(other[0]["view1"], reference[0]["view1"])
+
+
+@pytest.mark.parametrize(
+    "kind, process_count, global_batch",
+    [
+        ("folder-cached", 1, 8),
+        ("folder-uncached", 2, 8),
+        ("tfds-stream", 3, 9),
+        ("tfds-cached", 4, 8),
+    ],
+)
+def test_eval_covers_each_example_once_with_padding(sources, kind, process_count, global_batch):
+    cfg = sources[kind]
+    source, table = source_lookup(cfg)
+    local = global_batch // process_count
+    expected_batches = math.ceil(math.ceil(NUM_TRAIN / process_count) / local)
+    seen = []
+    for p in range(process_count):
+        ds = pipeline.build_eval_dataset(
+            cfg,
+            aug_config(identity=True),
+            split="train",
+            global_batch_size=global_batch,
+            process_index=p,
+            process_count=process_count,
+        )
+        batches = list(ds.as_numpy_iterator())
+        assert len(batches) == ds.cardinality().numpy() == expected_batches
+        images = np.concatenate([b["image"] for b in batches])
+        labels = np.concatenate([b["label"] for b in batches])
+        mask = np.concatenate([b["mask"] for b in batches])
+        assert images.shape == (expected_batches * local, SIZE, SIZE, 3)
+        assert labels.dtype == np.int32 and mask.dtype == bool
+        shard = source.shard_indices(p, process_count)
+        np.testing.assert_array_equal(mask, np.arange(len(mask)) < len(shard))
+        assert not images[~mask].any() and not labels[~mask].any()
+        ids = identify(images[mask], table)
+        assert [index for index, _ in ids] == list(shard)  # The shard, in fixed order.
+        assert [label for _, label in ids] == list(labels[mask])
+        seen += list(shard)
+    assert sorted(seen) == list(range(NUM_TRAIN))
+
+
+@pytest.mark.parametrize("kind", ["folder-uncached", "tfds-stream"])
+def test_finetune_uses_only_the_subset(sources, kind):
+    cfg = sources[kind]
+    source, table = source_lookup(cfg)
+    subset = np.array([1, 2, 4, 8, 9, 13, 14, 17, 20, 22])
+    ds, info = pipeline.build_finetune_dataset(
+        cfg,
+        aug_config(identity=True),
+        global_batch_size=4,
+        seed=0,
+        process_index=1,
+        process_count=2,
+        subset_indices=subset,
+    )
+    if source.indexable:
+        allowed = set(subset[1::2])
+    else:
+        allowed = set(subset) & set(source.shard_indices(1, 2))
+    assert info.num_examples == len(subset)
+    drawn = []
+    for b in take(ds, 2 * info.steps_per_epoch):
+        assert b.keys() == {"image", "label"} and b["image"].shape == (2, SIZE, SIZE, 3)
+        ids = identify(b["image"], table)
+        assert [label for _, label in ids] == list(b["label"])
+        drawn += [index for index, _ in ids]
+    assert set(drawn) <= allowed and len(set(drawn[: len(drawn) // 2])) == len(drawn) // 2
+
+
+def test_errors(sources):
+    cfg, aug = sources["folder-cached"], aug_config()
+    with pytest.raises(ValueError, match=r"global_batch_size=10.*process_count=4"):
+        pipeline.build_pretrain_dataset(cfg, aug, global_batch_size=10, seed=0, process_count=4)
+    with pytest.raises(ValueError, match=r"global_batch_size=64.*holds only 23"):
+        pipeline.build_pretrain_dataset(cfg, aug, global_batch_size=64, seed=0)
+    with pytest.raises(ValueError, match=r"process_index=2"):
+        pipeline.build_eval_dataset(
+            cfg, aug, split="train", global_batch_size=4, process_index=2, process_count=2
+        )
+    with pytest.raises(ValueError, match=r"start_step=-1"):
+        pipeline.build_pretrain_dataset(cfg, aug, global_batch_size=4, seed=0, start_step=-1)
+    with pytest.raises(ValueError, match=r"subset_indices range"):
+        pipeline.build_finetune_dataset(
+            cfg, aug, global_batch_size=2, seed=0, subset_indices=[0, NUM_TRAIN]
+        )
+
+
+def test_configure_tensorflow_limits_threads_before_init():
+    # A fresh process: the settings only take effect before TF initialises.
+    code = (
+        "from simclr_jax.data import pipeline; import tensorflow as tf; "
+        "pipeline.configure_tensorflow(intra_op_threads=1, inter_op_threads=2); "
+        "tf.constant(1.0) + 1.0; "
+        "print(tf.config.threading.get_intra_op_parallelism_threads(), "
+        "tf.config.threading.get_inter_op_parallelism_threads(), "
+        "len(tf.config.get_visible_devices('GPU')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "2", "0"]
+    pipeline.configure_tensorflow()  # TF is initialised in this process: it must only log.
+
+
+def test_cache_does_not_change_the_stream(tmp_path):
+    """Cached (flat buffer for mixed sizes) and uncached reads give identical batches."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        path = tmp_path / f"c{i % 2}" / f"{i}.png"
+        os.makedirs(path.parent, exist_ok=True)
+        shape = (8 + i, 13 - i % 4, 3)
+        Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(path)
+    streams = []
+    for cache in (True, False):
+        cfg = data_config(source="folder", name=str(tmp_path), cache=cache)
+        ds, info = pipeline.build_pretrain_dataset(cfg, aug_config(), global_batch_size=4, seed=5)
+        assert info.cached == cache
+        streams.append(take(ds, 3))
+    assert_batches_equal(*streams)
