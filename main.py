@@ -1,0 +1,50 @@
+r"""SimCLR pretraining entry point.
+
+  python main.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python main.py --config=configs/cifar10.py --workdir=workdirs/cifar10 \
+      --config.train.batch_size=256
+
+Any config field can be overridden with --config.<section>.<field>=value; the
+config is locked, so a mistyped field name fails immediately.
+"""
+
+import os
+
+# TensorFlow is only used for the input pipeline: keep it off accelerators and
+# quiet. This must happen before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, logs and results go; an existing run resumes."
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.path.expanduser("~"), ".cache", "simclr_jax", "jax"),
+    "JAX persistent compilation cache directory ('' disables it).",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    if _COMPILATION_CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    # Imported here so that the flags above are parsed before TF/JAX start work.
+    from simclr_jax import train
+
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

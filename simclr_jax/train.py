@@ -1,0 +1,366 @@
+"""The SimCLR pretraining loop: data, state, step, metrics, checkpoints, kNN at the end.
+
+Resume order matters and is why things happen in this sequence: the restored
+step decides where the input pipeline starts, so the checkpoint step is read
+before the pipeline is built; the data order and every augmentation are pure
+functions of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections as mlc
+
+from simclr_jax import checkpoint, config_checks, evaluate, models, optim, sharding, steps
+from simclr_jax.data import pipeline
+from simclr_jax.metrics import MetricLogger
+
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss becomes NaN or infinite; no checkpoint is written after it."""
+
+
+@dataclasses.dataclass
+class _Preemption:
+    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+    requested: bool = False
+
+    def __call__(self, signum, frame):
+        del frame
+        self.requested = True
+        print(f"received signal {signum}: saving a checkpoint at the next step", flush=True)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once from the config."""
+
+    model: Any
+    tx: Any
+    schedule: Any
+    mesh: Any
+    devices: list
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    info: Any
+
+
+def _build_run(config: mlc.ConfigDict, data_info) -> Run:
+    devices = sharding.select_devices(config.train.num_devices)
+    config_checks.check_batch_split(
+        config.train.batch_size, len(devices), jax.process_count(), "train.batch_size"
+    )
+    if config.eval.knn:
+        config_checks.check_batch_split(
+            config.eval.batch_size, len(devices), jax.process_count(), "eval.batch_size"
+        )
+    steps_per_epoch = data_info.steps_per_epoch
+    if steps_per_epoch <= 0:
+        raise config_checks.ConfigError(
+            f"config.train.batch_size={config.train.batch_size} is larger than this host's share "
+            f"of the data ({data_info.num_examples} examples): lower the batch size."
+        )
+    # Durations are converted from epochs to steps here and nowhere else.
+    if config.train.steps:
+        total_steps = int(config.train.steps)
+    else:
+        total_steps = int(math.ceil(config.train.epochs * steps_per_epoch))
+    warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    config_checks.check_schedule(warmup_steps, total_steps, config.optim.warmup_epochs)
+
+    bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
+    model = models.build_model(
+        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis
+    )
+    tx, schedule = optim.create_optimizer(
+        config.optim,
+        batch_size=config.train.batch_size,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+    )
+    return Run(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        mesh=sharding.create_mesh(devices),
+        devices=devices,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        info=data_info,
+    )
+
+
+def _init_state(config, run: Run, manager) -> tuple[steps.TrainState, int]:
+    """Fresh state or the latest checkpoint, placed as the parallel mode needs."""
+    image_shape = (config.augment.image_size, config.augment.image_size, 3)
+    rng = jax.random.key(config.seed)
+    init_fn = lambda key: steps.create_train_state(run.model, run.tx, key, image_shape)  # noqa: E731
+    replicated = sharding.replicated_sharding(run.mesh)
+    abstract = jax.eval_shape(init_fn, rng)
+    latest = manager.latest_step()
+    if latest is not None:
+        target = jax.tree_util.tree_map(lambda _: replicated, abstract)
+        state = checkpoint.restore(manager, checkpoint.abstract_like(abstract, target), latest)
+        print(f"resumed from step {latest} of {manager.directory}", flush=True)
+    else:
+        # Created directly in its final (replicated) sharding: no host copy.
+        state = jax.jit(init_fn, out_shardings=replicated)(rng)
+    start_step = int(jax.device_get(state.step))
+    if config.train.parallelism == "pmap":
+        state = sharding.replicate_for_pmap(state, run.devices)
+    return state, start_step
+
+
+def _to_host_state(state, parallelism: str):
+    return sharding.unreplicate_from_pmap(state) if parallelism == "pmap" else state
+
+
+def _compute_scalars(metrics: steps.TrainMetrics) -> tuple[dict[str, float], int]:
+    values = jax.device_get(metrics.compute())
+    first_bad = int(values.pop("first_nonfinite_step"))
+    scalars = {f"train/{k}": float(v) for k, v in values.items()}
+    return scalars, first_bad
+
+
+def _check_finite(first_bad: int) -> None:
+    if first_bad != steps.NO_NONFINITE_STEP:
+        raise NonFiniteLossError(
+            f"the loss became non-finite at step {first_bad}; stopping without saving. "
+            "The last checkpoint in the workdir is from before it. Lower the learning rate "
+            "(config.optim.base_lr), raise config.loss.temperature, or use float32."
+        )
+
+
+def _write_json(path: str, payload: dict) -> None:
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
+    """Pretrains SimCLR as configured, then evaluates kNN and the online probe.
+
+    Args:
+      config: a pretraining config (configs/*.py).
+      workdir: checkpoints, TensorBoard events, metrics.jsonl, results.json and
+        config.json go here; an existing checkpoint is resumed from.
+
+    Returns:
+      The results dict also written to workdir/results.json.
+    """
+    config_checks.validate_pretrain_config(config)
+    pipeline.configure_tensorflow()
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+
+    manager = checkpoint.create_manager(
+        workdir, max_to_keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
+    )
+    start_step_hint = manager.latest_step() or 0
+    train_ds, info = pipeline.build_pretrain_dataset(
+        config.data,
+        config.augment,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step=start_step_hint,
+    )
+    run = _build_run(config, info)
+    state, start_step = _init_state(config, run, manager)
+    assert start_step == start_step_hint, (start_step, start_step_hint)
+
+    parallelism = config.train.parallelism
+    step_fn = steps.compile_train_step(
+        lambda s, b: steps.train_step(
+            s,
+            b,
+            model=run.model,
+            tx=run.tx,
+            learning_rate_fn=run.schedule,
+            temperature=config.loss.temperature,
+            loss_scale=config.loss.loss_scale,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=not config.model.global_bn,
+        ),
+        parallelism=parallelism,
+        mesh=run.mesh,
+    )
+    num_local = sharding.local_device_count(run.devices)
+
+    def to_device(batch):
+        if parallelism == "pmap":
+            return sharding.shard_for_pmap(batch, num_local)
+        return sharding.make_global_batch(batch, run.mesh)
+
+    logger = MetricLogger(workdir, run.total_steps)
+    print(
+        f"SimCLR pretraining: {run.total_steps} steps ({run.steps_per_epoch} steps/epoch, "
+        f"warmup {run.warmup_steps}), global batch {config.train.batch_size} on "
+        f"{len(run.devices)} devices x {jax.process_count()} processes ({parallelism}), "
+        f"{info.num_examples} training examples, ResNet-{config.model.depth}",
+        flush=True,
+    )
+    preemption = _Preemption()
+    previous_handler = signal.signal(signal.SIGTERM, preemption)
+    images_per_step = config.train.batch_size
+    data_iter = iter(pipeline.as_numpy_iterator(train_ds))
+    acc = None
+    compile_seconds = None
+    interval_start, interval_steps = None, 0
+    timed_seconds, timed_steps = 0.0, 0
+    step = start_step
+    stopped_early = False
+    try:
+        while step < run.total_steps:
+            batch = to_device(next(data_iter))
+            t0 = time.time()
+            state, metrics = step_fn(state, batch)
+            if parallelism == "pmap":
+                metrics = sharding.unreplicate_from_pmap(metrics)
+            acc = steps.merge_metrics(acc, metrics)
+            step += 1
+            if compile_seconds is None:
+                jax.block_until_ready(state)
+                compile_seconds = time.time() - t0
+                print(f"compiled and ran the first step in {compile_seconds:.1f}s", flush=True)
+                interval_start, interval_steps = time.time(), 0
+            else:
+                interval_steps += 1
+            is_last = step == run.total_steps
+            if step == config.train.stop_at_step and not is_last:
+                preemption.requested = True
+            log_now = step % config.train.log_every_steps == 0 or is_last
+            save_now = step % config.checkpoint.every_steps == 0 or is_last
+            if log_now or save_now or preemption.requested:
+                scalars, first_bad = _compute_scalars(acc)  # the only host sync
+                _check_finite(first_bad)
+                acc = None
+                if interval_steps:
+                    seconds = time.time() - interval_start
+                    timed_seconds += seconds
+                    timed_steps += interval_steps
+                    scalars["train/steps_per_sec"] = interval_steps / seconds
+                    scalars["train/images_per_sec"] = interval_steps * images_per_step / seconds
+                scalars["train/epoch"] = step / run.steps_per_epoch
+                if log_now:
+                    logger.write_scalars(step, scalars)
+                    logger.print_progress(step, scalars)
+                if save_now or preemption.requested:
+                    checkpoint.save(manager, step, _to_host_state(state, parallelism))
+                interval_start, interval_steps = time.time(), 0
+            if preemption.requested and not is_last:
+                stopped_early = True
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        manager.wait_until_finished()
+        logger.flush()
+
+    throughput = timed_steps * images_per_step / timed_seconds if timed_seconds else float("nan")
+    results = {
+        "step": step,
+        "total_steps": run.total_steps,
+        "compile_seconds": compile_seconds,
+        "images_per_sec": throughput,
+        "num_devices": len(run.devices),
+        "num_processes": jax.process_count(),
+        "dataset": f"{config.data.source}:{config.data.name}",
+    }
+    if stopped_early:
+        print(f"stopped early: checkpoint saved at step {step}; rerun the same command to resume.")
+        results["preempted"] = True
+        logger.close()
+        return results
+
+    host_state = _to_host_state(state, parallelism)
+    if config.eval.knn:
+        results.update(evaluate_pretrained(config, run, host_state))
+        logger.write_scalars(
+            step, {f"eval/{k}": v for k, v in results.items() if k.startswith(("knn_", "probe_"))}
+        )
+    logger.close()
+    _write_json(os.path.join(workdir, RESULTS_FILE), results)
+    summary = ", ".join(f"{k} {results[k]:.4f}" for k in ("knn_top1", "probe_top1") if k in results)
+    print(f"done: {step} steps, {throughput:.1f} img/s; {summary}; results in {workdir}")
+    return results
+
+
+def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
+    """kNN (train split as memory, eval split as queries) and the probe's top-1.
+
+    Args:
+      config: the run's config.
+      run: the built run (model, mesh).
+      state: the train state (not pmap-replicated).
+
+    Returns:
+      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples'}.
+    """
+    # Inference only: BN uses running statistics, no axis name is needed.
+    model = models.build_model(config.model, num_classes=run.info.num_classes, bn_axis_name=None)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    replicated = sharding.replicated_sharding(run.mesh)
+    variables = jax.device_put(variables, replicated)
+
+    # Variables are an argument, not a closure: closed-over arrays would be
+    # baked into the executable as constants.
+    @jax.jit
+    def apply(variables, images):
+        out = model.apply(variables, images, train=False)
+        return {"h": out["h"], "probe_logits": out["probe_logits"]}
+
+    def embed(images):
+        return apply(variables, images)
+
+    def features(split):
+        ds = pipeline.build_eval_dataset(
+            config.data,
+            config.augment,
+            split=split,
+            global_batch_size=config.eval.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        return evaluate.extract_features(embed, pipeline.as_numpy_iterator(ds), run.mesh)
+
+    t0 = time.time()
+    train_out, train_labels = features(config.data.train_split)
+    eval_out, eval_labels = features(config.data.eval_split)
+    scores = evaluate.knn_scores(
+        train_out["h"],
+        train_labels,
+        eval_out["h"],
+        num_classes=run.info.num_classes,
+        k=config.eval.knn_k,
+        temperature=config.eval.knn_temperature,
+    )
+    probe = eval_out["probe_logits"]
+    results = {
+        "knn_top1": evaluate.topk_accuracy(scores, eval_labels, 1),
+        "knn_top5": evaluate.topk_accuracy(scores, eval_labels, 5),
+        "probe_top1": evaluate.topk_accuracy(probe, eval_labels, 1),
+        "probe_top5": evaluate.topk_accuracy(probe, eval_labels, 5),
+        "eval_examples": int(len(eval_labels)),
+        "knn_memory_examples": int(len(train_labels)),
+    }
+    print(
+        f"evaluated in {time.time() - t0:.1f}s: "
+        + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+    )
+    return results

@@ -1,0 +1,160 @@
+"""End-to-end: the real CLI in a subprocess on 8 fake CPU devices; SIGTERM and kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from simclr_jax import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config=configs/cifar10.py:runlocal",
+    "--config.model.base_width=4",
+    "--config.model.head_hidden_dim=16",
+    "--config.model.head_dim=16",
+    "--config.train.batch_size=16",
+]
+
+
+def cli(workdir, *extra):
+    return [
+        sys.executable,
+        "main.py",
+        f"--workdir={workdir}",
+        *TINY,
+        *extra,
+        f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+    ]
+
+
+def env():
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def run_cli(workdir, *extra, timeout=400):
+    proc = subprocess.run(
+        cli(workdir, *extra), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_trains_checkpoints_and_evaluates(tmp_path):
+    out = run_cli(tmp_path, "--config.train.steps=4", "--config.checkpoint.every_steps=2")
+    assert "compiled and ran the first step" in out
+    assert "[step 4/4]" in out
+    assert checkpoint.latest_step(str(tmp_path)) == 4
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["num_devices"] == 8
+    for key in ("knn_top1", "probe_top1", "images_per_sec", "compile_seconds"):
+        assert key in results
+    assert 0.0 <= results["knn_top1"] <= 1.0
+    assert results["eval_examples"] == 1000  # every held-out image exactly once
+    with open(tmp_path / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps[-1] == 4
+    # A mistyped field fails loudly: the config is locked.
+    proc = subprocess.run(
+        cli(tmp_path / "bad", "--config.train.bacth_size=8"),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "bacth_size" in proc.stderr
+
+
+def _wait_for(predicate, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+    workdir = str(tmp_path)
+    proc = subprocess.Popen(
+        cli(
+            workdir,
+            "--config.train.steps=400",
+            "--config.train.log_every_steps=1",
+            "--config.checkpoint.every_steps=1000",
+            "--config.eval.knn=False",
+        ),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    assert _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0, proc, 300)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped early" in out
+    saved = checkpoint.latest_step(workdir)
+    assert saved is not None and 1 <= saved < 400
+    out = run_cli(
+        workdir,
+        "--config.train.steps=400",
+        f"--config.train.stop_at_step={saved + 2}",
+        "--config.eval.knn=False",
+    )
+    assert f"resumed from step {saved}" in out
+    assert checkpoint.latest_step(workdir) == saved + 2
+
+
+@pytest.mark.slow
+def test_kill_9_loses_only_steps_since_last_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    ckpt_dir = checkpoint.checkpoint_dir(workdir)
+    proc = subprocess.Popen(
+        cli(
+            workdir,
+            "--config.train.steps=400",
+            "--config.checkpoint.every_steps=2",
+            "--config.eval.knn=False",
+        ),
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def saving_or_saved_twice():
+        if not os.path.isdir(ckpt_dir):
+            return False
+        names = os.listdir(ckpt_dir)
+        # Prefer killing in the middle of a save (a temporary directory exists).
+        return any("tmp" in n for n in names) or sum(n.isdigit() for n in names) >= 2
+
+    assert _wait_for(saving_or_saved_twice, proc, 300)
+    proc.kill()
+    proc.wait()
+    complete = checkpoint.latest_step(workdir)
+    out = run_cli(
+        workdir,
+        "--config.train.steps=400",
+        f"--config.train.stop_at_step={(complete or 0) + 2}",
+        "--config.eval.knn=False",
+    )
+    if complete:
+        assert f"resumed from step {complete}" in out
+    assert checkpoint.latest_step(workdir) == (complete or 0) + 2

@@ -1,0 +1,235 @@
+"""Tests of the pretraining loop: parity of parallel modes, exact resume, restore, bad configs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import cifar10, quickstart
+from simclr_jax import checkpoint, config_checks, models, optim, sharding, steps, train
+
+
+def tiny_config(**overrides):
+    """The runlocal config: embedded data, ResNet-18 at base width 8, batch 16."""
+    config = cifar10.get_config("runlocal")
+    config.model.base_width = 4
+    config.model.head_hidden_dim = 16
+    config.model.head_dim = 16
+    config.train.batch_size = 16
+    config.train.steps = 4
+    config.train.log_every_steps = 2
+    config.checkpoint.every_steps = 2
+    config.checkpoint.asynchronous = False
+    config.eval.knn = False
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    return config
+
+
+def load_params(workdir, step=None):
+    """The saved parameters of a run, as NumPy (restored on one device)."""
+    manager = checkpoint.create_manager(workdir, max_to_keep=3, asynchronous=False)
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step)
+    manager.close()
+    return jax.tree_util.tree_map(np.asarray, restored["params"]), restored
+
+
+def assert_trees_close(a, b, rtol, atol):
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """4 steps, 8 devices, shard_map: the run the others are compared with."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.train_and_evaluate(tiny_config(), workdir)
+    return workdir
+
+
+def test_run_writes_checkpoints_metrics_and_config(reference_run):
+    assert checkpoint.latest_step(reference_run) == 4
+    assert sorted(os.listdir(checkpoint.checkpoint_dir(reference_run))) == ["2", "4"]
+    with open(os.path.join(reference_run, train.CONFIG_FILE)) as f:
+        assert json.load(f)["train"]["batch_size"] == 16
+    with open(os.path.join(reference_run, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in (
+        "train/loss",
+        "train/contrastive_acc",
+        "train/entropy",
+        "train/probe_loss",
+        "train/probe_top1",
+        "train/learning_rate",
+        "train/param_norm",
+        "train/grad_norm",
+        "train/images_per_sec",
+    ):
+        assert np.isfinite(records[-1][key]), key
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(reference_run))
+
+
+def test_pmap_matches_shard_map(reference_run, tmp_path):
+    train.train_and_evaluate(tiny_config(train__parallelism="pmap"), str(tmp_path))
+    # Same arithmetic, different partitioning of collectives: float32 round-off only.
+    assert_trees_close(
+        load_params(str(tmp_path))[0], load_params(reference_run)[0], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_one_device_matches_eight_with_global_bn(reference_run, tmp_path):
+    train.train_and_evaluate(tiny_config(train__num_devices=1), str(tmp_path))
+    params_1, state_1 = load_params(str(tmp_path))
+    params_8, state_8 = load_params(reference_run)
+    # Global BN over 8 devices computes the same statistics as one device on the
+    # full batch, and gathered negatives are the full batch's: the runs agree up
+    # to float32 reduction order, amplified a little by 4 LARS steps.
+    assert_trees_close(params_1, params_8, rtol=1e-3, atol=1e-4)
+    assert_trees_close(state_1["batch_stats"], state_8["batch_stats"], rtol=1e-3, atol=1e-4)
+
+
+def test_per_device_bn_differs_from_global(reference_run, tmp_path):
+    # Without global BN the statistics are per device: the run must differ, which
+    # shows the previous test can fail.
+    train.train_and_evaluate(tiny_config(model__global_bn=False), str(tmp_path))
+    a, _ = load_params(str(tmp_path))
+    b, _ = load_params(reference_run)
+    diffs = [
+        np.max(np.abs(x - y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    ]
+    assert max(diffs) > 1e-4
+
+
+def test_resume_is_exact(reference_run, tmp_path):
+    workdir = str(tmp_path)
+    out = train.train_and_evaluate(tiny_config(train__stop_at_step=2), workdir)
+    assert out["step"] == 2 and out["preempted"]
+    assert checkpoint.latest_step(workdir) == 2
+    train.train_and_evaluate(tiny_config(), workdir)
+    assert checkpoint.latest_step(workdir) == 4
+    # Same devices, same step function, same batches: bit-identical.
+    assert_trees_close(load_params(workdir)[0], load_params(reference_run)[0], rtol=0, atol=0)
+
+
+def test_restore_eight_device_checkpoint_on_four(reference_run, tmp_path):
+    # Resume the 8-device run's step-2 checkpoint on 4 devices and finish it.
+    workdir = str(tmp_path)
+    src = checkpoint.checkpoint_dir(reference_run)
+    dst = checkpoint.checkpoint_dir(workdir)
+    os.makedirs(dst)
+    os.system(f"cp -r {src}/2 {dst}/2")
+    out = train.train_and_evaluate(tiny_config(train__num_devices=4), workdir)
+    assert out["step"] == 4
+    assert_trees_close(load_params(workdir)[0], load_params(reference_run)[0], rtol=1e-3, atol=1e-4)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    # LARS moves each weight by ~lr * 0.001 * |w| per step: a large peak LR (5.0)
+    # lets 30 steps overfit.
+    config = tiny_config(optim__base_lr=80.0)
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    tx, schedule = optim.create_optimizer(
+        config.optim, batch_size=16, total_steps=30, warmup_steps=0
+    )
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    state = jax.jit(
+        lambda k: steps.create_train_state(model, tx, k, (32, 32, 3)),
+        out_shardings=sharding.replicated_sharding(mesh),
+    )(jax.random.key(0))
+    step_fn = steps.compile_train_step(
+        lambda s, b: steps.train_step(
+            s,
+            b,
+            model=model,
+            tx=tx,
+            learning_rate_fn=schedule,
+            temperature=0.5,
+            loss_scale=2.0,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=False,
+        ),
+        parallelism="shard_map",
+        mesh=mesh,
+    )
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(16, 32, 32, 3)).astype(np.float32)
+    batch = {
+        "view1": images,
+        "view2": np.clip(images + 0.05 * rng.normal(size=images.shape), 0, 1).astype(np.float32),
+        "label": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    batch = sharding.make_global_batch(batch, mesh)
+    losses = []
+    for _ in range(30):
+        state, metrics = step_fn(state, batch)
+        losses.append(float(metrics.compute()["loss"]))
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"train__batch_size": 12}, "train.batch_size"),  # 12 over 8 devices
+        ({"data__source": "webdataset"}, "data.source"),
+        ({"model__depth": 42}, "model.depth"),
+        ({"loss__temperature": -0.5}, "loss.temperature"),
+        ({"optim__warmup_epochs": 10.0}, "optim.warmup_epochs"),  # warmup > 4 steps
+        ({"train__parallelism": "gspmd"}, "train.parallelism"),
+    ],
+)
+def test_bad_config_fails_before_compiling(overrides, field, tmp_path, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before validating the config")
+
+    monkeypatch.setattr(steps, "compile_train_step", no_compile)
+    with pytest.raises(config_checks.ConfigError, match=field.replace(".", r"\.")) as err:
+        train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+    value = list(overrides.values())[0]
+    assert str(value) in str(err.value)
+
+
+def test_configs_validate():
+    for get_config in (cifar10.get_config, quickstart.get_config):
+        config_checks.validate_pretrain_config(get_config())
+    from configs import imagenet
+
+    for arg in (None, "sqrt", "runlocal"):
+        config_checks.validate_pretrain_config(imagenet.get_config(arg))
+    # The recipes' peak learning rates (REFERENCE.md).
+    assert optim.peak_learning_rate(1.0, 512, "linear") == pytest.approx(2.0)
+    ref = imagenet.get_config()
+    assert optim.peak_learning_rate(ref.optim.base_lr, 4096, "linear") == pytest.approx(4.8)
+    sq = imagenet.get_config("sqrt")
+    assert optim.peak_learning_rate(sq.optim.base_lr, 4096, "sqrt") == pytest.approx(4.8)
+
+
+def test_metrics_first_nonfinite_step_keeps_the_earliest():
+    def make(step, loss):
+        return steps.TrainMetrics.single_from_model_output(
+            loss=jnp.float32(loss),
+            contrastive_acc=0.0,
+            entropy=0.0,
+            probe_loss=0.0,
+            probe_top1=0.0,
+            learning_rate=0.0,
+            param_norm=0.0,
+            grad_norm=0.0,
+            first_nonfinite_step=jnp.where(jnp.isfinite(loss), steps.NO_NONFINITE_STEP, step),
+        )
+
+    acc = None
+    for step, loss in enumerate([1.0, 2.0, np.nan, 3.0, np.inf]):
+        acc = steps.merge_metrics(acc, make(step, loss))
+    assert int(acc.compute()["first_nonfinite_step"]) == 2
+    with pytest.raises(train.NonFiniteLossError, match="step 2"):
+        train._check_finite(2)
