@@ -40,10 +40,19 @@ def main(argv):
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-    # Imported here so that the flags above are parsed before TF/JAX start work.
-    from simclr_jax import train
+    config = _CONFIG.value
+    # One entry point for every protocol: configs/<name>.py sets config.protocol
+    # ('pretrain' when absent). Imported here so flags are parsed before TF/JAX
+    # start work.
+    protocol = config.get("protocol", "pretrain")
+    if protocol == "pretrain":
+        from simclr_jax import train
 
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+        from simclr_jax import protocols
+
+        protocols.run(protocol, config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
