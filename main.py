@@ -31,11 +31,38 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+# --- multi-host (simclr_jax/distributed.py; env fallbacks SIMCLR_*, SLURM_*, TPU VM) ---
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    "",
+    "host:port of process 0's JAX coordinator (multi-process GPU/CPU runs); '' reads "
+    "SIMCLR_COORDINATOR_ADDRESS, then SLURM; TPU VMs need nothing.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "Total processes of a multi-process run (0: from the environment)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "This process's rank in [0, num_processes) (-1: from the environment)."
+)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 300, "Seconds to wait for the coordinator and every process to join."
+)
+# --- end multi-host ---
+
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    # Multi-host: must run before anything touches devices.
+    from simclr_jax import distributed
+
+    distributed.initialize(
+        _COORDINATOR_ADDRESS.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        timeout_s=_DISTRIBUTED_TIMEOUT.value,
+    )
     if _COMPILATION_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -54,6 +54,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.cifar_stem = True
     config.model.sk_ratio = 0.0
     config.model.dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
+    # 'auto': im2col + GEMM convs ('matmul') on CPU, where XLA's own convs are slow, and
+    # nn.Conv ('xla') on GPU/TPU. Parameters are identical, so checkpoints move freely.
+    config.model.conv_impl = "auto"
     config.model.head_layers = 3
     config.model.head_dim = 128
     config.model.head_hidden_dim = 0  # 0: as wide as the representation h
@@ -100,6 +103,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.eval.knn_k = 200
     config.eval.knn_temperature = 0.1
     config.eval.batch_size = 512
+    # Also run kNN on the randomly initialised encoder the run started from.
+    config.eval.random_init_baseline = False
 
     if arg == "runlocal":
         apply_runlocal(config)

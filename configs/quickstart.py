@@ -4,7 +4,7 @@ r"""Quickstart: SimCLR on the embedded CIFAR-10 sample, a few minutes on 2 CPU c
 
 No network and no dataset preparation: the 4,000 training / 1,000 test images
 of CIFAR-10 shipped inside the package. A narrow ResNet-18 (CIFAR stem, base
-width 16) is pretrained with the CIFAR-10 recipe's augmentations and loss, and
+width 8) is pretrained with the CIFAR-10 recipe's augmentations and loss, and
 evaluated at the end with kNN (k=200) and the online linear probe on the 1,000
 held-out images. Expect a progress line every few seconds and, at the end,
 kNN and probe top-1 clearly above the same protocol on a randomly initialised
@@ -22,13 +22,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.data.source = "embedded"
     config.data.name = "cifar10_sample"
 
-    config.model.base_width = 16
+    config.model.base_width = 8
     config.model.head_layers = 2
     config.model.head_dim = 64
 
     # Small-batch advice of the reference authors: sqrt scaling, lower tau.
     config.train.batch_size = 128
-    config.train.epochs = 15.0
+    config.train.epochs = 5.0
     config.optim.base_lr = 0.2
     config.optim.lr_scaling = "sqrt"
     config.optim.warmup_epochs = 1.0
@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
     config.checkpoint.every_steps = 200
     config.eval.batch_size = 512
+    config.eval.random_init_baseline = True
 
     if arg == "runlocal":
         cifar10.apply_runlocal(config)

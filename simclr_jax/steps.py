@@ -219,4 +219,3 @@ def compile_train_step(
         f"config.train.parallelism={parallelism!r} is not supported; "
         f"use one of {sharding.PARALLELISM_MODES}."
     )
-

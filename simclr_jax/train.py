@@ -17,8 +17,19 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
+from jax.experimental import multihost_utils
 
-from simclr_jax import checkpoint, config_checks, evaluate, models, optim, sharding, steps
+from simclr_jax import (
+    checkpoint,
+    config_checks,
+    distributed,
+    evaluate,
+    models,
+    optim,
+    sharding,
+    steps,
+)
 from simclr_jax.data import pipeline
 from simclr_jax.metrics import MetricLogger
 
@@ -103,11 +114,16 @@ def _build_run(config: mlc.ConfigDict, data_info) -> Run:
     )
 
 
+def _init_fn(config, run: Run):
+    """key -> the step-0 TrainState of this run (the 'random init')."""
+    image_shape = (config.augment.image_size, config.augment.image_size, 3)
+    return lambda key: steps.create_train_state(run.model, run.tx, key, image_shape)
+
+
 def _init_state(config, run: Run, manager) -> tuple[steps.TrainState, int]:
     """Fresh state or the latest checkpoint, placed as the parallel mode needs."""
-    image_shape = (config.augment.image_size, config.augment.image_size, 3)
     rng = jax.random.key(config.seed)
-    init_fn = lambda key: steps.create_train_state(run.model, run.tx, key, image_shape)  # noqa: E731
+    init_fn = _init_fn(config, run)
     replicated = sharding.replicated_sharding(run.mesh)
     abstract = jax.eval_shape(init_fn, rng)
     latest = manager.latest_step()
@@ -142,6 +158,12 @@ def _check_finite(first_bad: int) -> None:
             "The last checkpoint in the workdir is from before it. Lower the learning rate "
             "(config.optim.base_lr), raise config.loss.temperature, or use float32."
         )
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective: all must call it)."""
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.asarray(flags).any())
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -226,10 +248,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     timed_seconds, timed_steps = 0.0, 0
     step = start_step
     stopped_early = False
+    multihost = jax.process_count() > 1
     try:
         while step < run.total_steps:
             batch = to_device(next(data_iter))
             t0 = time.time()
+            if multihost and compile_seconds is None:
+                step_fn = distributed.compile_then_barrier(step_fn, "train_step", state, batch)
             state, metrics = step_fn(state, batch)
             if parallelism == "pmap":
                 metrics = sharding.unreplicate_from_pmap(metrics)
@@ -247,7 +272,15 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                 preemption.requested = True
             log_now = step % config.train.log_every_steps == 0 or is_last
             save_now = step % config.checkpoint.every_steps == 0 or is_last
-            if log_now or save_now or preemption.requested:
+            if multihost:
+                # SIGTERM reaches hosts at different steps; all must stop at the same
+                # one or the collective save deadlocks. They agree at the steps every
+                # host syncs at anyway (log, save, stop_at_step).
+                boundary = log_now or save_now or step == config.train.stop_at_step
+                stop_now = boundary and _any_process(preemption.requested)
+            else:
+                stop_now = preemption.requested
+            if log_now or save_now or stop_now:
                 scalars, first_bad = _compute_scalars(acc)  # the only host sync
                 _check_finite(first_bad)
                 acc = None
@@ -261,10 +294,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                 if log_now:
                     logger.write_scalars(step, scalars)
                     logger.print_progress(step, scalars)
-                if save_now or preemption.requested:
+                if save_now or stop_now:
                     checkpoint.save(manager, step, _to_host_state(state, parallelism))
                 interval_start, interval_steps = time.time(), 0
-            if preemption.requested and not is_last:
+            if stop_now and not is_last:
                 stopped_early = True
                 break
     finally:
@@ -292,7 +325,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     if config.eval.knn:
         results.update(evaluate_pretrained(config, run, host_state))
         logger.write_scalars(
-            step, {f"eval/{k}": v for k, v in results.items() if k.startswith(("knn_", "probe_"))}
+            step,
+            {
+                f"eval/{k}": v
+                for k, v in results.items()
+                if k.startswith(("knn_", "probe_", "random_init_"))
+            },
         )
     logger.close()
     _write_json(os.path.join(workdir, RESULTS_FILE), results)
@@ -304,19 +342,22 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
     """kNN (train split as memory, eval split as queries) and the probe's top-1.
 
+    With config.eval.random_init_baseline, the same kNN protocol also runs on
+    the randomly initialised encoder this run started from (step 0), so the
+    gain from pretraining is visible in one results file.
+
     Args:
       config: the run's config.
       run: the built run (model, mesh).
       state: the train state (not pmap-replicated).
 
     Returns:
-      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples'}.
+      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples',
+      'knn_memory_examples'} and, with the baseline, 'random_init_knn_top1/5'.
     """
     # Inference only: BN uses running statistics, no axis name is needed.
     model = models.build_model(config.model, num_classes=run.info.num_classes, bn_axis_name=None)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     replicated = sharding.replicated_sharding(run.mesh)
-    variables = jax.device_put(variables, replicated)
 
     # Variables are an argument, not a closure: closed-over arrays would be
     # baked into the executable as constants.
@@ -325,10 +366,7 @@ def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
         out = model.apply(variables, images, train=False)
         return {"h": out["h"], "probe_logits": out["probe_logits"]}
 
-    def embed(images):
-        return apply(variables, images)
-
-    def features(split):
+    def features(variables, split):
         ds = pipeline.build_eval_dataset(
             config.data,
             config.augment,
@@ -337,28 +375,39 @@ def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        return evaluate.extract_features(embed, pipeline.as_numpy_iterator(ds), run.mesh)
+        return evaluate.extract_features(
+            lambda images: apply(variables, images), pipeline.as_numpy_iterator(ds), run.mesh
+        )
+
+    def knn_and_probe(params, batch_stats, prefix):
+        variables = jax.device_put({"params": params, "batch_stats": batch_stats}, replicated)
+        train_out, train_labels = features(variables, config.data.train_split)
+        eval_out, eval_labels = features(variables, config.data.eval_split)
+        scores = evaluate.knn_scores(
+            train_out["h"],
+            train_labels,
+            eval_out["h"],
+            num_classes=run.info.num_classes,
+            k=config.eval.knn_k,
+            temperature=config.eval.knn_temperature,
+        )
+        out = {
+            f"{prefix}knn_top1": evaluate.topk_accuracy(scores, eval_labels, 1),
+            f"{prefix}knn_top5": evaluate.topk_accuracy(scores, eval_labels, 5),
+        }
+        if not prefix:
+            probe = eval_out["probe_logits"]
+            out["probe_top1"] = evaluate.topk_accuracy(probe, eval_labels, 1)
+            out["probe_top5"] = evaluate.topk_accuracy(probe, eval_labels, 5)
+            out["eval_examples"] = int(len(eval_labels))
+            out["knn_memory_examples"] = int(len(train_labels))
+        return out
 
     t0 = time.time()
-    train_out, train_labels = features(config.data.train_split)
-    eval_out, eval_labels = features(config.data.eval_split)
-    scores = evaluate.knn_scores(
-        train_out["h"],
-        train_labels,
-        eval_out["h"],
-        num_classes=run.info.num_classes,
-        k=config.eval.knn_k,
-        temperature=config.eval.knn_temperature,
-    )
-    probe = eval_out["probe_logits"]
-    results = {
-        "knn_top1": evaluate.topk_accuracy(scores, eval_labels, 1),
-        "knn_top5": evaluate.topk_accuracy(scores, eval_labels, 5),
-        "probe_top1": evaluate.topk_accuracy(probe, eval_labels, 1),
-        "probe_top5": evaluate.topk_accuracy(probe, eval_labels, 5),
-        "eval_examples": int(len(eval_labels)),
-        "knn_memory_examples": int(len(train_labels)),
-    }
+    results = knn_and_probe(state.params, state.batch_stats, "")
+    if config.eval.get("random_init_baseline", False):
+        initial = jax.jit(_init_fn(config, run))(jax.random.key(config.seed))
+        results.update(knn_and_probe(initial.params, initial.batch_stats, "random_init_"))
     print(
         f"evaluated in {time.time() - t0:.1f}s: "
         + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})

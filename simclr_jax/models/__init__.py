@@ -7,13 +7,16 @@ Config fields read (config.model):
   depth (18|34|50|101|152|200), width_multiplier (int >= 1), cifar_stem (bool),
   sk_ratio (float >= 0), dtype ('float32'|'bfloat16'), head_layers (int >= 1),
   head_dim (int, 128), head_hidden_dim (int; 0 or None = width of h), bn_momentum,
-  bn_epsilon, and optionally base_width (int, default 64; smaller only for tests).
+  bn_epsilon, and optionally base_width (int, default 64; smaller only for tests) and
+  conv_impl ('auto'|'xla'|'matmul', default 'auto': 'matmul' on CPU, 'xla' on GPU/TPU,
+  resolved from jax.default_backend() when the encoder is built).
 """
 
 from typing import Any
 
 import jax.numpy as jnp
 
+from simclr_jax.models.convs import MatmulConv, resolve_conv_impl
 from simclr_jax.models.heads import (
     LinearHead,
     ProjectionHead,
@@ -36,6 +39,7 @@ __all__ = [
     "DTYPES",
     "SUPPORTED_DEPTHS",
     "LinearHead",
+    "MatmulConv",
     "ProjectionHead",
     "ResNet",
     "SimCLRModel",
@@ -77,7 +81,7 @@ def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
       A ResNet module returning h [n, C] float32.
 
     Raises:
-      ValueError: for invalid depth, width, sk_ratio, base_width or dtype.
+      ValueError: for invalid depth, width, sk_ratio, base_width, dtype or conv_impl.
     """
     return resnet(
         model_cfg.depth,
@@ -89,6 +93,7 @@ def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
         bn_momentum=model_cfg.bn_momentum,
         bn_epsilon=model_cfg.bn_epsilon,
         base_width=model_cfg.get("base_width", BASE_WIDTH),
+        conv_impl=resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
     )
 
 

@@ -32,6 +32,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax.models import convs
+
 ModuleDef = Any
 
 # (block kind, blocks per stage) for each supported depth.
@@ -253,6 +255,8 @@ class ResNet(nn.Module):
       bn_epsilon: BN variance epsilon.
       base_width: width of the first stage before the multiplier. 64 for real ResNets; smaller
         values exist only to make tests fast.
+      conv_impl: 'xla' (flax.linen.Conv) or 'matmul' (convs.MatmulConv, im2col + one GEMM;
+        faster on CPU). Both have identical parameter trees.
     """
 
     depth: int
@@ -264,10 +268,12 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     base_width: int = BASE_WIDTH
+    conv_impl: str = "xla"
 
     def __post_init__(self) -> None:
         # Fail at construction rather than at the first trace.
         check_resnet_args(self.depth, self.width_multiplier, self.sk_ratio, self.base_width)
+        convs.get_conv_cls(self.conv_impl)  # validates conv_impl
         super().__post_init__()
 
     @property
@@ -288,7 +294,7 @@ class ResNet(nn.Module):
           h: float32 [n, C] pooled representation.
         """
         conv = functools.partial(
-            nn.Conv,
+            convs.get_conv_cls(self.conv_impl),
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
@@ -352,6 +358,7 @@ def resnet(
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     base_width: int = BASE_WIDTH,
+    conv_impl: str = "xla",
 ) -> ResNet:
     """Builds a ResNet encoder module.
 
@@ -365,6 +372,7 @@ def resnet(
       bn_momentum: BN running-average momentum.
       bn_epsilon: BN epsilon.
       base_width: first-stage width before the multiplier (64; smaller only for tests).
+      conv_impl: 'xla' (nn.Conv) or 'matmul' (im2col + GEMM, faster on XLA:CPU).
 
     Returns:
       A ResNet module; `apply(variables, images, train=...)` returns h [n, C] float32.
@@ -382,4 +390,5 @@ def resnet(
         bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
         base_width=base_width,
+        conv_impl=conv_impl,
     )

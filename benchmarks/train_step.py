@@ -1,0 +1,286 @@
+"""Throughput, FLOPs and memory of the real SimCLR train step on random on-device data.
+
+  python benchmarks/train_step.py --config=configs/cifar10.py --batch=64 --conv_impl=matmul \
+      --steps=10 --warmup=2 --json=/tmp/jax_b64.json
+
+Builds the model, LARS optimizer and steps.train_step exactly as training does, wraps it with
+steps.compile_train_step (shard_map under jit over --devices devices) and times it on random
+views that already live on the devices (no input pipeline). Reported (and written to --json):
+compile time, the median step time over --steps steps after --warmup, images/s (one image =
+two views), model FLOPs per step from XLA's cost analysis of the compiled step and from the
+analytic count (6 x forward MACs per view, conv/dense layers only), achieved FLOP/s, the
+utilisation against a large matmul timed here in the same dtype ("measured peak") and against
+the vendor's dense peak on known GPUs/TPUs ('n/a' on CPU), and peak memory (device
+memory_stats where available, otherwise the process's peak RSS).
+
+CPU threads: XLA:CPU sizes its intra-op thread pool from the CPUs the process may run on, so
+--threads=T pins the process to the first T allowed CPUs (os.sched_setaffinity, before jax is
+imported); the same as `taskset -c 0-(T-1) python ...`. --devices=D > 1 on CPU sets
+XLA_FLAGS=--xla_force_host_platform_device_count=D (the D fake devices share those threads).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+# Dense peak TFLOP/s per device (chip for TPU, one GPU) by dtype, from vendor data sheets;
+# matched as a substring of jax's device_kind. float32 on GPUs is the non-tensor-core peak.
+VENDOR_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "V100": {"bfloat16": 125.0, "float32": 15.7},
+    "L4": {"bfloat16": 121.0, "float32": 30.3},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v6": {"bfloat16": 918.0, "float32": 918.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v3": {"bfloat16": 123.0, "float32": 123.0},
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/cifar10.py", help="path[:arg]")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (images)")
+    parser.add_argument("--width", type=int, default=None, help="model.width_multiplier")
+    parser.add_argument("--base_width", type=int, default=None, help="model.base_width")
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--image_size", type=int, default=None)
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
+    parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    parser.add_argument("--conv_impl", default=None, choices=[None, "auto", "xla", "matmul"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak_size", type=int, default=0, help="matmul size; 0: by backend")
+    parser.add_argument("--json", default="")
+    return parser.parse_args(argv)
+
+
+def load_config(spec: str):
+    """Loads get_config(arg) from 'path/to/config.py[:arg]'."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def analytic_encoder_macs(
+    depth: int, width: int, image_size: int, cifar_stem: bool, head_layers: int, head_dim: int
+) -> float:
+    """Forward multiply-accumulates per view of the encoder + projection head (no SK).
+
+    Convs and dense layers only (BN, ReLU, pooling are ignored, as in the usual counts):
+    ResNet-18 CIFAR at 32 px, width 64 -> 0.555 G; ResNet-50 at 224 px -> 4.09 G.
+    """
+    from simclr_jax.models.resnet import BLOCK_COUNTS, BOTTLENECK_EXPANSION
+
+    kind, stages = BLOCK_COUNTS[depth]
+    size = image_size
+    if cifar_stem:
+        macs = size * size * 9 * 3 * width
+    else:
+        size = -(-size // 2)
+        macs = size * size * 49 * 3 * width
+        size = -(-size // 2)  # max-pool
+    cin = width
+    for stage, blocks in enumerate(stages):
+        mid = width * 2**stage
+        out = mid if kind == "basic" else mid * BOTTLENECK_EXPANSION
+        for index in range(blocks):
+            stride = 2 if stage > 0 and index == 0 else 1
+            in_size, size = size, -(-size // stride)
+            if stride != 1 or cin != out:
+                macs += size * size * cin * out
+            if kind == "basic":
+                macs += size * size * 9 * cin * mid + size * size * 9 * mid * mid
+            else:
+                macs += in_size * in_size * cin * mid
+                macs += size * size * 9 * mid * mid + size * size * mid * out
+            cin = out
+    dims = [cin] * head_layers + [head_dim]
+    macs += sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    return float(macs)
+
+
+def time_matmul_peak(jax, jnp, dtype, size: int) -> float:
+    """FLOP/s of a size^3 matmul in `dtype` on the default device (best of 5)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def vendor_peak(device_kind: str, dtype: str) -> float | None:
+    for key, peaks in VENDOR_PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return peaks[dtype] * 1e12
+    return None
+
+
+def peak_memory_bytes(devices) -> tuple[int, str]:
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use (device 0)"
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    if args.threads > 0:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[: args.threads])
+    if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={args.devices}"
+        )
+    # jax is imported only now so the affinity and XLA_FLAGS above take effect.
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from simclr_jax import models, optim, sharding, steps
+
+    config = load_config(args.config)
+    for field, value in [
+        ("width_multiplier", args.width),
+        ("base_width", args.base_width),
+        ("depth", args.depth),
+        ("dtype", args.dtype),
+        ("conv_impl", args.conv_impl),
+    ]:
+        if value is not None:
+            config.model[field] = value
+    if args.image_size is not None:
+        config.augment.image_size = args.image_size
+    if args.batch % args.devices:
+        raise ValueError(f"--batch={args.batch} must be divisible by --devices={args.devices}.")
+
+    devices = sharding.select_devices(args.devices)
+    mesh = sharding.create_mesh(devices)
+    bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis)
+    tx, schedule = optim.create_optimizer(
+        config.optim, batch_size=args.batch, total_steps=1000, warmup_steps=10
+    )
+    size = config.augment.image_size
+    state = steps.create_train_state(model, tx, jax.random.key(0), (size, size, 3))
+    state = jax.device_put(state, sharding.replicated_sharding(mesh))
+    keys = jax.random.split(jax.random.key(1), 3)
+    shape = (args.batch, size, size, 3)
+    batch = {
+        "view1": jax.random.uniform(keys[0], shape),
+        "view2": jax.random.uniform(keys[1], shape),
+        "label": jax.random.randint(keys[2], (args.batch,), 0, 10),
+    }
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+
+    step = steps.compile_train_step(
+        functools.partial(
+            steps.train_step,
+            model=model,
+            tx=tx,
+            learning_rate_fn=schedule,
+            temperature=config.loss.temperature,
+            loss_scale=config.loss.loss_scale,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=not config.model.global_bn,
+        ),
+        parallelism="shard_map",
+        mesh=mesh,
+    )
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    # The SPMD module is one device's program: scale to the whole step.
+    xla_flops = float((cost or {}).get("flops", float("nan"))) * args.devices
+
+    times = []
+    for index in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    from simclr_jax.models.convs import resolve_conv_impl
+
+    macs = analytic_encoder_macs(
+        config.model.depth,
+        config.model.get("base_width", 64) * config.model.width_multiplier,
+        size,
+        config.model.cifar_stem,
+        config.model.head_layers,
+        config.model.head_dim,
+    )
+    analytic_flops = 6.0 * macs * 2 * args.batch  # fwd + 2x bwd, two views per image
+    backend = jax.default_backend()
+    peak_size = args.peak_size or (2048 if backend == "cpu" else 8192)
+    dtype = config.model.dtype
+    measured_peak = time_matmul_peak(jax, jnp, models.get_dtype(dtype), peak_size)
+    vendor = vendor_peak(devices[0].device_kind, dtype) if backend != "cpu" else None
+    achieved = analytic_flops / step_s
+    memory, memory_kind = peak_memory_bytes(devices)
+    result = {
+        "config": args.config,
+        "backend": backend,
+        "device_kind": devices[0].device_kind,
+        "devices": args.devices,
+        "cpus": len(os.sched_getaffinity(0)),
+        "host": platform.node(),
+        "depth": config.model.depth,
+        "width": config.model.get("base_width", 64) * config.model.width_multiplier,
+        "image_size": size,
+        "dtype": dtype,
+        "conv_impl": resolve_conv_impl(config.model.get("conv_impl", "auto")),
+        "batch": args.batch,
+        "compile_s": compile_s,
+        "step_s_median": step_s,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "images_per_s": args.batch / step_s,
+        "analytic_fwd_gmacs_per_view": macs / 1e9,
+        "analytic_gflop_per_step": analytic_flops / 1e9,
+        "xla_gflop_per_step": xla_flops / 1e9,
+        "achieved_gflop_per_s": achieved / 1e9,
+        "measured_peak_gflop_per_s": measured_peak / 1e9,
+        "utilisation_vs_measured_peak": achieved / measured_peak,
+        "utilisation_vs_vendor_peak": achieved / vendor if vendor else "n/a",
+        "peak_memory_mib": memory / 2**20,
+        "peak_memory_kind": memory_kind,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    for key, value in result.items():
+        print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

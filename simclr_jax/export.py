@@ -1,0 +1,109 @@
+r"""Export a pretrained encoder (and projection head) to a flat .npz file.
+
+  python -m simclr_jax.export --workdir=workdirs/quickstart --out=encoder.npz
+
+Layout: one array per variable, keyed by its '/'-joined Flax path.
+Parameters keep their module path ('encoder/block1_0/conv1/kernel',
+'head/dense_0/kernel'); BatchNorm running statistics are prefixed with
+'batch_stats/' ('batch_stats/encoder/stem_bn/mean'). The pretraining run's
+config.model is stored as JSON under '__model_config__' and the checkpoint
+step under '__step__', so a reader can rebuild the network with
+models.build_encoder. load_exported(path) returns the nested
+{'params', 'batch_stats'} dict that Flax's apply takes.
+"""
+
+import json
+
+import numpy as np
+from absl import app, flags
+
+from simclr_jax import protocols
+
+BATCH_STATS_PREFIX = "batch_stats/"
+MODEL_CONFIG_KEY = "__model_config__"
+STEP_KEY = "__step__"
+
+
+def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
+    """{'params': tree, 'batch_stats': tree} -> {'a/b/c': array, 'batch_stats/a/b/c': array}."""
+    flat = {}
+
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, dict) or hasattr(value, "items"):
+                walk(value, prefix + key + "/")
+            else:
+                flat[prefix + key] = np.asarray(value)
+
+    walk(variables.get("params", {}), "")
+    walk(variables.get("batch_stats", {}), BATCH_STATS_PREFIX)
+    return flat
+
+
+def unflatten_variables(flat: dict[str, np.ndarray]) -> dict:
+    """Inverse of flatten_variables."""
+    variables = {"params": {}, "batch_stats": {}}
+    for key, value in flat.items():
+        if key.startswith("__"):
+            continue
+        if key.startswith(BATCH_STATS_PREFIX):
+            node, key = variables["batch_stats"], key[len(BATCH_STATS_PREFIX) :]
+        else:
+            node = variables["params"]
+        *parents, leaf = key.split("/")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return variables
+
+
+def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> str:
+    """Writes the checkpoint's encoder (and head) variables to `out` (.npz).
+
+    Args:
+      init_from: a pretraining workdir or checkpoint step dir.
+      out: destination path; must end in '.npz'.
+      include_head: also export the projection head (for ft_proj_selector > 0).
+
+    Returns:
+      The path written.
+    """
+    if not out.endswith(".npz"):
+        raise ValueError(f"out={out!r}: only .npz export is supported; name the file *.npz")
+    pretrained = protocols.load_pretrained(init_from)
+    names = ("encoder", "head") if include_head else ("encoder",)
+    flat = flatten_variables(pretrained.variables(*names))
+    flat[MODEL_CONFIG_KEY] = np.array(pretrained.model_config.to_json())
+    flat[STEP_KEY] = np.array(pretrained.step, np.int64)
+    with open(out, "wb") as f:
+        np.savez(f, **flat)
+    return out
+
+
+def load_exported(path: str) -> dict:
+    """Loads an export as Flax variables {'params': {...}, 'batch_stats': {...}}."""
+    with np.load(path) as data:
+        return unflatten_variables({k: data[k] for k in data.files})
+
+
+def load_exported_model_config(path: str) -> dict:
+    """The pretraining config.model stored in an export (to rebuild the network)."""
+    with np.load(path) as data:
+        return json.loads(str(data[MODEL_CONFIG_KEY]))
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir or checkpoint step dir.")
+_OUT = flags.DEFINE_string("out", "encoder.npz", "Output .npz path.")
+_INCLUDE_HEAD = flags.DEFINE_bool("include_head", True, "Also export the projection head.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    path = export_encoder(_WORKDIR.value, _OUT.value, include_head=_INCLUDE_HEAD.value)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    app.run(main)

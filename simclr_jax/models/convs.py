@@ -1,0 +1,237 @@
+"""Convolutions computed as one matrix multiplication (shifted-slice im2col), for CPU speed.
+
+XLA:CPU runs dot products through a tuned GEMM close to the machine's matmul peak, but its
+convolutions, above all the backward (input- and kernel-gradient) convolutions, run far below
+it. `MatmulConv` rewrites a k x k convolution as: pad once, take the kh * kw strided slices of
+the padded input, concatenate them on the channel axis to patches [n, ho, wo, kh * kw * cin],
+and multiply by the kernel reshaped to [kh * kw * cin, cout]. Forward and both gradients then
+become large matmuls plus cheap slicing/padding. A 1x1 convolution is a plain dot (a stride is
+a strided slice).
+
+The patches are kh * kw times larger than the input, so the im2col + dot is wrapped in
+jax.checkpoint: the backward pass recomputes the slices from the input instead of keeping the
+patches alive from forward to backward (keeps peak memory close to nn.Conv's).
+
+The module is a drop-in replacement for flax.linen.Conv as the ResNet uses it: same 'kernel'
+parameter [kh, kw, cin, cout] (and optional 'bias'), same default initialiser, same padding
+semantics ('SAME', 'VALID', an int, or explicit (low, high) pairs), same dtype promotion. So
+parameter trees, and checkpoints, are interchangeable between the two implementations.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+CONV_IMPLS: tuple[str, ...] = ("xla", "matmul")
+# 'auto' is resolved by the model factory at build time (matmul on CPU, xla elsewhere).
+CONV_IMPL_CHOICES: tuple[str, ...] = ("auto",) + CONV_IMPLS
+
+PaddingLike = str | int | Sequence[int | tuple[int, int]]
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+    return value
+
+
+def resolve_padding(
+    padding: PaddingLike,
+    spatial_shape: tuple[int, int],
+    kernel_size: tuple[int, int],
+    strides: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Turns a Flax-style padding spec into explicit (low, high) pairs per spatial dim.
+
+    Args:
+      padding: 'SAME', 'VALID', an int (same on both sides of both dims), or a sequence of two
+        ints / (low, high) pairs.
+      spatial_shape: (height, width) of the input.
+      kernel_size: (kh, kw).
+      strides: (sh, sw).
+
+    Returns:
+      ((low_h, high_h), (low_w, high_w)).
+
+    Raises:
+      ValueError: for an unsupported padding spec (e.g. 'CIRCULAR').
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(
+                f"padding must be 'SAME', 'VALID', an int or (low, high) pairs, got {padding!r}."
+            )
+        pads = lax.padtype_to_pads(spatial_shape, kernel_size, strides, mode)
+        return tuple((int(lo), int(hi)) for lo, hi in pads)
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    pads = tuple(padding)
+    if len(pads) != 2:
+        raise ValueError(f"padding needs one entry per spatial dim (2), got {padding!r}.")
+    return tuple(_pair(p, "padding entry") for p in pads)
+
+
+def _im2col_dot(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+    """Convolution of x [n, h, w, cin] with kernel [kh, kw, cin, cout] as patches @ kernel."""
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    if any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+    n, hp, wp, _ = x.shape
+    ho = (hp - kh) // sh + 1
+    wo = (wp - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"kernel_size {(kh, kw)} is larger than the padded input {(hp, wp)}; no output."
+        )
+    # Slices in (i, j) row-major order with channels innermost, matching the row order of
+    # kernel.reshape(kh * kw * cin, cout).
+    slices = [
+        lax.slice(
+            x,
+            (0, i, j, 0),
+            (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    patches = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+    # One 2-D GEMM: XLA:CPU maps [m, k] x [k, n] straight onto its fast matmul kernel.
+    out = jnp.dot(patches.reshape(n * ho * wo, kh * kw * cin), kernel.reshape(-1, cout))
+    return out.reshape(n, ho, wo, cout)
+
+
+# Recompute the patches in the backward pass rather than storing them (kh * kw x the input).
+_im2col_dot_remat = jax.checkpoint(_im2col_dot, static_argnums=(2, 3))
+
+
+def matmul_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: int | Sequence[int] = 1,
+    padding: PaddingLike = "SAME",
+) -> jax.Array:
+    """2-D convolution (NHWC, HWIO kernel) computed with a single matrix multiplication.
+
+    Args:
+      x: input [n, h, w, cin].
+      kernel: [kh, kw, cin, cout].
+      strides: int or (sh, sw).
+      padding: 'SAME', 'VALID', an int, or (low, high) pairs per spatial dim.
+
+    Returns:
+      [n, ho, wo, cout], equal to lax.conv_general_dilated with the same arguments.
+
+    Raises:
+      ValueError: for a non-4-D input, mismatched channels or an unsupported padding.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be [n, h, w, c] (4-D), got shape {x.shape}.")
+    if kernel.ndim != 4 or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(
+            f"kernel must be [kh, kw, cin={x.shape[-1]}, cout], got shape {kernel.shape}."
+        )
+    strides = _pair(strides, "strides")
+    kernel_size = tuple(kernel.shape[:2])
+    pads = resolve_padding(padding, tuple(x.shape[1:3]), kernel_size, strides)
+    if kernel_size == (1, 1) and pads == ((0, 0), (0, 0)):
+        # 1x1: no patches to build, so no memory to save with remat.
+        return _im2col_dot(x, kernel, strides, pads)
+    return _im2col_dot_remat(x, kernel, strides, pads)
+
+
+class MatmulConv(nn.Conv):
+    """Drop-in replacement for flax.linen.Conv (2-D, NHWC) computed by `matmul_conv`.
+
+    A subclass of nn.Conv, so it has exactly its fields and defaults (features, kernel_size,
+    strides, padding, use_bias=True, dtype, param_dtype, kernel_init, bias_init, ...) and code
+    that looks for conv layers with isinstance(module, nn.Conv) still finds it. Only what the
+    ResNet needs is supported: no input/kernel dilation, no feature groups, no mask, and
+    padding 'SAME', 'VALID', an int or explicit (low, high) pairs.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Applies the convolution.
+
+        Args:
+          inputs: [n, h, w, cin].
+
+        Returns:
+          [n, ho, wo, features] in the promoted computation dtype.
+
+        Raises:
+          ValueError: for an option nn.Conv has but MatmulConv does not support.
+        """
+        for name in ("input_dilation", "kernel_dilation"):
+            value = getattr(self, name)
+            if value not in (None, 1, (1, 1), [1, 1]):
+                raise ValueError(f"MatmulConv does not support {name}={value!r}; use nn.Conv.")
+        if self.feature_group_count != 1 or self.mask is not None:
+            raise ValueError(
+                "MatmulConv supports feature_group_count=1 and mask=None only, got "
+                f"feature_group_count={self.feature_group_count!r}; use nn.Conv."
+            )
+        kh, kw = _pair(self.kernel_size, "kernel_size")
+        cin = inputs.shape[-1]
+        kernel = self.param(
+            "kernel", self.kernel_init, (kh, kw, cin, self.features), self.param_dtype
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = matmul_conv(inputs, kernel, self.strides or 1, self.padding)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+def get_conv_cls(conv_impl: str) -> type[nn.Module]:
+    """Maps a conv implementation name to its Flax module class.
+
+    Args:
+      conv_impl: 'xla' (flax.linen.Conv) or 'matmul' (MatmulConv).
+
+    Returns:
+      The module class.
+
+    Raises:
+      ValueError: for any other name (including the unresolved 'auto').
+    """
+    if conv_impl == "xla":
+        return nn.Conv
+    if conv_impl == "matmul":
+        return MatmulConv
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+    """Resolves 'auto' to a concrete implementation for a backend.
+
+    Args:
+      conv_impl: 'auto', 'xla' or 'matmul'.
+      backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend(). Only
+        consulted for 'auto'.
+
+    Returns:
+      'matmul' for 'auto' on CPU, 'xla' for 'auto' elsewhere; other names unchanged.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if conv_impl not in CONV_IMPL_CHOICES:
+        raise ValueError(f"model.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}.")
+    if conv_impl != "auto":
+        return conv_impl
+    backend = jax.default_backend() if backend is None else backend
+    return "matmul" if backend == "cpu" else "xla"

@@ -1,0 +1,250 @@
+"""Evaluation protocols on a pretrained checkpoint: dispatcher and shared helpers.
+
+`run(protocol, config, workdir)` is what main.py calls for any config whose
+`protocol` is not 'pretrain'. Every protocol starts from `config.init_from`,
+which is either a pretraining workdir (its latest checkpoint is used) or one
+checkpoint step directory (workdir/checkpoints/<step>). The architecture is
+never taken from the protocol's config: it is rebuilt from the pretraining
+run's config.json, so an evaluation cannot silently load weights into a
+different network; the checkpoint's shapes are checked against it.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import orbax.checkpoint as ocp
+
+from simclr_jax import checkpoint, evaluate, models, sharding
+from simclr_jax.data import pipeline
+
+PROTOCOLS = ("linear_eval", "knn", "finetune")
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A restored pretraining checkpoint.
+
+    Attributes:
+      path: absolute path of the checkpoint step directory.
+      step: its training step.
+      model_config: the pretraining run's config.model (rebuilds the network).
+      params: every parameter (NumPy): {'encoder', 'head', 'probe'}.
+      batch_stats: BatchNorm running statistics (NumPy): {'encoder', 'head'}.
+      probe_classes: number of classes of the pretraining online probe.
+    """
+
+    path: str
+    step: int
+    model_config: mlc.ConfigDict
+    params: Any
+    batch_stats: Any
+    probe_classes: int
+
+    def variables(self, *names: str) -> dict:
+        """{'params', 'batch_stats'} restricted to the named submodules."""
+        return {
+            "params": {n: self.params[n] for n in names},
+            "batch_stats": {n: self.batch_stats[n] for n in names if n in self.batch_stats},
+        }
+
+
+def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
+    """(checkpoints directory, step, config.json path) for a workdir or a step dir."""
+    if not init_from:
+        raise ValueError(
+            "config.init_from is empty: set it to a pretraining workdir or to one of its "
+            "checkpoint step directories, e.g. --config.init_from=workdirs/quickstart"
+        )
+    path = os.path.abspath(init_from)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.init_from={init_from!r} does not exist ({path})")
+    name = os.path.basename(path.rstrip(os.sep))
+    if name.isdigit() and os.path.isdir(path):
+        ckpt_dir = os.path.dirname(path)
+        return ckpt_dir, int(name), os.path.join(os.path.dirname(ckpt_dir), CONFIG_FILE)
+    step = checkpoint.latest_step(path)
+    if step is None:
+        raise FileNotFoundError(
+            f"config.init_from={init_from!r} holds no checkpoint: expected a pretraining workdir "
+            f"with {checkpoint.CHECKPOINT_SUBDIR}/<step>/ inside, or a step directory itself"
+        )
+    return checkpoint.checkpoint_dir(path), step, os.path.join(path, CONFIG_FILE)
+
+
+def _check_shapes(expected: Any, restored: Any, where: str) -> None:
+    exp = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flatten(expected)}
+    got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in _flatten(restored)}
+    for key in sorted(set(exp) | set(got)):
+        if exp.get(key) != got.get(key):
+            raise ValueError(
+                f"the checkpoint at {where} does not match the architecture in its config.json: "
+                f"{key} is {got.get(key)} in the checkpoint but {exp.get(key)} in the model "
+                "built from config.json (None = missing). Point config.init_from at the workdir "
+                "the checkpoint was trained in, whose config.json describes it."
+            )
+
+
+def _flatten(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def load_pretrained(init_from: str) -> Pretrained:
+    """Restores a pretraining checkpoint and the model config it was trained with.
+
+    Args:
+      init_from: a pretraining workdir (latest step) or a checkpoint step dir.
+
+    Returns:
+      The Pretrained checkpoint (arrays on the host).
+
+    Raises:
+      ValueError: init_from is empty, or the checkpoint's shapes differ from
+        the architecture of its config.json.
+      FileNotFoundError: the path, a checkpoint or config.json is missing.
+    """
+    ckpt_dir, step, config_path = _resolve_checkpoint(init_from)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} is missing: the architecture of the checkpoint in "
+            f"config.init_from={init_from!r} is read from its pretraining run's config.json"
+        )
+    with open(config_path, encoding="utf-8") as f:
+        model_config = mlc.ConfigDict(json.load(f)["model"])
+    manager = ocp.CheckpointManager(ckpt_dir)
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+    finally:
+        manager.close()
+    params = jax.tree_util.tree_map(np.asarray, dict(restored["params"]))
+    batch_stats = jax.tree_util.tree_map(np.asarray, dict(restored["batch_stats"]))
+    probe_classes = int(np.shape(params["probe"]["dense"]["kernel"])[-1])
+    model = models.build_model(model_config, num_classes=probe_classes)
+    shape = (2, 32, 32, 3)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(shape), train=False))
+    _check_shapes(
+        abstract["params"], params, os.path.join(ckpt_dir, str(step))
+    )  # input size does not change any parameter shape
+    return Pretrained(
+        path=os.path.join(ckpt_dir, str(step)),
+        step=step,
+        model_config=model_config,
+        params=params,
+        batch_stats=batch_stats,
+        probe_classes=probe_classes,
+    )
+
+
+def random_init_like(pretrained: Pretrained, seed: int) -> Pretrained:
+    """A randomly initialised network of the same architecture (a baseline).
+
+    Args:
+      pretrained: the checkpoint whose architecture to copy.
+      seed: initialisation seed.
+
+    Returns:
+      A Pretrained with fresh parameters and BN statistics, step 0.
+    """
+    model = models.build_model(pretrained.model_config, num_classes=pretrained.probe_classes)
+    variables = model.init(jax.random.key(seed), np.zeros((2, 32, 32, 3), np.float32), train=False)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    return dataclasses.replace(
+        pretrained,
+        path="random_init",
+        step=0,
+        params=dict(variables["params"]),
+        batch_stats=dict(variables["batch_stats"]),
+    )
+
+
+def check_num_classes(head_classes: int, data_classes: int, *, head: str, fix: str) -> None:
+    """Raises a ValueError naming both class counts when a loaded head does not fit the data."""
+    if head_classes != data_classes:
+        raise ValueError(
+            f"the {head} has {head_classes} classes but the dataset has {data_classes}: {fix}"
+        )
+
+
+def extract_encoder_features(
+    pretrained: Pretrained, config: mlc.ConfigDict, split: str, mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """h (inference-mode BN) and labels for a whole split, with eval preprocessing.
+
+    Args:
+      pretrained: the network to encode with.
+      config: the protocol config (data, augment, eval.batch_size).
+      split: the split to encode.
+      mesh: the device mesh.
+
+    Returns:
+      (features [N, C] float32, labels [N] int32).
+    """
+    encoder = models.build_encoder(pretrained.model_config)
+    variables = jax.device_put(
+        {"params": pretrained.params["encoder"], "batch_stats": pretrained.batch_stats["encoder"]},
+        sharding.replicated_sharding(mesh),
+    )
+
+    ds = pipeline.build_eval_dataset(
+        config.data,
+        config.augment,
+        split=split,
+        global_batch_size=config.eval.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    out, labels = evaluate.extract_features(
+        lambda images: _encode(encoder, variables, images), pipeline.as_numpy_iterator(ds), mesh
+    )
+    return out["h"], labels
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(encoder, variables, images):
+    # Module-level and keyed on the (hashable) module: every split, and the
+    # random-init baseline of the same architecture, reuse one executable.
+    return {"h": encoder.apply(variables, images, train=False)}
+
+
+def provenance(protocol: str, config: mlc.ConfigDict, pretrained: Pretrained) -> dict:
+    """What results.json records about where the numbers come from."""
+    return {
+        "protocol": protocol,
+        "checkpoint": {"path": pretrained.path, "step": pretrained.step},
+        "dataset": f"{config.data.source}:{config.data.name}",
+        "train_split": config.data.train_split,
+        "eval_split": config.data.eval_split,
+    }
+
+
+def run(protocol: str, config: mlc.ConfigDict, workdir: str) -> dict:
+    """Runs one evaluation protocol and writes workdir/results.json.
+
+    Args:
+      protocol: 'linear_eval', 'knn' or 'finetune'.
+      config: the protocol's config (configs/linear_eval.py, knn.py, finetune.py).
+      workdir: output directory (results.json, metrics, confusion matrix).
+
+    Returns:
+      The results dict.
+    """
+    # Imported here: each protocol module imports this one for its helpers.
+    if protocol == "linear_eval":
+        from simclr_jax import linear_eval as module
+    elif protocol == "knn":
+        from simclr_jax import linear_eval as module  # kNN shares the feature path
+
+        return module.run_knn(config, workdir)
+    elif protocol == "finetune":
+        from simclr_jax import finetune as module
+    else:
+        raise ValueError(
+            f"config.protocol={protocol!r} is not a protocol; use 'pretrain' or one of {PROTOCOLS}"
+        )
+    return module.run(config, workdir)

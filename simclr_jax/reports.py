@@ -1,0 +1,108 @@
+"""Evaluation reports: accuracy summaries, confusion matrix PNG, results.json, TensorBoard.
+
+Only process 0 writes files. Scalars go to TensorBoard and metrics.jsonl
+through metrics.MetricLogger under 'eval/<name>'.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from simclr_jax import evaluate
+from simclr_jax.metrics import MetricLogger
+
+RESULTS_FILE = "results.json"
+CONFUSION_FILE = "confusion_matrix.png"
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[num_classes, num_classes] counts; row = true class, column = prediction."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def summarize(scores: np.ndarray, labels: np.ndarray, class_names) -> dict:
+    """Top-1, top-5 and per-class accuracy of class scores.
+
+    Args:
+      scores: [N, K] class scores (argmax = prediction).
+      labels: [N] int labels.
+      class_names: K names.
+
+    Returns:
+      {'top1', 'top5', 'per_class': {name: accuracy (NaN if absent)},
+      'confusion': [K, K] list, 'examples'}.
+    """
+    num_classes = scores.shape[1]
+    matrix = confusion_matrix(np.argmax(scores, axis=1), labels, num_classes)
+    counts = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.diag(matrix) / counts
+    return {
+        "top1": evaluate.topk_accuracy(scores, labels, 1),
+        "top5": evaluate.topk_accuracy(scores, labels, 5),
+        "per_class": {str(n): float(a) for n, a in zip(class_names, per_class, strict=True)},
+        "confusion": matrix.tolist(),
+        "examples": int(len(labels)),
+    }
+
+
+def plot_confusion(matrix, class_names, path: str, title: str) -> None:
+    """Writes a row-normalised confusion matrix as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix, np.float64)
+    norm = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.5 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, labels=class_names, rotation=90)
+    ax.set_yticks(ticks, labels=class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(workdir: str, results: dict, *, step: int = 0) -> None:
+    """Writes results.json (atomically), the confusion PNG and eval/* scalars.
+
+    Args:
+      workdir: output directory.
+      results: the protocol's results; a 'summary' entry from summarize() gets
+        a confusion-matrix PNG, and every float at the top level or in
+        'summary' / 'random_init' becomes an 'eval/...' scalar.
+      step: the step the scalars are logged at (the checkpoint's).
+    """
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    summary = results.get("summary")
+    if summary is not None:
+        names = list(summary["per_class"])
+        title = f"{results.get('protocol', '')} top-1 {summary['top1']:.3f}"
+        plot_confusion(summary["confusion"], names, os.path.join(workdir, CONFUSION_FILE), title)
+    scalars = {}
+    for prefix, section in (("", results), ("", summary or {})):
+        for key, value in section.items():
+            if isinstance(value, float):
+                scalars[f"eval/{prefix}{key}"] = value
+    for key, value in (results.get("random_init") or {}).items():
+        if isinstance(value, float):
+            scalars[f"eval/random_init_{key}"] = value
+    logger = MetricLogger(workdir, total_steps=0, is_main=True)
+    logger.write_scalars(step, scalars)
+    logger.close()
+    tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, RESULTS_FILE))

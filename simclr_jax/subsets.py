@@ -1,0 +1,91 @@
+"""Labelled subsets for semi-supervised fine-tuning (1% / 10% / 100% of labels).
+
+Subsets are class-balanced (every class keeps the same fraction of its
+examples, at least one) and seeded. Each class's examples are put in one
+seeded order that does not depend on the fraction and a subset takes a prefix
+of it, so subsets are nested: the 1% subset lies inside the 10% subset of the
+same seed. ImageNet uses the published subsets instead (tfds
+'imagenet2012_subset/1pct' and '/10pct'), see resolve_finetune_data.
+"""
+
+import ml_collections as mlc
+import numpy as np
+
+from simclr_jax.data import datasets
+
+IMAGENET_OFFICIAL = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
+
+
+def check_fraction(fraction) -> float:
+    """Returns fraction as a float; ValueError unless it lies in (0, 1]."""
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        raise ValueError(f"finetune.label_fraction={fraction!r}: must be a number in (0, 1]")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"finetune.label_fraction={fraction!r}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0"
+        )
+    return float(fraction)
+
+
+def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a class-balanced, seeded, nested subset.
+
+    Args:
+      labels: [N] int labels of the split in its fixed order.
+      fraction: share of each class to keep, in (0, 1]; each class keeps
+        max(1, round(fraction * count)) examples.
+      seed: the subset's seed; subsets of one seed are nested across fractions.
+
+    Returns:
+      Sorted int64 indices into the split.
+    """
+    fraction = check_fraction(fraction)
+    labels = np.asarray(labels)
+    chosen = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        # One generator per (seed, class): a class's order does not depend on
+        # the other classes or on the fraction, which is what nests subsets.
+        order = np.random.default_rng([seed, int(cls)]).permutation(members)
+        keep = max(1, int(round(fraction * len(members))))
+        chosen.append(order[:keep])
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def split_labels(data_cfg: mlc.ConfigDict) -> np.ndarray:
+    """Labels of the train split in the pipeline's fixed order (no image decoding)."""
+    source = datasets.load_source(data_cfg, data_cfg.train_split)
+    if source.indexable:
+        return source.table_rows(np.arange(source.num_examples))["label"]
+    labels = [b.numpy() for b in source.records(0, 1).map(lambda r: r["label"]).batch(8192)]
+    return np.concatenate(labels)
+
+
+def resolve_finetune_data(
+    data_cfg: mlc.ConfigDict, fraction: float, seed: int, *, official_imagenet: bool = True
+) -> tuple[mlc.ConfigDict, np.ndarray | None]:
+    """The data config and subset indices that fine-tuning on `fraction` of labels uses.
+
+    Args:
+      data_cfg: the config's data section.
+      fraction: label fraction in (0, 1].
+      seed: subset seed.
+      official_imagenet: for tfds imagenet2012 at 1% / 10%, use the published
+        subsets (tfds imagenet2012_subset/1pct|10pct) instead of a drawn one.
+
+    Returns:
+      (data_cfg, subset_indices): indices None means the whole train split.
+    """
+    fraction = check_fraction(fraction)
+    if fraction == 1.0:
+        return data_cfg, None
+    if (
+        official_imagenet
+        and data_cfg.source == "tfds"
+        and data_cfg.name == "imagenet2012"
+        and fraction in IMAGENET_OFFICIAL
+    ):
+        official = mlc.ConfigDict(data_cfg.to_dict())
+        official.name = IMAGENET_OFFICIAL[fraction]
+        return official, None
+    return data_cfg, class_balanced_subset(split_labels(data_cfg), fraction, seed)

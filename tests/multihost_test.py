@@ -1,0 +1,394 @@
+"""Multi-host correctness on one machine: 2 processes x 4 CPU devices with jax.distributed (gloo).
+
+What is compared, and why not a 2x4 CLI run against a 1x8 CLI run: the input
+pipeline gives each host a disjoint shard of the data and permutes it per
+epoch with a per-host seed, so the 2x4 and 1x8 global batches hold different
+examples by construction and their parameters must differ. Instead:
+- the train step itself (global BN, NT-Xent gather, gradient pmean, LARS) is run
+  on one identical global batch under both layouts: each process feeds its half
+  of the batch, the 1x8 reference runs in the pytest process; the updated
+  parameters must agree to 1e-5 (float32, different reduction trees);
+- NT-Xent in the 2x4 layout equals a NumPy full-global-batch reference and
+  differs from the loss a per-host-only gather would give;
+- the real CLI in the 2x4 layout: a run killed with kill -9 (both processes)
+  after its first checkpoint and restarted ends with exactly the parameters of
+  an uninterrupted 2x4 run (determinism and resume exactness together), and
+  both processes' checkpoints are complete and restorable;
+- a process that cannot reach the coordinator fails within the timeout and
+  names the address.
+
+Run as a script (`python tests/multihost_test.py step OUT ADDRESS N ID`) it is
+the per-process worker of the train-step comparison.
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from main_test import TINY  # noqa: E402
+
+GLOBAL_BATCH = 16
+PARAM_TOL = 1e-5
+LOSS_TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ---------------------------------------------------------------------------
+# The train-step worker (runs under both layouts).
+
+
+def _fixed_inputs():
+    rng = np.random.default_rng(1234)
+    batch = {
+        "view1": rng.uniform(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
+        "view2": rng.uniform(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(GLOBAL_BATCH,)).astype(np.int32),
+    }
+    z = rng.normal(size=(2, GLOBAL_BATCH, 8)).astype(np.float32)
+    return batch, z
+
+
+def step_outputs() -> dict[str, np.ndarray]:
+    """Two train steps and one NT-Xent evaluation on fixed global inputs, any layout.
+
+    Returns:
+      {'loss': the 2-device-layout-independent NT-Xent value of the fixed z,
+       'step_loss': the first step's contrastive loss, 'p/<path>': parameters}.
+    """
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from configs import cifar10
+    from simclr_jax import losses, models, optim, sharding, steps
+
+    config = cifar10.get_config("runlocal")
+    config.model.base_width = 4
+    config.model.head_hidden_dim = 16
+    config.model.head_dim = 16
+    mesh = sharding.create_mesh(jax.devices())
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    tx, schedule = optim.create_optimizer(
+        config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
+    )
+    init = jax.jit(
+        lambda k: steps.create_train_state(model, tx, k, (32, 32, 3)),
+        out_shardings=sharding.replicated_sharding(mesh),
+    )
+    state = init(jax.random.key(0))
+    step_fn = steps.compile_train_step(
+        lambda s, b: steps.train_step(
+            s,
+            b,
+            model=model,
+            tx=tx,
+            learning_rate_fn=schedule,
+            temperature=0.5,
+            loss_scale=2.0,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=False,
+        ),
+        parallelism="shard_map",
+        mesh=mesh,
+    )
+    batch, z = _fixed_inputs()
+    # Each process feeds only its own rows; the mesh puts process 0's devices first.
+    per_host = GLOBAL_BATCH // jax.process_count()
+    rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    local = {k: v[rows] for k, v in batch.items()}
+    global_batch = sharding.make_global_batch(local, mesh)
+    step_fn = _compile_then_barrier(step_fn, "train_step", state, global_batch)
+    step_losses = []
+    for _ in range(2):
+        state, metrics = step_fn(state, global_batch)
+        step_losses.append(metrics.loss.compute())
+
+    loss_fn = jax.jit(
+        jax.shard_map(
+            lambda a, b: losses.nt_xent(a, b, temperature=0.5, axis_name=sharding.DATA_AXIS)[0],
+            mesh=mesh,
+            in_specs=(P(sharding.DATA_AXIS), P(sharding.DATA_AXIS)),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
+    zg = sharding.make_global_batch({"a": z[0][rows], "b": z[1][rows]}, mesh)
+    loss_fn = _compile_then_barrier(loss_fn, "nt_xent", zg["a"], zg["b"])
+    out = {"loss": loss_fn(zg["a"], zg["b"]), "step_loss": step_losses[0]}
+    flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    out.update({"p/" + jax.tree_util.keystr(path): leaf for path, leaf in flat})
+    # Replicated global arrays: every process holds a full copy on its devices.
+    return {k: np.asarray(v.addressable_data(0)) for k, v in out.items()}
+
+
+def _compile_then_barrier(fn, name, *args):
+    """Compiles ahead of time, then waits for every process.
+
+    On 2 loaded cores one process can finish compiling long after the other;
+    the first collective would then time out in gloo. The coordinator's
+    barrier has a generous timeout of its own.
+    """
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    compiled = fn.lower(*args).compile()
+    if jax.process_count() > 1:
+        jax_distributed.global_state.client.wait_at_barrier(name, 600_000)
+    return compiled
+
+
+def _nt_xent_numpy(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
+    """Paper NT-Xent: mean over all 2N anchors of the batch given."""
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    sim = z @ z.T / tau
+    np.fill_diagonal(sim, -np.inf)
+    n = len(z1)
+    pos = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
+    logsumexp = np.log(np.exp(sim).sum(axis=1))
+    return float(np.mean(logsumexp - sim[np.arange(2 * n), pos]))
+
+
+def _wait_all(procs, timeout):
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(timeout=max(1, deadline - time.time()))
+
+
+def _kill_all(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_train_step_2x4_matches_1x8_and_nt_xent_sees_every_host(tmp_path):
+    port = _free_port()
+    procs = []
+    try:
+        for pid in range(2):
+            cmd = [sys.executable, __file__, "step", str(tmp_path / f"out{pid}.npz"),
+                   f"127.0.0.1:{port}", "2", str(pid)]  # fmt: skip
+            with open(tmp_path / f"log{pid}.txt", "w") as log:  # the child keeps its own fd
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(4), stdout=log, stderr=log))
+        reference = step_outputs()  # 1 process x 8 devices, while the pair runs
+        _wait_all(procs, 300)
+    finally:
+        _kill_all(procs)
+    for pid, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"log{pid}.txt").read_text()[-3000:]
+    outs = [dict(np.load(tmp_path / f"out{pid}.npz")) for pid in range(2)]
+    assert set(outs[0]) == set(reference) and len(reference) > 10
+    for key, ref in reference.items():
+        for out in outs:
+            np.testing.assert_allclose(out[key], ref, rtol=PARAM_TOL, atol=PARAM_TOL, err_msg=key)
+    # The parameters did move (otherwise the comparison would prove nothing).
+    _, z = _fixed_inputs()
+    full = _nt_xent_numpy(z[0], z[1], 0.5)
+    per_host = np.mean([_nt_xent_numpy(z[0][s], z[1][s], 0.5) for s in (slice(0, 8), slice(8, 16))])
+    assert abs(full - per_host) > 1e-2
+    for out in outs:
+        np.testing.assert_allclose(out["loss"], full, rtol=LOSS_TOL)
+        assert abs(float(out["loss"]) - per_host) > 1e-2
+
+
+def _cli(workdir, port, pid, *extra):
+    return [sys.executable, "main.py", f"--workdir={workdir}", *TINY, *extra,
+            "--config.eval.knn=False", "--config.checkpoint.every_steps=2",
+            f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+            f"--process_id={pid}", "--distributed_timeout=120"]  # fmt: skip
+
+
+def _start_pair(workdir, log_prefix, *extra):
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        with open(f"{log_prefix}{pid}.txt", "w") as log:  # the child keeps its own fd
+            procs.append(
+                subprocess.Popen(
+                    _cli(workdir, port, pid, *extra),
+                    cwd=REPO,
+                    env=_env(4),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            )
+    return procs
+
+
+def _finish_pair(procs, log_prefix, timeout=400):
+    try:
+        _wait_all(procs, timeout)
+    finally:
+        _kill_all(procs)
+    logs = [pathlib.Path(f"{log_prefix}{pid}.txt").read_text() for pid in range(2)]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return logs
+
+
+def _restore_params(workdir, step):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from simclr_jax import checkpoint
+
+    path = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), "default")
+    ckptr = ocp.StandardCheckpointer()
+    # Saved by 2 processes x 4 devices: restore onto this process's first device.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        ckptr.metadata(path).item_metadata,
+    )
+    restored = ckptr.restore(path, target)
+    return {k: np.asarray(v) for k, v in _flatten(restored["params"]).items()}
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    return {prefix: tree}
+
+
+@pytest.mark.slow
+def test_cli_2x4_checkpoints_and_resumes_after_kill_9_exactly(tmp_path):
+    from simclr_jax import checkpoint
+
+    steps = "--config.train.steps=6"
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = _start_pair(ref_dir, str(tmp_path / "ref"), steps)
+    run = _start_pair(run_dir, str(tmp_path / "run"), steps)
+    try:
+        deadline = time.time() + 400
+        while checkpoint.latest_step(str(run_dir)) is None:
+            assert time.time() < deadline and all(p.poll() is None for p in run)
+            time.sleep(0.05)
+        for p in run:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        _kill_all(run)
+    killed_at = checkpoint.latest_step(str(run_dir))
+    logs = _finish_pair(_start_pair(run_dir, str(tmp_path / "resume"), steps), tmp_path / "resume")
+    assert all(f"resumed from step {killed_at}" in log for log in logs)
+    ref_logs = _finish_pair(ref, str(tmp_path / "ref"))
+    assert "2 processes" in ref_logs[0]
+    assert killed_at < 6, "killed too late to test resuming"
+    ckpt_dir = checkpoint.checkpoint_dir(str(ref_dir))
+    # Complete multi-process saves: finished step directories only, no leftovers.
+    names = sorted(os.listdir(ckpt_dir))
+    assert names == [n for n in names if n.isdigit()] and "6" in names, names
+    for name in names:
+        assert os.path.exists(os.path.join(ckpt_dir, name, "_CHECKPOINT_METADATA")), name
+    a, b = _restore_params(ref_dir, 6), _restore_params(run_dir, 6)
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any(not np.array_equal(a[k], _restore_params(ref_dir, 2)[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [("gpu01", "gpu01"), ("gpu01,gpu02", "gpu01"), ("gpu[03-05,9]", "gpu03"),
+     ("a-node[007,9],b[1-2]", "a-node007"), ("n[1-4]-ib", "n1-ib")],
+)  # fmt: skip
+def test_first_slurm_host(nodelist, first):
+    from simclr_jax import distributed
+
+    assert distributed.first_slurm_host(nodelist) == first
+
+
+def test_resolve_settings_precedence_and_errors():
+    from simclr_jax import distributed as d
+
+    explicit = d.resolve_settings("10.0.0.1:1234", 4, 3, env={})
+    assert explicit == d.Settings("explicit", "10.0.0.1:1234", 4, 3)
+    env = {d.ENV_ADDRESS: "h:1", d.ENV_NUM_PROCESSES: "2", d.ENV_PROCESS_ID: "1"}
+    assert d.resolve_settings(env=env) == d.Settings("explicit", "h:1", 2, 1)
+    # Flags win over the environment.
+    assert d.resolve_settings("x:9", 2, 0, env=env).coordinator_address == "x:9"
+    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_JOB_NODELIST": "gpu[04-05]"}
+    assert d.resolve_settings(env=slurm) == d.Settings("slurm", "gpu04:12355", 8, 5)
+    assert d.resolve_settings(env={**slurm, d.ENV_PORT: "999"}).coordinator_address == "gpu04:999"
+    # A one-task SLURM job is a single process; a TPU VM lets JAX find its workers.
+    assert d.resolve_settings(env={**slurm, "SLURM_NTASKS": "1"}).mode in ("single", "tpu")
+    assert d.resolve_settings(env={"TPU_ACCELERATOR_TYPE": "v4-32"}).mode == "tpu"
+    with pytest.raises(ValueError, match="num_processes=None"):
+        d.resolve_settings("h:1", None, 0, env={})
+    with pytest.raises(ValueError, match="process_id=2 is out of range for num_processes=2"):
+        d.resolve_settings("h:1", 2, 2, env={})
+    with pytest.raises(ValueError, match="coordinator_address='nohost'"):
+        d.resolve_settings("nohost", 2, 0, env={})
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        d.initialize(timeout_s=0, env={})
+
+
+def test_wait_for_coordinator():
+    from simclr_jax import distributed
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        distributed.wait_for_coordinator(f"127.0.0.1:{server.getsockname()[1]}", 5)
+    address = f"127.0.0.1:{_free_port()}"
+    t0 = time.time()
+    with pytest.raises(distributed.CoordinatorUnreachableError, match=address):
+        distributed.wait_for_coordinator(address, 1.5)
+    assert 1.4 < time.time() - t0 < 10
+
+
+def test_unreachable_coordinator_fails_within_timeout_naming_it(tmp_path):
+    address = f"127.0.0.1:{_free_port()}"  # nobody listens here
+    timeout = 3
+    cmd = [sys.executable, "main.py", f"--workdir={tmp_path}", *TINY,
+           f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+           f"--distributed_timeout={timeout}"]  # fmt: skip
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - t0
+    assert proc.returncode != 0
+    assert address in proc.stderr and "could not reach" in proc.stderr, proc.stderr[-2000:]
+    # Imports take a few seconds on a loaded machine; the wait itself is `timeout`.
+    assert elapsed < timeout + 60
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["step"]:
+    _, _, out_path, address, count, pid = sys.argv
+    from simclr_jax import distributed
+
+    distributed.initialize(address, int(count), int(pid), timeout_s=120)
+    try:
+        np.savez(out_path, **step_outputs())
+    except BaseException as e:  # noqa: BLE001 - report, then leave without atexit hooks
+        print(f"worker failed: {e!r}"[:3000], file=sys.stderr, flush=True)
+        os._exit(1)
