@@ -94,6 +94,20 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STEP=""
 
 # Runs (or with --dry-run prints) one command; a failure names the step and stops.
+# Packs the source tree: in a git checkout only what git tracks plus untracked
+# files it does not ignore (never virtualenvs, caches or workdirs, which can be
+# gigabytes); elsewhere everything but the usual large directories.
+pack_tree() {
+    local src="$1" out="$2"
+    if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git -C "$src" ls-files -z --cached --others --exclude-standard |
+            tar -C "$src" --null -T - -czf "$out"
+    else
+        tar -C "$src" --exclude=.git --exclude=workdirs --exclude=.jax_cache \
+            --exclude=venv --exclude=.venv --exclude=.ci-venv -czf "$out" .
+    fi
+}
+
 run() {
     STEP="$1"
     shift
@@ -148,8 +162,7 @@ fi
 # 2. Code on every worker.
 if ((COPY)); then
     ARCHIVE="$(mktemp -d)/simclr_jax.tar.gz"
-    run "pack local tree" tar -C "$HERE" --exclude=.git --exclude=workdirs \
-        --exclude=.jax_cache -czf "$ARCHIVE" .
+    run "pack local tree" pack_tree "$HERE" "$ARCHIVE"
     run "copy code" gcloud compute tpus tpu-vm scp "$ARCHIVE" "$NAME:~/simclr_jax.tar.gz" \
         "${COMMON[@]}" --worker=all
     tpu_ssh "unpack code" "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && \

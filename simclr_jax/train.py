@@ -311,6 +311,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         "total_steps": run.total_steps,
         "compile_seconds": compile_seconds,
         "images_per_sec": throughput,
+        # jit's executable cache: 1 means the step compiled exactly once (not
+        # available for jax.pmap).
+        "train_step_compilations": (
+            step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
+        ),
         "num_devices": len(run.devices),
         "num_processes": jax.process_count(),
         "dataset": f"{config.data.source}:{config.data.name}",

@@ -56,6 +56,7 @@ def test_cli_trains_checkpoints_and_evaluates(tmp_path):
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     assert results["num_devices"] == 8
+    assert results["train_step_compilations"] == 1  # 4 steps, one compilation
     for key in ("knn_top1", "probe_top1", "images_per_sec", "compile_seconds"):
         assert key in results
     assert 0.0 <= results["knn_top1"] <= 1.0

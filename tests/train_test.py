@@ -174,6 +174,7 @@ def test_loss_decreases_on_a_fixed_batch():
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics.compute()["loss"]))
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    assert step_fn._cache_size() == 1  # 30 steps, one compilation
 
 
 @pytest.mark.parametrize(
