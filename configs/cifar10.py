@@ -89,6 +89,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.train.parallelism = "shard_map"  # or 'pmap'
     config.train.num_devices = 0  # 0: all
     config.train.log_every_steps = 50
+    # > 0: process the batch in micro-batches of this many examples (global, over
+    # all devices) with the exact full-batch NT-Xent gradient (gradient caching):
+    # large batches on small hardware. Must divide batch_size and be divisible by
+    # the device count. Costs one extra forward pass per step.
+    config.train.micro_batch_size = 0
+    # BatchNorm under micro-batching: 'micro' normalises each micro-batch with its
+    # own statistics (over every device with global BN); 'frozen' uses the running
+    # statistics (inference-mode BN, e.g. when continuing from a pretrained model),
+    # which makes the step identical to the full-batch one.
+    config.train.micro_batch_bn = "micro"
     # > 0: save and stop at this step as if preempted (split a long run into
     # jobs; rerunning the same command resumes).
     config.train.stop_at_step = 0

@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
 PARALLELISM_MODES = ("shard_map", "pmap")
+MICRO_BATCH_BN_MODES = ("micro", "frozen")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,19 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
     if config.train.parallelism not in PARALLELISM_MODES:
         _fail("train.parallelism", config.train.parallelism, f"use one of {PARALLELISM_MODES}.")
     _require_positive(config, "train.num_devices", allow_zero=True)
+    micro = config.train.get("micro_batch_size", 0)
+    if micro is None or micro < 0:
+        _fail("train.micro_batch_size", micro, "it must be >= 0 (0 turns micro-batching off).")
+    if micro and config.train.batch_size % micro:
+        _fail(
+            "train.micro_batch_size",
+            micro,
+            f"it must divide train.batch_size={config.train.batch_size} "
+            "(0 turns micro-batching off).",
+        )
+    bn_mode = config.train.get("micro_batch_bn", "micro")
+    if bn_mode not in MICRO_BATCH_BN_MODES:
+        _fail("train.micro_batch_bn", bn_mode, f"use one of {MICRO_BATCH_BN_MODES}.")
     _require_positive(config, "train.log_every_steps")
     _require_positive(config, "train.stop_at_step", allow_zero=True)
     _require_positive(config, "checkpoint.every_steps")
@@ -96,6 +110,33 @@ def check_batch_split(batch_size: int, num_devices: int, process_count: int, fie
         )
     if batch_size % process_count:
         _fail(field, batch_size, f"it must be divisible by the {process_count} processes.")
+
+
+def micro_batch_per_device(micro_batch_size: int, batch_size: int, num_devices: int) -> int | None:
+    """Per-device micro-batch size for the train step, or None when not micro-batching.
+
+    Args:
+      micro_batch_size: config.train.micro_batch_size (global; 0 = off).
+      batch_size: config.train.batch_size (global).
+      num_devices: devices of the run, over all processes.
+
+    Returns:
+      None for 0 or a micro-batch as large as the batch; otherwise the examples
+      of one micro-batch on one device.
+
+    Raises:
+      ConfigError: when the micro-batch cannot be split evenly over the devices.
+    """
+    if not micro_batch_size or micro_batch_size == batch_size:
+        return None
+    if micro_batch_size % num_devices:
+        _fail(
+            "train.micro_batch_size",
+            micro_batch_size,
+            f"each micro-batch is split over the {num_devices} devices: use a multiple of "
+            f"{num_devices}.",
+        )
+    return micro_batch_size // num_devices
 
 
 def check_schedule(warmup_steps: int, total_steps: int, warmup_epochs: float) -> None:

@@ -1,5 +1,9 @@
 """Multi-host start-up: one jax.distributed.initialize call for TPU pods, GPU clusters and CPU.
 
+Also the two things a multi-process run needs afterwards: a barrier after
+compiling (compile_then_barrier) and which rows of a global batch this process
+supplies (process_batch_rows).
+
 Where the settings come from, first match wins:
 1. explicit arguments (main.py's --coordinator_address, --num_processes, --process_id);
 2. SIMCLR_COORDINATOR_ADDRESS, SIMCLR_NUM_PROCESSES, SIMCLR_PROCESS_ID;
@@ -28,6 +32,9 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
+
+from simclr_jax import sharding
 
 DEFAULT_TIMEOUT_S = 300
 DEFAULT_SLURM_PORT = 12355
@@ -254,7 +261,7 @@ def compile_then_barrier(fn, name: str, *args, timeout_s: int = DEFAULT_TIMEOUT_
 
     Args:
       fn: a jax.jit or jax.pmap function.
-      name: the barrier's name (the same on every process).
+      name: the barrier's name (the same on every process, used once per run).
       *args: example arguments (shapes, dtypes and shardings of the real call).
       timeout_s: how long to wait for the slowest process.
 
@@ -263,9 +270,38 @@ def compile_then_barrier(fn, name: str, *args, timeout_s: int = DEFAULT_TIMEOUT_
     """
     compiled = fn.lower(*args).compile()
     if jax.process_count() > 1:
-        # jax has no public barrier on the coordination service; its client is
-        # the one jax.distributed.initialize created.
-        from jax._src import distributed as jax_distributed
+        # Not jax.experimental.multihost_utils.sync_global_devices: that is a
+        # compiled all-gather over every device, i.e. itself a gloo collective
+        # with gloo's short timeout, the very thing this barrier avoids. jax has
+        # no public barrier on the coordination service; orbax exports one (the
+        # service's wait_at_barrier, with a timeout). Imported here because
+        # importing orbax is slow and this module runs before anything else.
+        from orbax.checkpoint import multihost as ocp_multihost
 
-        jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+        ocp_multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
     return compiled
+
+
+def process_batch_rows(mesh, global_batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process supplies, in local-batch order.
+
+    sharding.make_global_batch (jax.make_array_from_process_local_data, batch
+    sharded over the mesh's data axis) fills this process's devices from its
+    local batch in ascending global-row order, so these are the global rows of
+    local rows 0, 1, ... . On a mesh that lists each process's devices together
+    and in process order (jax.devices() on CPU, tested; GPU clusters number
+    devices the same way) process p gets the block [p*b, (p+1)*b); a mesh that
+    interleaves processes (possible on TPU pods, whose device order follows the
+    chip topology) gives other rows. Pass the result to the pipeline's
+    batch_rows so the data order follows the mesh.
+
+    Args:
+      mesh: the training mesh (sharding.create_mesh).
+      global_batch_size: the global batch, divisible by the mesh size.
+
+    Returns:
+      An int64 array of global_batch_size / process_count row indices.
+    """
+    placement = sharding.batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    blocks = sorted({index[0].indices(global_batch_size)[:2] for index in placement.values()})
+    return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in blocks])

@@ -38,9 +38,14 @@ def extract_features(
         images = sharding.make_global_batch({"image": batch["image"]}, mesh)["image"]
         out = embed_fn(images)
         if jax.process_count() > 1:
-            out = multihost_utils.process_allgather(out, tiled=True)
-            label = multihost_utils.process_allgather(batch["label"], tiled=True)
-            mask = multihost_utils.process_allgather(batch["mask"], tiled=True)
+            # Labels and masks travel as global arrays like the images, so their
+            # rows land where the outputs' rows do whatever the mesh's process
+            # layout (gathering the host-local arrays in process order would not
+            # match on meshes that interleave hosts).
+            local = {"label": batch["label"], "mask": np.asarray(batch["mask"], np.int32)}
+            global_ = sharding.make_global_batch(local, mesh)
+            out, global_ = multihost_utils.process_allgather((out, global_), tiled=True)
+            label, mask = global_["label"], global_["mask"]
         else:
             label, mask = batch["label"], batch["mask"]
         outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), out))

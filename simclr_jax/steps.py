@@ -99,6 +99,134 @@ def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+MICRO_BATCH_BN_MODES = ("micro", "frozen")
+
+
+def _apply(model, params, batch_stats, images, freeze_bn: bool):
+    """Runs the model in training mode; returns (outputs, updated batch_stats).
+
+    With freeze_bn, BatchNorm normalises with its running statistics (inference
+    mode) and the statistics are returned unchanged.
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+    if freeze_bn:
+        return model.apply(variables, images, train=False), batch_stats
+    outputs, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return outputs, new_vars["batch_stats"]
+
+
+def _probe_terms(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    top1 = (jnp.argmax(logits, -1) == labels).mean()
+    return loss, top1
+
+
+def _full_batch_grads(
+    params, batch_stats, batch, *, model, temperature, loss_scale, axis_name, freeze_bn
+):
+    """Gradients of the whole local batch in one forward/backward pass."""
+    n = batch["view1"].shape[0]
+    images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+    # The probe is trained on both views, as in the reference.
+    labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
+
+    def loss_fn(p):
+        outputs, new_stats = _apply(model, p, batch_stats, images, freeze_bn)
+        z = outputs["z"]
+        contrastive, aux = losses.nt_xent(
+            z[:n], z[n:], temperature=temperature, axis_name=axis_name
+        )
+        probe_loss, probe_top1 = _probe_terms(outputs["probe_logits"], labels)
+        total = loss_scale * contrastive + probe_loss
+        return total, (new_stats, contrastive, aux, probe_loss, probe_top1)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, aux), grads = grad_fn(params)
+    return grads, aux
+
+
+def _split(x: jax.Array, k: int) -> jax.Array:
+    """[n, ...] -> [k, n // k, ...]: k consecutive micro-batches."""
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+
+def _micro_batch_grads(
+    params,
+    batch_stats,
+    batch,
+    *,
+    model,
+    temperature,
+    loss_scale,
+    axis_name,
+    freeze_bn,
+    micro_per_device,
+):
+    """Exact large-batch gradients with micro-batches (gradient caching).
+
+    1. Embed every micro-batch without keeping activations (a scan with no
+       autodiff): z for the whole local batch.
+    2. NT-Xent on the whole global batch (negatives gathered from every device)
+       and its gradient g = dLoss/dz for every local embedding.
+    3. For each micro-batch, recompute its forward pass and back-propagate the
+       surrogate sum(z_i * stop_gradient(g_i)) (+ its share of the probe loss);
+       sum the parameter gradients.
+    Peak activation memory is that of one micro-batch; compute is about 4/3 of
+    a plain step (one extra forward pass).
+
+    BatchNorm: each micro-batch is normalised with its own statistics (over all
+    devices with global BN, i.e. over micro_batch_size examples), in both the
+    embedding and the recomputation, so the gradient is the exact gradient of
+    that objective. The running statistics become the mean of the k
+    micro-batch updates, i.e. momentum * old + (1 - momentum) * the mean of the
+    micro-batch statistics. With freeze_bn the step equals the full-batch step.
+    """
+    n = batch["view1"].shape[0]
+    k = n // micro_per_device
+    views1, views2 = _split(batch["view1"], k), _split(batch["view2"], k)
+    labels = _split(batch["label"], k)
+
+    def embed(xs):
+        v1, v2 = xs
+        outputs, new_stats = _apply(
+            model, params, batch_stats, jnp.concatenate([v1, v2]), freeze_bn
+        )
+        return outputs["z"], new_stats
+
+    z, stats = jax.lax.map(embed, (views1, views2))  # z: [k, 2m, d]
+    z = jax.lax.stop_gradient(z)
+    z1 = z[:, :micro_per_device].reshape(n, -1)
+    z2 = z[:, micro_per_device:].reshape(n, -1)
+
+    def contrastive_fn(z1, z2):
+        loss, aux = losses.nt_xent(z1, z2, temperature=temperature, axis_name=axis_name)
+        return loss_scale * loss, (loss, aux)
+
+    (_, (contrastive, aux)), (g1, g2) = jax.value_and_grad(
+        contrastive_fn, argnums=(0, 1), has_aux=True
+    )(z1, z2)
+    g = jnp.concatenate([_split(g1, k), _split(g2, k)], axis=1)  # [k, 2m, d]
+
+    def accumulate(total, xs):
+        v1, v2, label, g_i = xs
+        images = jnp.concatenate([v1, v2])
+        both_labels = jnp.concatenate([label, label])
+
+        def surrogate(p):
+            outputs, _ = _apply(model, p, batch_stats, images, freeze_bn)
+            probe_loss, probe_top1 = _probe_terms(outputs["probe_logits"], both_labels)
+            # The probe loss of the batch is the mean of the k micro-batch means.
+            return jnp.sum(outputs["z"] * g_i) + probe_loss / k, (probe_loss, probe_top1)
+
+        grads, probe = jax.grad(surrogate, has_aux=True)(params)
+        return jax.tree_util.tree_map(jnp.add, total, grads), probe
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads, (probe_loss, probe_top1) = jax.lax.scan(accumulate, zeros, (views1, views2, labels, g))
+    new_stats = jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), stats)
+    return grads, (new_stats, contrastive, aux, probe_loss.mean(), probe_top1.mean())
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -110,6 +238,8 @@ def train_step(
     loss_scale: float,
     axis_name: str | None,
     sync_batch_stats: bool,
+    micro_batch_per_device: int | None = None,
+    freeze_bn: bool = False,
 ) -> tuple[TrainState, TrainMetrics]:
     """One SimCLR step on this device's slice of the global batch.
 
@@ -125,38 +255,44 @@ def train_step(
       axis_name: the device axis, or None on a single device.
       sync_batch_stats: average running BN statistics across devices after the
         step; needed when BN is per-device so the replicated state stays equal.
+      micro_batch_per_device: None (or n) for one pass over the local batch;
+        otherwise a divisor of n: the step embeds and back-propagates
+        n / micro_batch_per_device micro-batches one at a time, with the exact
+        gradient of the full-batch NT-Xent (see _micro_batch_grads).
+      freeze_bn: normalise with the running BN statistics (inference-mode BN)
+        and leave them unchanged.
 
     Returns:
       The new state and this step's metrics (global averages).
     """
     n = batch["view1"].shape[0]
-    images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
-    # The probe is trained on both views, as in the reference.
-    labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
-
-    def loss_fn(params):
-        outputs, new_vars = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
+    common = dict(
+        model=model,
+        temperature=temperature,
+        loss_scale=loss_scale,
+        axis_name=axis_name,
+        freeze_bn=freeze_bn,
+    )
+    if micro_batch_per_device is None or micro_batch_per_device == n:
+        grads, aux = _full_batch_grads(state.params, state.batch_stats, batch, **common)
+    else:
+        if micro_batch_per_device <= 0 or n % micro_batch_per_device:
+            raise ValueError(
+                f"micro_batch_per_device={micro_batch_per_device} must divide this device's "
+                f"batch of {n} examples."
+            )
+        grads, aux = _micro_batch_grads(
+            state.params,
+            state.batch_stats,
+            batch,
+            micro_per_device=micro_batch_per_device,
+            **common,
         )
-        z = outputs["z"]
-        contrastive, aux = losses.nt_xent(
-            z[:n], z[n:], temperature=temperature, axis_name=axis_name
-        )
-        logits = outputs["probe_logits"]
-        probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        probe_top1 = (jnp.argmax(logits, -1) == labels).mean()
-        total = loss_scale * contrastive + probe_loss
-        return total, (new_vars["batch_stats"], contrastive, aux, probe_loss, probe_top1)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (batch_stats, contrastive, aux, probe_loss, probe_top1)), grads = grad_fn(state.params)
+    batch_stats, contrastive, aux, probe_loss, probe_top1 = aux
     # nt_xent's gradient is this device's share, so the mean over devices is
     # exactly the gradient of the global loss; the probe's loss is a local mean.
     grads = _pmean(grads, axis_name)
-    if sync_batch_stats:
+    if sync_batch_stats and not freeze_bn:
         batch_stats = _pmean(batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -170,8 +306,8 @@ def train_step(
         probe_loss=_pmean(probe_loss, axis_name),
         probe_top1=_pmean(probe_top1, axis_name),
         learning_rate=learning_rate_fn(state.step),
-        param_norm=optax.global_norm(state.params),
-        grad_norm=optax.global_norm(grads),
+        param_norm=optax.tree.norm(state.params),
+        grad_norm=optax.tree.norm(grads),
         first_nonfinite_step=jnp.where(finite, NO_NONFINITE_STEP, state.step).astype(jnp.int32),
     )
     new_state = state.replace(

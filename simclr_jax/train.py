@@ -62,26 +62,34 @@ class Run:
     schedule: Any
     mesh: Any
     devices: list
+    micro_batch_per_device: int | None
     total_steps: int
     warmup_steps: int
     steps_per_epoch: int
     info: Any
 
 
-def _build_run(config: mlc.ConfigDict, data_info) -> Run:
+def _select_devices(config: mlc.ConfigDict) -> list:
     devices = sharding.select_devices(config.train.num_devices)
     config_checks.check_batch_split(
         config.train.batch_size, len(devices), jax.process_count(), "train.batch_size"
     )
+    return devices
+
+
+def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
     if config.eval.knn:
         config_checks.check_batch_split(
             config.eval.batch_size, len(devices), jax.process_count(), "eval.batch_size"
         )
+    micro_per_device = config_checks.micro_batch_per_device(
+        config.train.get("micro_batch_size", 0), config.train.batch_size, len(devices)
+    )
     steps_per_epoch = data_info.steps_per_epoch
     if steps_per_epoch <= 0:
         raise config_checks.ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is larger than this host's share "
-            f"of the data ({data_info.num_examples} examples): lower the batch size."
+            f"config.train.batch_size={config.train.batch_size} is larger than the training data "
+            f"({data_info.num_examples} examples): lower the batch size."
         )
     # Durations are converted from epochs to steps here and nowhere else.
     if config.train.steps:
@@ -105,8 +113,9 @@ def _build_run(config: mlc.ConfigDict, data_info) -> Run:
         model=model,
         tx=tx,
         schedule=schedule,
-        mesh=sharding.create_mesh(devices),
+        mesh=mesh,
         devices=devices,
+        micro_batch_per_device=micro_per_device,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
         steps_per_epoch=steps_per_epoch,
@@ -194,6 +203,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         workdir, max_to_keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
     )
     start_step_hint = manager.latest_step() or 0
+    devices = _select_devices(config)
+    mesh = sharding.create_mesh(devices)
+    # The rows of each global batch this host feeds (its block of the batch on
+    # CPU/GPU; other rows where a TPU mesh interleaves hosts' devices), so the
+    # data order is the same for any number of hosts.
+    batch_rows = distributed.process_batch_rows(mesh, config.train.batch_size)
     train_ds, info = pipeline.build_pretrain_dataset(
         config.data,
         config.augment,
@@ -202,8 +217,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_step=start_step_hint,
+        batch_rows=batch_rows,
     )
-    run = _build_run(config, info)
+    run = _build_run(config, info, devices, mesh)
     state, start_step = _init_state(config, run, manager)
     assert start_step == start_step_hint, (start_step, start_step_hint)
 
@@ -219,6 +235,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
             loss_scale=config.loss.loss_scale,
             axis_name=sharding.DATA_AXIS,
             sync_batch_stats=not config.model.global_bn,
+            micro_batch_per_device=run.micro_batch_per_device,
+            freeze_bn=config.train.get("micro_batch_bn", "micro") == "frozen",
         ),
         parallelism=parallelism,
         mesh=run.mesh,
@@ -238,6 +256,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         f"{info.num_examples} training examples, ResNet-{config.model.depth}",
         flush=True,
     )
+    if run.micro_batch_per_device:
+        print(
+            f"micro-batching: {config.train.batch_size // config.train.micro_batch_size} "
+            f"micro-batches of {config.train.micro_batch_size} per step (exact full-batch "
+            f"NT-Xent gradient; BN mode {config.train.micro_batch_bn!r})",
+            flush=True,
+        )
     preemption = _Preemption()
     previous_handler = signal.signal(signal.SIGTERM, preemption)
     images_per_step = config.train.batch_size
@@ -317,6 +342,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
             step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
         ),
         "num_devices": len(run.devices),
+        "batch_size": config.train.batch_size,
+        "micro_batch_size": config.train.get("micro_batch_size", 0),
         "num_processes": jax.process_count(),
         "dataset": f"{config.data.source}:{config.data.name}",
     }

@@ -4,6 +4,9 @@ With an identity augmentation (full-image crop, no flip/jitter/grayscale) each
 view reproduces its source image exactly, so every example in a batch can be
 traced back to the DataSource by its pixels: coverage, labels and host
 disjointness are checked against the source, not against the pipeline itself.
+The multi-host contract (hosts' local batches laid out by row equal the batch
+of one process) is checked by building every host's pipeline in this process
+and comparing with the 1-process pipeline, with the real random augmentation.
 """
 
 import math
@@ -136,7 +139,40 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def assemble(host_batches, rows):
+    """The global batch from hosts' local batches: host p's row j is global row rows[p][j]."""
+    out = {}
+    for k in host_batches[0]:
+        size = sum(len(b[k]) for b in host_batches)
+        out[k] = np.empty((size,) + host_batches[0][k].shape[1:], host_batches[0][k].dtype)
+        for batch, host_rows in zip(host_batches, rows, strict=True):
+            out[k][host_rows] = batch[k]
+    return out
+
+
+def global_batches(cfg, aug, *, process_count, global_batch, count, rows=None, **kwargs):
+    """`count` global batches assembled from every host's pipeline, built here."""
+    local = global_batch // process_count
+    explicit = rows is not None
+    if not explicit:  # The documented default: host p supplies the block [p*b, (p+1)*b).
+        rows = [np.arange(p * local, (p + 1) * local) for p in range(process_count)]
+    per_host = []
+    for p in range(process_count):
+        ds, info = pipeline.build_pretrain_dataset(
+            cfg,
+            aug,
+            global_batch_size=global_batch,
+            process_index=p,
+            process_count=process_count,
+            batch_rows=rows[p] if explicit else None,
+            **kwargs,
+        )
+        per_host.append(take(ds, count))
+    return [assemble(step, rows) for step in zip(*per_host, strict=True)], info
+
+
 KINDS = ["folder-cached", "folder-uncached", "tfds-cached", "tfds-stream"]
+GLOBAL_KINDS = ["folder-cached", "folder-uncached", "tfds-cached"]
 
 
 def test_pretrain_batches_embedded():
@@ -160,9 +196,67 @@ def test_pretrain_batches_embedded():
         assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_epochs_are_fresh_permutations_of_the_host_shard(sources, kind):
+@pytest.mark.parametrize("kind", GLOBAL_KINDS)
+def test_global_batches_do_not_depend_on_the_process_count(sources, kind):
+    """Hosts' batches laid out by row are bit-identical to one process's, resumed or not.
+
+    The order logic is shared by all global kinds; the full matrix runs on the
+    cached folder, the other kinds (other fetchers) check 2 hosts only.
+    """
+    cfg, aug = sources[kind], aug_config()  # Random views: the seeds must match too.
+    batch = 8  # 23 // 8 = 2 steps per epoch: 5 steps cross two epoch boundaries.
+    reference, info = global_batches(cfg, aug, process_count=1, global_batch=batch, count=5, seed=3)
+    assert info.steps_per_epoch == NUM_TRAIN // batch and info.global_order
+    assert not np.array_equal(reference[0]["view1"], reference[0]["view2"])
+    full = kind == "folder-cached"
+    for process_count in (2, 4) if full else (2,):
+        got, info = global_batches(
+            cfg, aug, process_count=process_count, global_batch=batch, count=5, seed=3
+        )
+        assert info.steps_per_epoch == NUM_TRAIN // batch
+        assert_batches_equal(got, reference)
+        if full:  # Resuming at step 3 (inside epoch 1) continues the same global stream.
+            resumed, _ = global_batches(
+                cfg, aug, process_count=process_count, global_batch=batch, count=2, seed=3,
+                start_step=3,
+            )  # fmt: skip
+            assert_batches_equal(resumed, reference[3:])
+    if full:  # A mesh that interleaves the processes' devices: hosts supply other rows.
+        rows = [np.array([0, 1, 4, 5]), np.array([2, 3, 6, 7])]
+        got, _ = global_batches(
+            cfg, aug, process_count=2, global_batch=batch, count=3, seed=3, rows=rows
+        )
+        assert_batches_equal(got, reference[:3])
+
+
+@pytest.mark.parametrize("kind", GLOBAL_KINDS)
+def test_epochs_are_fresh_global_permutations(sources, kind):
     cfg = sources[kind]
+    source, table = source_lookup(cfg)
+    batch = 6
+    steps = NUM_TRAIN // batch  # 3; the remaining 5 examples sit out each epoch.
+    batches, _ = global_batches(
+        cfg, aug_config(identity=True), process_count=2, global_batch=batch, count=2 * steps, seed=0
+    )
+    epochs = []
+    for epoch_batches in (batches[:steps], batches[steps:]):
+        drawn = []
+        for b in epoch_batches:
+            np.testing.assert_array_equal(b["view1"], b["view2"])  # Identity views.
+            ids = identify(b["view1"], table)
+            assert [label for _, label in ids] == list(b["label"])
+            drawn += [index for index, _ in ids]
+        assert len(set(drawn)) == steps * batch  # Each drawn example once per epoch.
+        epochs.append(drawn)
+    assert epochs[0] != epochs[1]  # Reshuffled.
+    # Both hosts draw from the whole split: host 0's rows are not one shard.
+    host0 = {i for b in batches for i, _ in identify(b["view1"][:3], table)}
+    assert any(i % 2 for i in host0) and any(i % 2 == 0 for i in host0)
+
+
+def test_tfds_stream_keeps_a_per_host_order(sources):
+    """Record streams: each host permutes its own range, so hosts are disjoint."""
+    cfg = sources["tfds-stream"]
     source, table = source_lookup(cfg)
     process_count, batch = 2, 3
     per_epoch = (NUM_TRAIN // process_count) // batch * batch  # 11 // 3 * 3 = 9
@@ -176,14 +270,13 @@ def test_epochs_are_fresh_permutations_of_the_host_shard(sources, kind):
             process_index=p,
             process_count=process_count,
         )
-        assert info.steps_per_epoch * batch == per_epoch
+        assert info.steps_per_epoch * batch == per_epoch and not info.global_order
         steps = info.steps_per_epoch
         batches = take(ds, 2 * steps)
         epochs = []
         for epoch_batches in (batches[:steps], batches[steps:]):
             drawn = []
             for b in epoch_batches:
-                np.testing.assert_array_equal(b["view1"], b["view2"])  # Identity views.
                 ids = identify(b["view1"], table)
                 assert [label for _, label in ids] == list(b["label"])
                 drawn += [index for index, _ in ids]
@@ -232,11 +325,22 @@ def test_seed_determines_the_stream(sources):
     assert not np.array_equal(other[0]["view1"], reference[0]["view1"])
 
 
+def expected_eval_indices(source, process, process_count, global_batch):
+    """Split indices a host evaluates, in order, from the documented layout."""
+    if not source.indexable:  # tfds: the host's contiguous range.
+        return list(source.shard_indices(process, process_count))
+    local = global_batch // process_count
+    steps = math.ceil(source.num_examples / global_batch)
+    positions = [s * global_batch + process * local + j for s in range(steps) for j in range(local)]
+    return [i for i in positions if i < source.num_examples]
+
+
 @pytest.mark.parametrize(
     "kind, process_count, global_batch",
     [
         ("folder-cached", 1, 8),
         ("folder-uncached", 2, 8),
+        ("folder-uncached", 4, 32),  # Host 3 holds padding only.
         ("tfds-stream", 3, 9),
         ("tfds-cached", 4, 8),
     ],
@@ -245,8 +349,11 @@ def test_eval_covers_each_example_once_with_padding(sources, kind, process_count
     cfg = sources[kind]
     source, table = source_lookup(cfg)
     local = global_batch // process_count
-    expected_batches = math.ceil(math.ceil(NUM_TRAIN / process_count) / local)
-    seen = []
+    if source.indexable:
+        expected_batches = math.ceil(NUM_TRAIN / global_batch)
+    else:
+        expected_batches = math.ceil(math.ceil(NUM_TRAIN / process_count) / local)
+    seen, per_host = [], []
     for p in range(process_count):
         ds = pipeline.build_eval_dataset(
             cfg,
@@ -263,42 +370,55 @@ def test_eval_covers_each_example_once_with_padding(sources, kind, process_count
         mask = np.concatenate([b["mask"] for b in batches])
         assert images.shape == (expected_batches * local, SIZE, SIZE, 3)
         assert labels.dtype == np.int32 and mask.dtype == bool
-        shard = source.shard_indices(p, process_count)
-        np.testing.assert_array_equal(mask, np.arange(len(mask)) < len(shard))
+        expected = expected_eval_indices(source, p, process_count, global_batch)
+        np.testing.assert_array_equal(mask, np.arange(len(mask)) < len(expected))
         assert not images[~mask].any() and not labels[~mask].any()
         ids = identify(images[mask], table)
-        assert [index for index, _ in ids] == list(shard)  # The shard, in fixed order.
+        assert [index for index, _ in ids] == expected
         assert [label for _, label in ids] == list(labels[mask])
-        seen += list(shard)
+        seen += expected
+        per_host.append((images, mask))
     assert sorted(seen) == list(range(NUM_TRAIN))
+    if source.indexable:  # Laid out by process, the global batches are the split in order.
+        order = []
+        for s in range(expected_batches):
+            for images, mask in per_host:
+                rows = slice(s * local, (s + 1) * local)
+                order += [i for i, _ in identify(images[rows][mask[rows]], table)]
+        assert order == list(range(NUM_TRAIN))
 
 
-@pytest.mark.parametrize("kind", ["folder-uncached", "tfds-stream"])
+@pytest.mark.parametrize("kind", ["folder-uncached", "tfds-cached", "tfds-stream"])
 def test_finetune_uses_only_the_subset(sources, kind):
     cfg = sources[kind]
     source, table = source_lookup(cfg)
     subset = np.array([1, 2, 4, 8, 9, 13, 14, 17, 20, 22])
-    ds, info = pipeline.build_finetune_dataset(
-        cfg,
-        aug_config(identity=True),
-        global_batch_size=4,
-        seed=0,
-        process_index=1,
-        process_count=2,
-        subset_indices=subset,
-    )
-    if source.indexable:
-        allowed = set(subset[1::2])
-    else:
-        allowed = set(subset) & set(source.shard_indices(1, 2))
-    assert info.num_examples == len(subset)
-    drawn = []
-    for b in take(ds, 2 * info.steps_per_epoch):
-        assert b.keys() == {"image", "label"} and b["image"].shape == (2, SIZE, SIZE, 3)
-        ids = identify(b["image"], table)
-        assert [label for _, label in ids] == list(b["label"])
-        drawn += [index for index, _ in ids]
-    assert set(drawn) <= allowed and len(set(drawn[: len(drawn) // 2])) == len(drawn) // 2
+    drawn_by_host = []
+    for p in range(2):
+        ds, info = pipeline.build_finetune_dataset(
+            cfg,
+            aug_config(identity=True),
+            global_batch_size=4,
+            seed=0,
+            process_index=p,
+            process_count=2,
+            subset_indices=subset,
+        )
+        assert info.num_examples == len(subset)
+        drawn = []
+        for b in take(ds, info.steps_per_epoch):  # One epoch.
+            assert b.keys() == {"image", "label"} and b["image"].shape == (2, SIZE, SIZE, 3)
+            ids = identify(b["image"], table)
+            assert [label for _, label in ids] == list(b["label"])
+            drawn += [index for index, _ in ids]
+        allowed = (
+            set(subset) if info.global_order else set(subset) & set(source.shard_indices(p, 2))
+        )
+        assert set(drawn) <= allowed and len(set(drawn)) == len(drawn)
+        drawn_by_host.append(drawn)
+    assert not set(drawn_by_host[0]) & set(drawn_by_host[1])
+    if info.global_order:  # One global permutation of the subset: 10 // 4 steps of 4.
+        assert info.steps_per_epoch == len(subset) // 4
 
 
 def test_errors(sources):
@@ -313,6 +433,16 @@ def test_errors(sources):
         )
     with pytest.raises(ValueError, match=r"start_step=-1"):
         pipeline.build_pretrain_dataset(cfg, aug, global_batch_size=4, seed=0, start_step=-1)
+    with pytest.raises(
+        ValueError, match=r"batch_rows=\[0, 0\].*2 distinct ints in \[0, global_batch_size=4\)"
+    ):
+        pipeline.build_pretrain_dataset(
+            cfg, aug, global_batch_size=4, seed=0, process_count=2, batch_rows=[0, 0]
+        )
+    with pytest.raises(ValueError, match=r"batch_rows"):
+        pipeline.build_pretrain_dataset(
+            cfg, aug, global_batch_size=4, seed=0, process_count=2, batch_rows=[0, 1, 2]
+        )
     with pytest.raises(ValueError, match=r"subset_indices range"):
         pipeline.build_finetune_dataset(
             cfg, aug, global_batch_size=2, seed=0, subset_indices=[0, NUM_TRAIN]

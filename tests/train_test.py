@@ -186,6 +186,9 @@ def test_loss_decreases_on_a_fixed_batch():
         ({"loss__temperature": -0.5}, "loss.temperature"),
         ({"optim__warmup_epochs": 10.0}, "optim.warmup_epochs"),  # warmup > 4 steps
         ({"train__parallelism": "gspmd"}, "train.parallelism"),
+        ({"train__micro_batch_size": 6}, "train.micro_batch_size"),  # does not divide 16
+        ({"train__micro_batch_size": 4}, "train.micro_batch_size"),  # 4 over 8 devices
+        ({"train__micro_batch_bn": "global"}, "train.micro_batch_bn"),
     ],
 )
 def test_bad_config_fails_before_compiling(overrides, field, tmp_path, monkeypatch):
@@ -234,3 +237,20 @@ def test_metrics_first_nonfinite_step_keeps_the_earliest():
     assert int(acc.compute()["first_nonfinite_step"]) == 2
     with pytest.raises(train.NonFiniteLossError, match="step 2"):
         train._check_finite(2)
+
+
+def test_micro_batched_run_matches_full_batch_run_with_frozen_bn(tmp_path):
+    """Through the trainer: batch 16 as 2 micro-batches of 8 (1 per device) on 8 devices.
+
+    With frozen BN the micro-batched run must follow the full-batch one; the
+    step-level equalities and the BN behaviour are tested in micro_batch_test.py.
+    """
+    frozen_full = str(tmp_path / "frozen_full")
+    frozen_micro = str(tmp_path / "frozen_micro")
+    train.train_and_evaluate(tiny_config(train__micro_batch_bn="frozen"), frozen_full)
+    results = train.train_and_evaluate(
+        tiny_config(train__micro_batch_bn="frozen", train__micro_batch_size=8), frozen_micro
+    )
+    assert results["micro_batch_size"] == 8
+    assert results["train_step_compilations"] == 1
+    assert_trees_close(load_params(frozen_micro)[0], load_params(frozen_full)[0], 1e-4, 1e-5)

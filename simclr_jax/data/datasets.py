@@ -14,8 +14,10 @@ split, and sizes differ by at most one):
 - tfds: host p reads the contiguous range tfds.even_splits would give it (the
   first n % P hosts hold one extra example), read in file order
   (interleave_cycle_length=1) so 'index' is the absolute position.
-The training pipeline drops the remainder so every host runs the same number of
-steps; the eval pipeline pads instead.
+Who uses these shards: the pipeline's tfds record streams (training without a
+cache, and evaluation of tfds splits). Indexable and cached sources are instead
+read by global index in an order that does not depend on the process count
+(see pipeline.py), so there a host may read any example.
 
 Image folders: root/<split>/<class>/<image> or root/<class>/<image> (then
 `val_fraction` holds out a seeded, class-stratified eval split), or a .tar /

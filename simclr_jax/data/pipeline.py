@@ -1,31 +1,53 @@
 """tf.data pipelines: SimCLR pretraining views, fine-tuning views and evaluation.
 
-Each host builds its own pipeline over its shard of the split (see
-datasets.DataSource) and yields local batches of global_batch_size /
-process_count examples; the trainer assembles them into global arrays.
+Every host builds its own pipeline and yields local batches of b = B / P
+examples (B the global batch, P the process count); the trainer assembles them
+into global arrays with jax.make_array_from_process_local_data.
+
+Training data order. For indexable sources (embedded sample, image folders) and
+for every cached source the order is global, the same for any process count:
+- epoch e is one permutation of all N examples (or of subset_indices), seeded
+  by (seed, e) only; global step s of the epoch takes its positions
+  [s*B, (s+1)*B), and steps_per_epoch = N // B (the remainder is dropped, so no
+  batch straddles two epochs);
+- host p supplies `batch_rows` of every global batch, by default the block
+  [p*b, (p+1)*b). That block is where make_array_from_process_local_data puts
+  process p's rows when the mesh lists each process's devices together and in
+  process order, as a mesh over jax.devices() does on CPU (tested with 2
+  processes x 4 devices) and GPU clusters. For other meshes (TPU pods may
+  interleave processes) pass batch_rows=distributed.process_batch_rows(mesh, B);
+- the augmentation of the example at global position g of epoch e is seeded by
+  (seed, purpose, e, g), split into different seeds for the two views.
+So the hosts' local batches, laid out by row, are bit-identical to the batch one
+process builds: a 2 x 4-device run trains on exactly the data of a 1 x 8 run.
+
+What a global order costs: any host may need any example. Indexable sources
+read each image by its index when it is drawn, which costs nothing extra. A
+cache must hold the whole split (or subset) on every host, P times the memory a
+per-host shard would take; so the automatic choice (data.cache None) caches
+only when the whole decoded split fits CACHE_AUTO_MAX_BYTES, and
+data.cache=True caches it regardless.
+
+Record streams (tfds, not cached: e.g. ImageNet) have no cheap random access,
+so they keep a per-host order, as the reference code and tfds.even_splits do:
+host p reads its contiguous range of the split, shuffles it with a buffer
+(data.shuffle_buffer, default 50,000) seeded by (seed, p, e), and every host
+takes min_host_examples // b batches per epoch. A 2-host run therefore sees
+other batches than a 1-host run (same distribution). A good shuffle relies on
+tfds having shuffled the examples when it wrote the files, which it does.
+Augmentation seeds follow the global row position here too.
 
 Determinism and resume. Everything random is a pure function of the config
-seed, never of the TF global seed or of time:
-- the examples of epoch e are a fresh permutation of this host's shard, seeded
-  by (seed, process_index, e), truncated to steps_per_epoch * local_batch
-  examples so no batch straddles two epochs and every host runs the same
-  number of steps;
-- the augmentation of the example at position i of epoch e is seeded by
-  (seed, process_index, e, i), split into different seeds for the two views.
-So `start_step=k` rebuilds exactly the stream an uninterrupted run would be
-at after k steps: whole epochs are skipped by arithmetic, then the remaining
-k % steps_per_epoch batches are skipped as indices (or undecoded records)
-before any image is decoded or augmented.
+seed, never of the TF global seed or of time, so `start_step=k` rebuilds exactly
+the stream an uninterrupted run would be at after k steps: whole epochs are
+skipped by arithmetic, then the remaining k % steps_per_epoch batches are
+skipped as indices (or undecoded records) before any image is decoded.
 
-Where the examples come from (chosen per host):
-- cached (data.cache, default: when the shard decodes to <= 4 GiB): the shard
-  is decoded once into host memory and the permutation indexes it;
-- indexable sources (embedded, folder) not cached: the permutation indexes
-  the file list and each image is read and decoded when drawn;
-- tfds not cached (e.g. ImageNet): the shard is read in file order and
-  shuffled with a buffer (data.shuffle_buffer, default 50,000) seeded per
-  epoch; a good shuffle relies on tfds having shuffled the examples when it
-  wrote the files, which it does.
+Evaluation reads the split once in its fixed order, padded with masked
+examples. For indexable sources global batch s holds positions [s*B, (s+1)*B)
+and host p its block of it, the layout a single process has; tfds splits are
+read as contiguous per-host ranges. Either way every example is evaluated
+exactly once over all hosts and every host yields the same number of batches.
 """
 
 import dataclasses
@@ -38,8 +60,9 @@ import tensorflow as tf
 
 from simclr_jax.data import augment, datasets
 
-# Decoded shards up to this size are cached in host memory when data.cache is
-# unset (None): CIFAR-10 is 150 MB, STL-10 'unlabelled' 2.8 GB.
+# Decoded splits up to this size are cached in host memory when data.cache is
+# unset (None); a global order needs the whole split on every host. CIFAR-10 is
+# 150 MB, STL-10 'unlabelled' 2.8 GB.
 CACHE_AUTO_MAX_BYTES = 4 * 2**30
 DEFAULT_SHUFFLE_BUFFER = 50_000
 # Purposes folded into the seed so the permutation, shuffle and augmentation
@@ -55,14 +78,16 @@ class PipelineInfo:
     """What the trainer needs to know about a training pipeline.
 
     Attributes:
-      steps_per_epoch: batches per epoch, the same on every host
-        (examples_per_host // local_batch_size; the remainder is dropped).
+      steps_per_epoch: batches per epoch, the same on every host: N // B with a
+        global order, else min examples per host // local_batch_size.
       num_examples: examples in the split (or in subset_indices).
       num_classes: number of classes.
       class_names: label i is class_names[i].
       local_batch_size: this host's batch, global_batch_size // process_count.
       global_batch_size: the batch over all hosts.
       cached: whether decoded images are held in host memory.
+      global_order: whether the global batches are independent of the process
+        count (indexable or cached sources; False for tfds record streams).
     """
 
     steps_per_epoch: int
@@ -72,6 +97,7 @@ class PipelineInfo:
     local_batch_size: int
     global_batch_size: int
     cached: bool
+    global_order: bool
 
 
 def configure_tensorflow(*, intra_op_threads: int = 2, inter_op_threads: int = 2) -> None:
@@ -107,6 +133,7 @@ def build_pretrain_dataset(
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,
+    batch_rows=None,
 ) -> tuple[tf.data.Dataset, PipelineInfo]:
     """Infinite SimCLR pretraining batches for this host.
 
@@ -120,6 +147,9 @@ def build_pretrain_dataset(
       process_index: this host, in [0, process_count).
       process_count: number of hosts.
       start_step: global steps already taken; the stream starts at that step.
+      batch_rows: the rows of every global batch this host supplies, in the
+        order of its local batch (distributed.process_batch_rows gives them for
+        a mesh); None: the block [p*b, (p+1)*b) for p = process_index.
 
     Returns:
       (dataset, info): the dataset yields {'view1', 'view2': float32 [b, S, S, 3]
@@ -145,6 +175,7 @@ def build_pretrain_dataset(
         process_count=process_count,
         start_step=start_step,
         subset_indices=None,
+        batch_rows=batch_rows,
     )
 
 
@@ -158,16 +189,17 @@ def build_finetune_dataset(
     process_count: int = 1,
     start_step: int = 0,
     subset_indices=None,
+    batch_rows=None,
 ) -> tuple[tf.data.Dataset, PipelineInfo]:
     """Infinite labelled batches with the fine-tuning view (crop + flip).
 
     Args:
       data_cfg, aug_cfg, global_batch_size, seed, process_index, process_count,
-        start_step: as in build_pretrain_dataset.
+        start_step, batch_rows: as in build_pretrain_dataset.
       subset_indices: optional indices into the train split's fixed order (e.g.
-        a 1% / 10% labelled subset); only these examples are used. For
-        indexable sources host p takes sorted(subset)[p::P]; for tfds, the
-        subset members inside host p's range.
+        a 1% / 10% labelled subset); only these examples are used. With a
+        global order each epoch permutes the whole subset; for tfds streams
+        host p uses the subset members inside its range.
 
     Returns:
       (dataset, info): the dataset yields {'image': float32 [b, S, S, 3],
@@ -188,6 +220,7 @@ def build_finetune_dataset(
         process_count=process_count,
         start_step=start_step,
         subset_indices=subset_indices,
+        batch_rows=batch_rows,
     )
 
 
@@ -200,12 +233,15 @@ def build_eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
-    """One pass over this host's shard of `split` with the eval view, padded.
+    """One pass over this host's part of `split` with the eval view, padded.
 
-    Every example of the shard appears exactly once, in the shard's fixed
-    order. The last batch is filled with padding (zero image, label 0, mask
-    False), and hosts with fewer examples add fully padded batches, so every
-    host yields the same number of batches and collectives cannot hang.
+    Every example of the split appears exactly once over all hosts, in the
+    split's fixed order. Indexable sources: host p's rows of global batch s are
+    positions [s*B + p*b, s*B + (p+1)*b), so laid out by process the global
+    batches are those of one process. tfds: host p reads its contiguous range
+    (datasets.DataSource.shard_indices). Positions past the end are padding
+    (zero image, label 0, mask False), and every host yields the same number of
+    batches so collectives cannot hang.
 
     Args:
       data_cfg: data section of the config.
@@ -223,10 +259,22 @@ def build_eval_dataset(
     datasets.check_process(process_index, process_count)
     batch = _local_batch_size(global_batch_size, process_count)
     source = datasets.load_source(data_cfg, split, seed=_split_seed(data_cfg))
-    sizes = [len(source.shard_indices(q, process_count)) for q in range(process_count)]
-    num_batches = max(math.ceil(n / batch) for n in sizes)
-    mine = sizes[process_index]
-    ds = source.records(process_index, process_count).map(
+    if source.indexable:
+        num_batches = math.ceil(source.num_examples / global_batch_size)
+        rows = _default_rows(process_index, batch)
+        positions = _host_positions(num_batches, global_batch_size, rows)
+        # Positions grow along the pass, so the real ones are a prefix.
+        indices = positions[positions < source.num_examples]
+        # records_at needs at least one index; a host left with padding only takes none.
+        records = source.records_at(indices if len(indices) else np.zeros(1, np.int64))
+        records = records.take(len(indices))
+        mine = len(indices)
+    else:
+        sizes = [len(source.shard_indices(q, process_count)) for q in range(process_count)]
+        num_batches = max(math.ceil(n / batch) for n in sizes)
+        mine = sizes[process_index]
+        records = source.records(process_index, process_count)
+    ds = records.map(
         lambda r: {
             "image": augment.eval_view(source.decode(r), aug_cfg),
             "label": r["label"],
@@ -235,6 +283,7 @@ def build_eval_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+    # Each host caches only what it reads, so the per-host share is what counts.
     if _resolve_cache(data_cfg, source, mine):
         ds = ds.cache()
     size = aug_cfg.image_size
@@ -265,6 +314,7 @@ def _build_train_dataset(
     process_count,
     start_step,
     subset_indices,
+    batch_rows,
 ):
     augment.validate_augment_config(aug_cfg)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
@@ -275,80 +325,134 @@ def _build_train_dataset(
         raise ValueError(f"start_step={start_step!r}: must be an int >= 0")
     datasets.check_process(process_index, process_count)
     batch = _local_batch_size(global_batch_size, process_count)
+    rows = _check_batch_rows(batch_rows, global_batch_size, process_index, batch)
     train_split = data_cfg.get("train_split") or "train"
     source = datasets.load_source(data_cfg, train_split, seed=_split_seed(data_cfg))
     subset = _check_subset(subset_indices, source.num_examples)
-    hosts = [_host_indices(source, q, process_count, subset) for q in range(process_count)]
-    per_host = min(len(h) for h in hosts)
-    steps = per_host // batch
-    if steps == 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} needs {batch} examples per process, but "
-            f"process {int(np.argmin([len(h) for h in hosts]))} of {process_count} holds only "
-            f"{per_host} of the {source.num_examples} examples of {source.name!r} "
-            f"({source.split}); lower the batch size"
+    # The examples of an epoch, as split indices.
+    pool = np.arange(source.num_examples, dtype=np.int64) if subset is None else subset
+    cached = _resolve_cache(data_cfg, source, len(pool))
+    global_order = cached or source.indexable
+    if global_order:
+        steps, epoch_stream, fetch = _global_stream(
+            source,
+            pool,
+            subset,
+            cached=cached,
+            seed=seed,
+            global_batch_size=global_batch_size,
+            rows=rows,
         )
-    per_epoch = steps * batch
-    start_epoch, offset = divmod(int(start_step), steps)
-    mine = hosts[process_index]
-    cached = _resolve_cache(data_cfg, source, len(mine))
-    if cached or source.indexable:
-        fetcher = _cached_fetcher if cached else _table_fetcher
-        fetch = fetcher(source, mine, process_index, process_count, subset)
-
-        def epoch_positions(epoch):
-            perm_seed = _derive_seed(seed, _PERMUTATION, process_index, epoch)
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(len(mine), dtype=tf.int64), perm_seed, alg=_SEED_ALG
-            )
-            return tf.data.Dataset.from_tensor_slices(
-                {
-                    "epoch": tf.fill([per_epoch], epoch),
-                    "position": tf.range(per_epoch, dtype=tf.int64),
-                    "local": order[:per_epoch],
-                }
-            )
-
-        stream = tf.data.Dataset.counter(start_epoch).flat_map(epoch_positions)
     else:
-        records = _filter_subset(source.records(process_index, process_count), subset)
-        buffer = min(len(mine), int(data_cfg.get("shuffle_buffer") or DEFAULT_SHUFFLE_BUFFER))
-
-        def epoch_records(epoch):
-            shuffle_seed = tf.random.stateless_uniform(
-                [], _derive_seed(seed, _SHUFFLE, process_index, epoch), 0, 2**62, tf.int64
-            )
-            shuffled = records.shuffle(buffer, seed=shuffle_seed).take(per_epoch).enumerate()
-            return shuffled.map(lambda i, r: {**r, "epoch": epoch, "position": i})
-
-        stream = tf.data.Dataset.counter(start_epoch).flat_map(epoch_records)
-
-        def fetch(r):
-            return {"image": source.decode(r), "label": r["label"]}
-
-    # Skipping happens on indices / undecoded records, so a resume costs no decoding.
-    stream = stream.skip(offset * batch)
+        steps, epoch_stream, fetch = _host_stream(
+            source,
+            subset,
+            seed=seed,
+            global_batch_size=global_batch_size,
+            rows=rows,
+            process_index=process_index,
+            process_count=process_count,
+            shuffle_buffer=int(data_cfg.get("shuffle_buffer") or DEFAULT_SHUFFLE_BUFFER),
+        )
+    # Whole epochs are skipped by arithmetic, the rest on indices / undecoded
+    # records, so a resume costs no decoding.
+    start_epoch, offset = divmod(int(start_step), steps)
+    stream = tf.data.Dataset.counter(start_epoch).flat_map(epoch_stream).skip(offset * batch)
 
     def make_example(element):
-        example = fetch(element if not (cached or source.indexable) else element["local"])
+        example = fetch(element)
         image = tf.image.convert_image_dtype(example["image"], tf.float32)
-        view_seed = _derive_seed(
-            seed, purpose, process_index, element["epoch"], element["position"]
-        )
+        view_seed = _derive_seed(seed, purpose, element["epoch"], element["position"])
         return {**make_views(image, view_seed), "label": example["label"]}
 
     ds = stream.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     info = PipelineInfo(
         steps_per_epoch=steps,
-        num_examples=source.num_examples if subset is None else len(subset),
+        num_examples=len(pool),
         num_classes=source.num_classes,
         class_names=source.class_names,
         local_batch_size=batch,
         global_batch_size=global_batch_size,
         cached=cached,
+        global_order=global_order,
     )
     return _with_options(ds), info
+
+
+def _global_stream(source, pool, subset, *, cached, seed, global_batch_size, rows):
+    """The process-count independent order: one permutation of `pool` per epoch.
+
+    Returns:
+      (steps_per_epoch, epoch -> dataset of this host's elements in order,
+      element -> {'image': uint8, 'label'}).
+    """
+    steps = len(pool) // global_batch_size
+    if steps == 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is larger than the data: {source.name!r} "
+            f"({source.split}{', subset_indices' if subset is not None else ''}) holds only "
+            f"{len(pool)} examples; lower the batch size"
+        )
+    read = _cached_fetcher(source, pool, subset) if cached else _table_fetcher(source, pool)
+    # This host's positions in every epoch's permutation, step by step.
+    positions = _host_positions(steps, global_batch_size, rows)
+
+    def epoch_stream(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(len(pool), dtype=tf.int64),
+            _derive_seed(seed, _PERMUTATION, epoch),
+            alg=_SEED_ALG,
+        )
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "epoch": tf.fill([len(positions)], epoch),
+                "position": tf.constant(positions),
+                "example": tf.gather(order, positions),
+            }
+        )
+
+    return steps, epoch_stream, lambda element: read(element["example"])
+
+
+def _host_stream(
+    source, subset, *, seed, global_batch_size, rows, process_index, process_count, shuffle_buffer
+):
+    """The per-host order of record streams: this host's range, buffer-shuffled per epoch.
+
+    Returns:
+      As _global_stream.
+    """
+    batch = len(rows)
+    hosts = [_stream_indices(source, q, process_count, subset) for q in range(process_count)]
+    per_host = min(len(h) for h in hosts)
+    steps = per_host // batch
+    if steps == 0:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} needs {batch} examples per process, but "
+            f"process {int(np.argmin([len(h) for h in hosts]))} of {process_count} holds "
+            f"only {per_host} of the {sum(len(h) for h in hosts)} examples of {source.name!r} "
+            f"({source.split}); lower the batch size"
+        )
+    records = _filter_subset(source.records(process_index, process_count), subset)
+    buffer = min(len(hosts[process_index]), shuffle_buffer)
+    rows_t = tf.constant(rows)
+
+    def epoch_stream(epoch):
+        shuffle_seed = tf.random.stateless_uniform(
+            [], _derive_seed(seed, _SHUFFLE, process_index, epoch), 0, 2**62, tf.int64
+        )
+        shuffled = records.shuffle(buffer, seed=shuffle_seed).take(steps * batch).enumerate()
+        # Local element i is row rows[i % b] of global step i // b.
+        return shuffled.map(
+            lambda i, r: {
+                **r,
+                "epoch": epoch,
+                "position": i // batch * global_batch_size + tf.gather(rows_t, i % batch),
+            }
+        )
+
+    return steps, epoch_stream, lambda r: {"image": source.decode(r), "label": r["label"]}
 
 
 def _derive_seed(seed: int, purpose: int, *data) -> tf.Tensor:
@@ -372,16 +476,44 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return int(global_batch_size) // process_count
 
 
+def _default_rows(process_index: int, local_batch: int) -> np.ndarray:
+    return np.arange(process_index * local_batch, (process_index + 1) * local_batch, dtype=np.int64)
+
+
+def _check_batch_rows(batch_rows, global_batch_size, process_index, local_batch) -> np.ndarray:
+    if batch_rows is None:
+        return _default_rows(process_index, local_batch)
+    rows = np.asarray(batch_rows)
+    if (
+        rows.shape != (local_batch,)
+        or not np.issubdtype(rows.dtype, np.integer)
+        or len(np.unique(rows)) != local_batch
+        or rows.min() < 0
+        or rows.max() >= global_batch_size
+    ):
+        raise ValueError(
+            f"batch_rows={batch_rows!r}: expected {local_batch} distinct ints in "
+            f"[0, global_batch_size={global_batch_size})"
+        )
+    return rows.astype(np.int64)
+
+
+def _host_positions(num_steps: int, global_batch_size: int, rows: np.ndarray) -> np.ndarray:
+    """Positions s * B + rows for s in [0, num_steps), step-major: a host's share of a pass."""
+    return (np.arange(num_steps, dtype=np.int64)[:, None] * global_batch_size + rows).reshape(-1)
+
+
 def _split_seed(data_cfg: mlc.ConfigDict) -> int:
     return int(data_cfg.get("split_seed") or 0)
 
 
-def _resolve_cache(data_cfg: mlc.ConfigDict, source: datasets.DataSource, num_local: int) -> bool:
+def _resolve_cache(data_cfg: mlc.ConfigDict, source: datasets.DataSource, num_held: int) -> bool:
+    """Whether to cache `num_held` decoded examples of `source` in this host's memory."""
     cache = data_cfg.get("cache")
     if cache is None:
         if source.decoded_bytes is None or not source.num_examples:
             return False
-        return source.decoded_bytes * num_local / source.num_examples <= CACHE_AUTO_MAX_BYTES
+        return source.decoded_bytes * num_held / source.num_examples <= CACHE_AUTO_MAX_BYTES
     if not isinstance(cache, bool):
         raise ValueError(f"data.cache={cache!r}: must be True, False or None (automatic)")
     return cache
@@ -404,12 +536,10 @@ def _check_subset(subset_indices, num_examples: int) -> np.ndarray | None:
     return unique.astype(np.int64)
 
 
-def _host_indices(source, process_index, process_count, subset) -> np.ndarray:
-    if subset is None:
-        return source.shard_indices(process_index, process_count)
-    if source.indexable:
-        return subset[process_index::process_count]
-    return np.intersect1d(source.shard_indices(process_index, process_count), subset)
+def _stream_indices(source, process_index, process_count, subset) -> np.ndarray:
+    """Split indices a host's record stream yields: its range, reduced to the subset."""
+    shard = source.shard_indices(process_index, process_count)
+    return shard if subset is None else np.intersect1d(shard, subset)
 
 
 def _filter_subset(records: tf.data.Dataset, subset: np.ndarray | None) -> tf.data.Dataset:
@@ -421,23 +551,23 @@ def _filter_subset(records: tf.data.Dataset, subset: np.ndarray | None) -> tf.da
     )
 
 
-def _table_fetcher(source, indices, process_index, process_count, subset):
-    del process_index, process_count, subset
-    columns = {k: tf.constant(v) for k, v in source.table_rows(indices).items()}
+def _table_fetcher(source, pool):
+    """Reads and decodes pool[k] when drawn (indexable sources)."""
+    columns = {k: tf.constant(v) for k, v in source.table_rows(pool).items()}
 
-    def fetch(local):
-        record = {k: tf.gather(v, local) for k, v in columns.items()}
+    def fetch(k):
+        record = {name: tf.gather(column, k) for name, column in columns.items()}
         return {"image": source.decode(record), "label": record["label"]}
 
     return fetch
 
 
-def _cached_fetcher(source, indices, process_index, process_count, subset):
-    """Decodes the examples at `indices` once into host memory; returns a lookup."""
+def _cached_fetcher(source, pool, subset):
+    """Decodes the examples of `pool` once into host memory; fetch(k) returns pool[k]."""
     if source.indexable:
-        records = source.records_at(indices)
-    else:  # tfds: this host's range, reduced to the subset when there is one.
-        records = _filter_subset(source.records(process_index, process_count), subset)
+        records = source.records_at(pool)
+    else:  # tfds: the whole split in file order (= sorted index order), reduced to the subset.
+        records = _filter_subset(source.records(0, 1), subset)
 
     def flatten(record):
         image = source.decode(record)
@@ -461,22 +591,22 @@ def _cached_fetcher(source, indices, process_index, process_count, subset):
     flat = np.concatenate(pixels)
     shapes = np.concatenate(shapes).reshape(-1, 3)
     labels = tf.constant(np.concatenate(labels).astype(np.int32))
-    if len(shapes) != len(indices):
-        raise ValueError(f"decoded {len(shapes)} examples, expected {len(indices)}")
+    if len(shapes) != len(pool):
+        raise ValueError(f"decoded {len(shapes)} examples, expected {len(pool)}")
     if (shapes == shapes[0]).all():
         stacked = tf.constant(flat.reshape(-1, *shapes[0]))
 
-        def fetch(local):
-            return {"image": tf.gather(stacked, local), "label": tf.gather(labels, local)}
+        def fetch(k):
+            return {"image": tf.gather(stacked, k), "label": tf.gather(labels, k)}
 
         return fetch
     # Mixed sizes: the flat buffer plus offsets, so the cache holds no padding.
     offsets = tf.constant(np.concatenate([[0], np.cumsum(shapes.prod(axis=1))]))
     flat, shapes = tf.constant(flat), tf.constant(shapes)
 
-    def fetch_varying(local):
-        image = flat[offsets[local] : offsets[local + 1]]
-        return {"image": tf.reshape(image, shapes[local]), "label": tf.gather(labels, local)}
+    def fetch_varying(k):
+        image = flat[offsets[k] : offsets[k + 1]]
+        return {"image": tf.reshape(image, shapes[k]), "label": tf.gather(labels, k)}
 
     return fetch_varying
 
