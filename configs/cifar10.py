@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.data = mlc.ConfigDict()
     config.data.source = "tfds"  # 'embedded' | 'tfds' | 'folder'
     config.data.name = "cifar10"
-    config.data.data_dir = None
+    # A typed None, so that --config.data.data_dir=DIR works from the command line
+    # (config_flags cannot override a plain None field).
+    config.data.data_dir = mlc.FieldReference(None, field_type=str)
     config.data.download = False
     config.data.train_split = "train"
     config.data.eval_split = "test"

@@ -22,7 +22,10 @@ cell only and its memory goes back to the system); --print_commands prints the
 same main.py arguments wrapped in launch/tpu.sh or launch/slurm.sbatch. Before
 anything runs, every cell's override list is parsed back with main.py's flag
 parser and must rebuild the cell's config exactly, so what runs is what the
-manifest says.
+manifest says (simclr_jax.ablation_commands builds and checks these command
+lines; its public names are importable from here too). The sweep directory may
+be gs:// for printed TPU commands and --report_only: cell files are read
+through simclr_jax.files.
 
 A cell is finished when linear_eval/results.json exists. A rerun skips finished
 cells, starts unfinished ones where they stopped (pretraining resumes from its
@@ -44,22 +47,28 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import ml_collections as mlc
 
-from simclr_jax import ablation_report, config_checks
+from simclr_jax import ablation_commands, ablation_report, config_checks, files
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN_PY = os.path.join(REPO_ROOT, "main.py")
+# The command-line half lives in ablation_commands; its public names are
+# re-exported here (one import for users and tests).
+from simclr_jax.ablation_commands import (  # noqa: F401 (re-exported)
+    DEFAULT_LAUNCHER_ARGS,
+    MAIN_PY,
+    PLATFORMS,
+    REPO_ROOT,
+    argv_without,
+    config_overrides,
+    flatten_config,
+    resolve_config_file,
+    stage_args,
+)
+
 SCALINGS = config_checks.LR_SCALINGS
 STAGES = ablation_report.STAGES
-PLATFORMS = ("tpu", "slurm")
-DEFAULT_LAUNCHER_ARGS = {
-    "tpu": "--name=$TPU_NAME --zone=$TPU_ZONE --copy --skip-create",
-    "slurm": "",
-}
 # Fields a rerun may change without invalidating a finished cell: where data
 # lives, logging and checkpoint cadence, device selection, and the linear
 # eval's init_from, which moves with the sweep workdir.
@@ -194,7 +203,7 @@ def validate_ablation_config(config: mlc.ConfigDict) -> None:
             f"warmup is longer than the shortest budget in grid.epochs ({min(epochs):g}).",
         )
     for key in ("pretrain_config", "linear_eval_config"):
-        _resolve_config_file(config[key], key)
+        resolve_config_file(config[key], key)
 
 
 # ------------------------------------------------------------------------ cells
@@ -247,134 +256,10 @@ def build_cells(config: mlc.ConfigDict, workdir: str) -> list[Cell]:
             # The linear eval reads the data the encoder was trained on.
             lin.data = pre.data.copy_and_resolve_references()
             lin.augment = pre.augment.copy_and_resolve_references()
-        lin.init_from = ablation_report.join(workdir, name, "pretrain")
+        lin.init_from = files.join(workdir, name, "pretrain")
         values = (int(b), float(e), scaling, float(t), pre.optim.base_lr, cell_micro)
         cells.append(Cell(name, *values, pretrain=pre, linear_eval=lin))
     return cells
-
-
-# --------------------------------------------------------------- main.py commands
-
-
-def _resolve_config_file(spec: str, field: str) -> tuple[str, str]:
-    """(absolute 'path[:arg]', the 'path[:arg]' main.py gets when run from REPO_ROOT)."""
-    if not spec or not isinstance(spec, str):
-        _fail(field, spec, "name a config file, e.g. 'configs/cifar10.py'.")
-    path, sep, arg = spec.partition(":")
-    candidates = [path] if os.path.isabs(path) else [os.path.abspath(path), f"{REPO_ROOT}/{path}"]
-    found = next((p for p in candidates if os.path.isfile(p)), None)
-    if found is None:
-        _fail(field, spec, f"no such config file (looked at {candidates}).")
-    rel = os.path.relpath(found, REPO_ROOT)
-    shown = found if rel.startswith("..") else rel
-    return found + sep + arg, shown + sep + arg
-
-
-def _parse_main_flags(config_spec: str, overrides) -> mlc.ConfigDict:
-    """The config main.py would build from --config=config_spec and the overrides."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    # configs/*.py import their siblings as `configs.<name>`, which main.py finds
-    # because it runs from the repository root.
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    argv = ["main.py", f"--config={config_spec}", *overrides]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
-    )
-    with warnings.catch_warnings():
-        # ml_collections loads config files with the deprecated load_module().
-        warnings.simplefilter("ignore", DeprecationWarning)
-        flag_values(argv)
-    return flag_values.config
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def _flag_value(key: str, value, where: str) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int | float | str):
-        return value if isinstance(value, str) else repr(value)
-    if isinstance(value, tuple | list):
-        return repr(tuple(value))
-    raise ValueError(
-        f"config field {key}={value!r} differs from {where} but main.py cannot set a "
-        f"{type(value).__name__} from the command line; set it in a config file instead."
-    )
-
-
-def config_overrides(config_spec: str, target: mlc.ConfigDict, section: str) -> list[str]:
-    """--config.<field>=<value> flags that turn config_spec's config into target.
-
-    Args:
-      config_spec: 'path[:arg]' of the config file main.py starts from.
-      target: the config the run must use.
-      section: the ablation config's field it came from (for error messages).
-
-    Returns:
-      The override flags, sorted by field; checked: parsing them with main.py's
-      flag parser gives exactly target.
-
-    Raises:
-      ValueError: a field of target is not in the file's config (or the other
-        way round), or a value cannot be written on a command line.
-    """
-    base = _flatten(_parse_main_flags(config_spec, []).to_dict())
-    want = _flatten(target.to_dict())
-    for key in sorted(set(want) ^ set(base)):
-        where = (
-            "is not a field of"
-            if key in want
-            else "is missing from config." + section + " but is in"
-        )
-        raise ValueError(
-            f"config.{section}.{key} {where} {config_spec}: main.py runs that file with "
-            "--config.<field> overrides, so the two must have the same fields."
-        )
-    overrides = []
-    for key in sorted(want):
-        if want[key] != base[key] or type(want[key]) is not type(base[key]):
-            overrides.append(f"--config.{key}={_flag_value(key, want[key], config_spec)}")
-    try:
-        rebuilt = _flatten(_parse_main_flags(config_spec, overrides).to_dict())
-    except Exception as e:  # absl's flag errors have no common base class worth naming
-        raise ValueError(
-            f"config.{section}: main.py cannot take {overrides} on top of {config_spec}: {e} "
-            "(a field that file sets to None can be overridden only if it is declared as "
-            "mlc.FieldReference(None, field_type=...))."
-        ) from e
-    wrong = [k for k in sorted(want) if rebuilt.get(k) != want[k]]
-    if wrong:
-        raise ValueError(
-            f"config.{section}: the overrides of {config_spec} do not rebuild "
-            f"{', '.join(f'{k}={want[k]!r} (parsed: {rebuilt.get(k)!r})' for k in wrong[:5])}."
-        )
-    return overrides
-
-
-def stage_args(config: mlc.ConfigDict, cell: Cell, workdir: str) -> dict[str, tuple[str, ...]]:
-    """main.py arguments of the cell's two runs: {'pretrain': (...), 'linear_eval': (...)}."""
-    out = {}
-    for kind, spec_field, target in (
-        ("pretrain", "pretrain_config", cell.pretrain),
-        ("linear_eval", "linear_eval_config", cell.linear_eval),
-    ):
-        absolute, shown = _resolve_config_file(config[spec_field], spec_field)
-        overrides = config_overrides(absolute, target, kind)
-        run_dir = ablation_report.join(workdir, cell.name, kind)
-        out[kind] = (f"--config={shown}", f"--workdir={run_dir}", *overrides)
-    return out
 
 
 # ------------------------------------------------------------------ cell state
@@ -404,13 +289,13 @@ def check_cell_unchanged(cell: Cell, workdir: str) -> None:
     Resuming a checkpoint under another recipe would mix two runs in one cell;
     data locations, logging and checkpoint cadence may change.
     """
-    path = ablation_report.join(workdir, cell.name, ablation_report.CELL_FILE)
-    if not ablation_report.exists(path):
+    path = files.join(workdir, cell.name, ablation_report.CELL_FILE)
+    if not files.exists(path):
         return
     old = ablation_report.read_json(path)
     for kind in STAGES:
-        new = _comparable(_flatten(json.loads(getattr(cell, kind).to_json_best_effort())))
-        before = _comparable(_flatten(old.get(kind, {})))
+        new = _comparable(flatten_config(json.loads(getattr(cell, kind).to_json_best_effort())))
+        before = _comparable(flatten_config(old.get(kind, {})))
         diff = sorted(k for k in set(new) | set(before) if new.get(k) != before.get(k))
         if diff:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
@@ -496,7 +381,10 @@ def _log_tail(path: str, lines: int = 15) -> str:
 
 
 def _run_stage(runner: Callable[[Stage], int], stage: Stage, head: str, start: float) -> bool:
-    """Runs one stage, records its time and outcome; True if it finished."""
+    """Runs one stage, records its time and outcome; True if it finished.
+
+    Local sweeps only (run_sweep refuses remote workdirs), so plain os calls.
+    """
     cell_dir = os.path.dirname(stage.workdir)
     results = os.path.join(stage.workdir, ablation_report.RESULTS_FILE)
     failed = os.path.join(cell_dir, ablation_report.FAILED_FILE)
@@ -567,7 +455,7 @@ def run_sweep(
     Returns:
       0 if every cell is finished, else 1 (failed or unfinished cells).
     """
-    if ablation_report.is_remote(workdir):
+    if files.is_remote(workdir):
         raise ValueError(
             f"workdir={workdir!r}: local runs need a local directory; for a TPU pod print "
             "the commands with --print_commands=tpu."
@@ -687,8 +575,9 @@ def write_summary_and_report(
     Args:
       config: the ablation config.
       workdir: the sweep directory.
-      report_dir: a local directory for the report (default workdir/report;
-        ./ablation_report for a remote workdir).
+      report_dir: a directory for the report, local or remote (default
+        workdir/report; ./ablation_report for a remote workdir, so a report made
+        from a workstation needs no write access to the bucket).
       cells: the built cells (default: built from config).
 
     Returns:
@@ -699,16 +588,14 @@ def write_summary_and_report(
     old = ablation_report.old_cells(workdir, [c.name for c in cells])
     if report_dir is None:
         report_dir = (
-            "ablation_report"
-            if ablation_report.is_remote(workdir)
-            else os.path.join(workdir, "report")
+            "ablation_report" if files.is_remote(workdir) else os.path.join(workdir, "report")
         )
-    summary_dir = report_dir if ablation_report.is_remote(workdir) else workdir
+    summary_dir = report_dir if files.is_remote(workdir) else workdir
     ablation_report.write_summary(rows, old, summary_dir)
     paths = ablation_report.write_report(
         rows, report_dir, _report_meta(config, workdir, cells, old)
     )
-    summary = os.path.join(summary_dir, ablation_report.SUMMARY_FILE)
+    summary = files.join(summary_dir, ablation_report.SUMMARY_FILE)
     print(f"summary: {summary}; report: {', '.join(paths.values())}")
     return rows
 
@@ -742,55 +629,16 @@ def launch_commands(
     """
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r}: use one of {PLATFORMS}")
-    extra = DEFAULT_LAUNCHER_ARGS[platform] if launcher_args is None else launcher_args
-    extra = f" {extra}" if extra else ""
-    if not ablation_report.is_remote(workdir):
-        workdir = os.path.abspath(workdir)  # jobs may start in another directory
+    workdir = files.abspath(workdir)  # jobs may start in another directory
     cells, args = _prepare(config, workdir)
-    lines = [f"# SimCLR ablation, {len(cells)} cells; run from the repository root ({REPO_ROOT})."]
-    if platform == "tpu":
-        lines += [
-            "# Each command runs one stage on an existing TPU VM (--skip-create); create it once:",
-            "#   gcloud compute tpus tpu-vm create $TPU_NAME --zone=$TPU_ZONE "
-            "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
-            "# On a pod slice the workdir must be a gs:// path every worker sees.",
-        ]
-    else:
-        lines += [
-            "# One job per stage; the linear eval waits for its pretraining (afterok).",
-            "# The workdir must be on a filesystem every node sees.",
-        ]
-    lines += [
-        "# Rerun this to print only what is still missing (a resubmitted pretraining resumes",
-        "# from its checkpoint). Report: " + (report_command or "--report_only"),
-    ]
-    for i, cell in enumerate(cells, 1):
-        status = ablation_report.cell_status(workdir, cell.name)
-        lines.append(f"# cell {i}/{len(cells)} {cell.name}: {status}")
-        if status == "done":
-            continue
-        todo = [
-            kind
-            for kind in STAGES
-            if not ablation_report.exists(
-                ablation_report.join(workdir, cell.name, kind, ablation_report.RESULTS_FILE)
-            )
-        ]
-        for kind in todo:
-            main_args = args[cell.name][kind]
-            if platform == "tpu":
-                head, overrides = shlex.join(main_args[:2]), shlex.join(main_args[2:])
-                cmd = f"launch/tpu.sh{extra} {head} -- {overrides}"
-            else:
-                script = f"{extra} launch/slurm.sbatch {shlex.join(main_args)}"
-                if kind == "pretrain" and len(todo) == 2:
-                    cmd = f"jid=$(sbatch --parsable{script})"
-                elif len(todo) == 2:
-                    cmd = f"sbatch --dependency=afterok:$jid{script}"
-                else:
-                    cmd = f"sbatch{script}"
-            lines.append(cmd)
-    return "\n".join(lines) + "\n"
+    return ablation_commands.format_launch_commands(
+        cells,
+        args,
+        workdir,
+        platform,
+        launcher_args=launcher_args,
+        report_command=report_command,
+    )
 
 
 # ------------------------------------------------------------------------- CLI
@@ -821,17 +669,12 @@ def main(argv) -> None:
         )
         return
     if flag_values.report_only:
-        if not ablation_report.exists(workdir):
+        if not files.exists(workdir):
             raise app.UsageError(f"--workdir={workdir} does not exist: no sweep to report on")
         rows = write_summary_and_report(config, workdir, report_dir=flag_values.report_dir)
         sys.exit(0 if all(r["status"] == "done" for r in rows) else 1)
     runner = SubprocessStageRunner(compilation_cache=flag_values.compilation_cache)
     sys.exit(run_sweep(config, workdir, stage_runner=runner, report_dir=flag_values.report_dir))
-
-
-def argv_without(argv, *names: str) -> list[str]:
-    """argv minus the flags called names (as --name=value)."""
-    return [a for a in argv if not any(a == n or a.startswith(n + "=") for n in names)]
 
 
 def _define_flags() -> None:

@@ -11,7 +11,9 @@ simclr_jax.ablation into
   budget, one panel per combination; ours solid, the paper's dashed.
 
 It also owns the sweep directory's layout and reads the cells' state and
-results from it (cell_status, collect_rows, write_summary).
+results from it (cell_status, collect_rows, write_summary). The sweep directory
+and the report directory may be local or on cloud storage (gs://, through
+simclr_jax.files): a sweep run on a TPU pod is reported on from a workstation.
 
 Paper figures are data in this module, typed in from the sources cited beside
 them; nothing here is measured. The report labels every number as ours or the
@@ -19,9 +21,11 @@ paper's.
 """
 
 import csv
+import io
 import json
 import math
-import os
+
+from simclr_jax import files
 
 # SimCLR paper (Chen et al. 2020, arXiv 2002.05709), appendix B.1, Table B.1
 # (also plotted in its Figure 9): ImageNet linear-evaluation top-1 (%) of
@@ -101,58 +105,31 @@ RESULTS_FILE = "results.json"
 STAGES = ("pretrain", "linear_eval")
 
 
-def is_remote(path: str) -> bool:
-    """gs:// and other URLs (read through tf.io.gfile)."""
-    return "://" in path
-
-
-def _gfile():
-    import tensorflow as tf  # only for remote workdirs
-
-    return tf.io.gfile
-
-
-def exists(path: str) -> bool:
-    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
-
-
 def read_json(path: str):
-    if is_remote(path):
-        with _gfile().GFile(path) as f:
-            return json.load(f)
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The JSON content of a local or remote file."""
+    return json.loads(files.read_text(path))
 
 
 def write_json(path: str, payload) -> None:
-    """Writes a local JSON file atomically: a killed sweep never leaves half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts) if is_remote(parts[0]) else os.path.join(*parts)
+    """Writes JSON atomically (parents created): a killed sweep never leaves half a file."""
+    files.makedirs(files.dirname(path))
+    files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def _listdir(path: str) -> list[str]:
-    if is_remote(path):
-        return [p.rstrip("/") for p in _gfile().listdir(path)] if _gfile().isdir(path) else []
-    return os.listdir(path) if os.path.isdir(path) else []
+    return files.listdir(path) if files.isdir(path) else []
 
 
 def cell_status(workdir: str, name: str) -> str:
     """'done' | 'failed' | 'pretrained' | 'started' | 'pending', from the cell's files."""
-    cell_dir = join(workdir, name)
-    if exists(join(cell_dir, "linear_eval", RESULTS_FILE)):
+    cell_dir = files.join(workdir, name)
+    if files.exists(files.join(cell_dir, "linear_eval", RESULTS_FILE)):
         return "done"
-    if exists(join(cell_dir, FAILED_FILE)):
+    if files.exists(files.join(cell_dir, FAILED_FILE)):
         return "failed"
-    if exists(join(cell_dir, "pretrain", RESULTS_FILE)):
+    if files.exists(files.join(cell_dir, "pretrain", RESULTS_FILE)):
         return "pretrained"
-    if exists(join(cell_dir, "pretrain")):
+    if files.exists(files.join(cell_dir, "pretrain")):
         return "started"
     return "pending"
 
@@ -161,12 +138,14 @@ def old_cells(workdir: str, names) -> list[str]:
     """Cell directories in workdir (they hold cell.json) that are not among names."""
     names = set(names)
     return sorted(
-        d for d in _listdir(workdir) if d not in names and exists(join(workdir, d, CELL_FILE))
+        d
+        for d in _listdir(workdir)
+        if d not in names and files.exists(files.join(workdir, d, CELL_FILE))
     )
 
 
 def _read_if_exists(path: str) -> dict:
-    return read_json(path) if exists(path) else {}
+    return read_json(path) if files.exists(path) else {}
 
 
 def collect_rows(workdir: str, cells) -> list[dict]:
@@ -185,12 +164,12 @@ def collect_rows(workdir: str, cells) -> list[dict]:
     """
     rows = []
     for cell in cells:
-        cell_dir = join(workdir, cell.name)
+        cell_dir = files.join(workdir, cell.name)
         status = cell_status(workdir, cell.name)
-        pre = _read_if_exists(join(cell_dir, "pretrain", RESULTS_FILE))
-        lin = _read_if_exists(join(cell_dir, "linear_eval", RESULTS_FILE))
-        timing = _read_if_exists(join(cell_dir, TIMING_FILE))
-        failed = _read_if_exists(join(cell_dir, FAILED_FILE)) if status == "failed" else {}
+        pre = _read_if_exists(files.join(cell_dir, "pretrain", RESULTS_FILE))
+        lin = _read_if_exists(files.join(cell_dir, "linear_eval", RESULTS_FILE))
+        timing = _read_if_exists(files.join(cell_dir, TIMING_FILE))
+        failed = _read_if_exists(files.join(cell_dir, FAILED_FILE)) if status == "failed" else {}
         rows.append(
             {
                 "name": cell.name,
@@ -213,11 +192,12 @@ def collect_rows(workdir: str, cells) -> list[dict]:
 
 def write_summary(rows, old: list[str], out_dir: str) -> None:
     """summary.json ({'cells': rows, 'old_cells': old}) and summary.csv (one line per cell)."""
-    write_json(os.path.join(out_dir, SUMMARY_FILE), {"cells": rows, "old_cells": old})
-    with open(os.path.join(out_dir, SUMMARY_CSV), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json(files.join(out_dir, SUMMARY_FILE), {"cells": rows, "old_cells": old})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(files.join(out_dir, SUMMARY_CSV), text.getvalue())
 
 
 # ---------------------------------------------------------------------- report
@@ -284,20 +264,21 @@ def write_csv(rows, path: str, reference: str) -> None:
     with_paper = reference == "imagenet"
     if with_paper:
         header += [f"paper_e{_epoch_label(e)}" for e in epochs]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for scaling, temp in _combinations(rows):
-            for b in batches:
-                line = [scaling, f"{temp:g}", b]
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    for scaling, temp in _combinations(rows):
+        for b in batches:
+            line = [scaling, f"{temp:g}", b]
+            for e in epochs:
+                row = index.get((scaling, temp, b, e))
+                line.append(_percent(row and row.get("linear_top1")))
+            if with_paper:
                 for e in epochs:
-                    row = index.get((scaling, temp, b, e))
-                    line.append(_percent(row and row.get("linear_top1")))
-                if with_paper:
-                    for e in epochs:
-                        value = paper_top1(reference, b, e, scaling, temp)
-                        line.append("" if value is None else f"{value:.1f}")
-                writer.writerow(line)
+                    value = paper_top1(reference, b, e, scaling, temp)
+                    line.append("" if value is None else f"{value:.1f}")
+            writer.writerow(line)
+    files.write_text(path, text.getvalue())
 
 
 def _markdown_table(rows, scaling, temp, reference) -> list[str]:
@@ -411,8 +392,7 @@ def write_markdown(rows, path: str, meta: dict) -> None:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Cells", ""] + _details_table(rows) + [""]
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    files.write_text(path, "\n".join(lines))
 
 
 def plot(rows, path: str, meta: dict) -> None:
@@ -472,8 +452,10 @@ def plot(rows, path: str, meta: dict) -> None:
         subtitle += "; black markers: reference figures (not ours)"
     fig.suptitle(f"{meta.get('title', 'Batch-size ablation')}\n{subtitle}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()  # matplotlib writes local files only; files.py writes anywhere
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    files.write_bytes(path, buffer.getvalue())
 
 
 def write_report(rows, out_dir: str, meta: dict) -> dict[str, str]:
@@ -484,7 +466,7 @@ def write_report(rows, out_dir: str, meta: dict) -> dict[str, str]:
         temperature, status ('done', 'failed', 'pending', ...), linear_top1
         (a fraction, or None) and optional knn_top1, probe_top1,
         images_per_sec, pretrain_seconds, linear_eval_seconds.
-      out_dir: a local directory (created).
+      out_dir: a directory, local or remote (created).
       meta: see write_markdown; meta['reference'] selects the paper values.
 
     Returns:
@@ -493,11 +475,11 @@ def write_report(rows, out_dir: str, meta: dict) -> dict[str, str]:
     reference = meta.get("reference", "none")
     if reference not in REFERENCES:
         raise ValueError(f"reference={reference!r}: use one of {REFERENCES}")
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     paths = {
-        "markdown": os.path.join(out_dir, MARKDOWN_FILE),
-        "csv": os.path.join(out_dir, CSV_FILE),
-        "plot": os.path.join(out_dir, PLOT_FILE),
+        "markdown": files.join(out_dir, MARKDOWN_FILE),
+        "csv": files.join(out_dir, CSV_FILE),
+        "plot": files.join(out_dir, PLOT_FILE),
     }
     write_markdown(rows, paths["markdown"], meta)
     write_csv(rows, paths["csv"], reference)

@@ -7,19 +7,26 @@ always resumes from the last complete checkpoint.
 
 The state is saved replicated-free (one logical copy), so it can be restored
 onto any number of devices: the caller passes the target shardings.
+
+The workdir may be local or on cloud storage (gs://): Orbax handles both. On
+GCS, where directories cannot be renamed, Orbax writes the step directory in
+place and marks it complete with a commit_success.txt file instead; reading
+finished steps through Orbax (latest_step) covers both conventions.
 """
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from simclr_jax import files
+
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    """workdir/checkpoints, absolute for local paths (gs:// paths are kept as they are)."""
+    return files.join(files.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
 def create_manager(
@@ -79,7 +86,9 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
 def latest_step(workdir: str) -> int | None:
     """The last complete checkpoint's step in workdir, or None (no manager needed)."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not files.isdir(directory):
         return None
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    # Orbax's own test of completeness: not a temporary directory (local disk) and,
+    # on GCS, a commit_success.txt marker.
+    steps = ocp.utils.checkpoint_steps(directory)
     return max(steps) if steps else None

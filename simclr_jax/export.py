@@ -9,15 +9,17 @@ Parameters keep their module path ('encoder/block1_0/conv1/kernel',
 config.model is stored as JSON under '__model_config__' and the checkpoint
 step under '__step__', so a reader can rebuild the network with
 models.build_encoder. load_exported(path) returns the nested
-{'params', 'batch_stats'} dict that Flax's apply takes.
+{'params', 'batch_stats'} dict that Flax's apply takes. Both the workdir and
+the output may be local or on cloud storage (gs://...).
 """
 
+import io
 import json
 
 import numpy as np
 from absl import app, flags
 
-from simclr_jax import protocols
+from simclr_jax import files, protocols
 
 BATCH_STATS_PREFIX = "batch_stats/"
 MODEL_CONFIG_KEY = "__model_config__"
@@ -75,20 +77,40 @@ def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> st
     flat = flatten_variables(pretrained.variables(*names))
     flat[MODEL_CONFIG_KEY] = np.array(pretrained.model_config.to_json())
     flat[STEP_KEY] = np.array(pretrained.step, np.int64)
-    with open(out, "wb") as f:
-        np.savez(f, **flat)
+    buffer = io.BytesIO()  # np.savez needs a seekable file; files.py writes anywhere
+    np.savez(buffer, **flat)
+    files.write_bytes(out, buffer.getbuffer())  # a view: no second copy
     return out
 
 
+def _load_npz(path: str):
+    # np.load reads local files only; a remote file is read into memory first.
+    return np.load(io.BytesIO(files.read_bytes(path)) if files.is_remote(path) else path)
+
+
 def load_exported(path: str) -> dict:
-    """Loads an export as Flax variables {'params': {...}, 'batch_stats': {...}}."""
-    with np.load(path) as data:
+    """Loads an export as Flax variables {'params': {...}, 'batch_stats': {...}}.
+
+    Args:
+      path: the .npz file (local or remote).
+
+    Returns:
+      {'params': {...}, 'batch_stats': {...}} of NumPy arrays.
+    """
+    with _load_npz(path) as data:
         return unflatten_variables({k: data[k] for k in data.files})
 
 
 def load_exported_model_config(path: str) -> dict:
-    """The pretraining config.model stored in an export (to rebuild the network)."""
-    with np.load(path) as data:
+    """The pretraining config.model stored in an export (to rebuild the network).
+
+    Args:
+      path: the .npz file (local or remote).
+
+    Returns:
+      The config.model fields as a dict.
+    """
+    with _load_npz(path) as data:
         return json.loads(str(data[MODEL_CONFIG_KEY]))
 
 

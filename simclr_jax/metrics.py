@@ -1,12 +1,12 @@
 """Metric output: TensorBoard (clu), JSON lines for scripts, a progress line.
 
 Only process 0 writes files; every process may print. Scalars are namespaced
-('train/loss', 'eval/knn_top1', ...).
+('train/loss', 'eval/knn_top1', ...). The workdir may be local or gs://
+(metrics.jsonl is written through simclr_jax.files).
 """
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from clu import metric_writers
+
+from simclr_jax import files
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -39,9 +41,9 @@ class MetricLogger:
         )
         self._jsonl = None
         if self.is_main:
-            os.makedirs(workdir, exist_ok=True)
-            path = os.path.join(workdir, METRICS_FILE)
-            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            files.makedirs(workdir)
+            # Appends locally; on object stores the whole file is rewritten at each flush.
+            self._jsonl = files.open_append(files.join(workdir, METRICS_FILE))
         self._start_time = time.time()
         self._start_step = None
 

@@ -7,12 +7,12 @@ checkpoint step directory (workdir/checkpoints/<step>). The architecture is
 never taken from the protocol's config: it is rebuilt from the pretraining
 run's config.json, so an evaluation cannot silently load weights into a
 different network; the checkpoint's shapes are checked against it.
+init_from may be local or on cloud storage (gs://...).
 """
 
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ import ml_collections as mlc
 import numpy as np
 import orbax.checkpoint as ocp
 
-from simclr_jax import checkpoint, evaluate, models, sharding
+from simclr_jax import checkpoint, evaluate, files, models, sharding
 from simclr_jax.data import pipeline
 
 PROTOCOLS = ("linear_eval", "knn", "finetune")
@@ -62,20 +62,20 @@ def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
             "config.init_from is empty: set it to a pretraining workdir or to one of its "
             "checkpoint step directories, e.g. --config.init_from=workdirs/quickstart"
         )
-    path = os.path.abspath(init_from)
-    if not os.path.exists(path):
+    path = files.abspath(init_from)
+    if not files.exists(path):
         raise FileNotFoundError(f"config.init_from={init_from!r} does not exist ({path})")
-    name = os.path.basename(path.rstrip(os.sep))
-    if name.isdigit() and os.path.isdir(path):
-        ckpt_dir = os.path.dirname(path)
-        return ckpt_dir, int(name), os.path.join(os.path.dirname(ckpt_dir), CONFIG_FILE)
+    name = files.basename(path)
+    if name.isdigit() and files.isdir(path):
+        ckpt_dir = files.dirname(path)
+        return ckpt_dir, int(name), files.join(files.dirname(ckpt_dir), CONFIG_FILE)
     step = checkpoint.latest_step(path)
     if step is None:
         raise FileNotFoundError(
             f"config.init_from={init_from!r} holds no checkpoint: expected a pretraining workdir "
             f"with {checkpoint.CHECKPOINT_SUBDIR}/<step>/ inside, or a step directory itself"
         )
-    return checkpoint.checkpoint_dir(path), step, os.path.join(path, CONFIG_FILE)
+    return checkpoint.checkpoint_dir(path), step, files.join(path, CONFIG_FILE)
 
 
 def _check_shapes(expected: Any, restored: Any, where: str) -> None:
@@ -110,13 +110,12 @@ def load_pretrained(init_from: str) -> Pretrained:
       FileNotFoundError: the path, a checkpoint or config.json is missing.
     """
     ckpt_dir, step, config_path = _resolve_checkpoint(init_from)
-    if not os.path.isfile(config_path):
+    if not files.exists(config_path) or files.isdir(config_path):
         raise FileNotFoundError(
             f"{config_path} is missing: the architecture of the checkpoint in "
             f"config.init_from={init_from!r} is read from its pretraining run's config.json"
         )
-    with open(config_path, encoding="utf-8") as f:
-        model_config = mlc.ConfigDict(json.load(f)["model"])
+    model_config = mlc.ConfigDict(json.loads(files.read_text(config_path))["model"])
     manager = ocp.CheckpointManager(ckpt_dir)
     try:
         restored = manager.restore(step, args=ocp.args.StandardRestore())
@@ -129,10 +128,10 @@ def load_pretrained(init_from: str) -> Pretrained:
     shape = (2, 32, 32, 3)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(shape), train=False))
     _check_shapes(
-        abstract["params"], params, os.path.join(ckpt_dir, str(step))
+        abstract["params"], params, files.join(ckpt_dir, str(step))
     )  # input size does not change any parameter shape
     return Pretrained(
-        path=os.path.join(ckpt_dir, str(step)),
+        path=files.join(ckpt_dir, str(step)),
         step=step,
         model_config=model_config,
         params=params,

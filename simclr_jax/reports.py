@@ -1,16 +1,17 @@
 """Evaluation reports: accuracy summaries, confusion matrix PNG, results.json, TensorBoard.
 
-Only process 0 writes files. Scalars go to TensorBoard and metrics.jsonl
-through metrics.MetricLogger under 'eval/<name>'.
+Only process 0 writes files, through simclr_jax.files (local or gs://).
+Scalars go to TensorBoard and metrics.jsonl through metrics.MetricLogger under
+'eval/<name>'.
 """
 
+import io
 import json
-import os
 
 import jax
 import numpy as np
 
-from simclr_jax import evaluate
+from simclr_jax import evaluate, files
 from simclr_jax.metrics import MetricLogger
 
 RESULTS_FILE = "results.json"
@@ -51,7 +52,14 @@ def summarize(scores: np.ndarray, labels: np.ndarray, class_names) -> dict:
 
 
 def plot_confusion(matrix, class_names, path: str, title: str) -> None:
-    """Writes a row-normalised confusion matrix as a PNG (matplotlib, Agg backend)."""
+    """Writes a row-normalised confusion matrix as a PNG (matplotlib, Agg backend).
+
+    Args:
+      matrix: [K, K] counts (row = true class).
+      class_names: K names.
+      path: the PNG's path (local or remote).
+      title: the plot's title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
@@ -69,8 +77,10 @@ def plot_confusion(matrix, class_names, path: str, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()  # matplotlib writes local files only; files.py writes anywhere
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    files.write_bytes(path, buffer.getvalue())
 
 
 def write_results(workdir: str, results: dict, *, step: int = 0) -> None:
@@ -85,12 +95,12 @@ def write_results(workdir: str, results: dict, *, step: int = 0) -> None:
     """
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     summary = results.get("summary")
     if summary is not None:
         names = list(summary["per_class"])
         title = f"{results.get('protocol', '')} top-1 {summary['top1']:.3f}"
-        plot_confusion(summary["confusion"], names, os.path.join(workdir, CONFUSION_FILE), title)
+        plot_confusion(summary["confusion"], names, files.join(workdir, CONFUSION_FILE), title)
     scalars = {}
     for prefix, section in (("", results), ("", summary or {})):
         for key, value in section.items():
@@ -102,7 +112,5 @@ def write_results(workdir: str, results: dict, *, step: int = 0) -> None:
     logger = MetricLogger(workdir, total_steps=0, is_main=True)
     logger.write_scalars(step, scalars)
     logger.close()
-    tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, RESULTS_FILE))
+    text = json.dumps(results, indent=2, sort_keys=True)
+    files.write_text(files.join(workdir, RESULTS_FILE), text)

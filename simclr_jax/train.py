@@ -10,7 +10,6 @@ uninterrupted run would.
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -25,6 +24,7 @@ from simclr_jax import (
     config_checks,
     distributed,
     evaluate,
+    files,
     models,
     optim,
     sharding,
@@ -176,11 +176,18 @@ def _any_process(flag: bool) -> bool:
 
 
 def _write_json(path: str, payload: dict) -> None:
+    """Process 0 writes payload to path (local or gs://) atomically."""
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        files.write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _done_message(results: dict, throughput: float, workdir: str) -> str:
+    """The run's last line: steps, speed, kNN/probe top-1 when evaluated, where results are."""
+    parts = [f"done: {results['step']} steps, {throughput:.1f} img/s"]
+    summary = ", ".join(f"{k} {results[k]:.4f}" for k in ("knn_top1", "probe_top1") if k in results)
+    if summary:  # empty with eval.knn=False: no empty '; ;' segment
+        parts.append(summary)
+    return "; ".join([*parts, f"results in {workdir}"])
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
@@ -196,8 +203,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     """
     config_checks.validate_pretrain_config(config)
     pipeline.configure_tensorflow()
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+    files.makedirs(workdir)
+    _write_json(files.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
 
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
@@ -365,9 +372,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
             },
         )
     logger.close()
-    _write_json(os.path.join(workdir, RESULTS_FILE), results)
-    summary = ", ".join(f"{k} {results[k]:.4f}" for k in ("knn_top1", "probe_top1") if k in results)
-    print(f"done: {step} steps, {throughput:.1f} img/s; {summary}; results in {workdir}")
+    _write_json(files.join(workdir, RESULTS_FILE), results)
+    print(_done_message(results, throughput, workdir))
     return results
 
 

@@ -184,10 +184,21 @@ def test_micro_batches_only_for_batches_above_the_threshold(tmp_path):
 
 def test_a_field_main_py_cannot_set_is_an_error(tmp_path):
     config = tiny()
-    config.pretrain.data.data_dir = "/somewhere"  # None in the base file
+    with config.pretrain.data.unlocked():
+        config.pretrain.data.not_a_field = 1  # absent from the base config file
     cell = ablation.build_cells(config, str(tmp_path))[0]
-    with pytest.raises(ValueError, match="data.data_dir"):
+    with pytest.raises(ValueError, match="data.not_a_field"):
         ablation.stage_args(config, cell, str(tmp_path))
+
+
+def test_data_dir_reaches_both_stages(tmp_path):
+    # None in the base file, but typed (a FieldReference), so main.py can set it.
+    config = tiny()
+    config.pretrain.data.data_dir = "/somewhere"
+    cell = ablation.build_cells(config, str(tmp_path))[0]
+    args = ablation.stage_args(config, cell, str(tmp_path))
+    for stage in ("pretrain", "linear_eval"):
+        assert "--config.data.data_dir=/somewhere" in args[stage]
 
 
 def test_print_commands_cover_unfinished_cells_only(tmp_path, capsys):
@@ -421,12 +432,16 @@ def test_imagenet_report_puts_table_b1_beside_ours(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_tiny_cell_runs_end_to_end(tmp_path):
-    config = tiny(batch_sizes=(32,), epochs=(0.05,))  # ceil(0.05 * 125) = 7 steps
+    # The smallest real cell: ResNet-18 at base width 4 (the main_test model),
+    # batch 16, ceil(0.02 * 250) = 5 steps. Micro-batching through the trainer
+    # is tested in train_test.py; here the cost is compiling, so it stays off.
+    config = tiny(batch_sizes=(16,), epochs=(0.02,))
+    config.pretrain.model.base_width = 4
+    config.pretrain.model.head_hidden_dim = 16
+    config.pretrain.model.head_dim = 16
     config.pretrain.optim.warmup_epochs = 0.0
     config.pretrain.checkpoint.every_steps = 4
     config.linear_eval.linear.epochs = 5.0
-    if "micro_batch_size" in config.pretrain.train:
-        config.micro_batch_size = 16  # two micro-batches of 16 over the 8 devices
     runner = ablation.SubprocessStageRunner(
         compilation_cache=os.environ["JAX_COMPILATION_CACHE_DIR"]
     )
@@ -434,20 +449,19 @@ def test_a_real_tiny_cell_runs_end_to_end(tmp_path):
     assert ablation.run_sweep(config, workdir, stage_runner=runner) == 0, [
         (p.name, p.read_text()[-3000:]) for p in tmp_path.glob("*/*.log")
     ]
-    cell = tmp_path / "b32_e0.05_sqrt_t0.2"
+    cell = tmp_path / "b16_e0.02_sqrt_t0.2"
     with open(cell / "pretrain" / "config.json") as f:
         run_config = json.load(f)
-    assert run_config["train"]["batch_size"] == 32
+    assert run_config["train"]["batch_size"] == 16
+    assert run_config["model"]["base_width"] == 4
     assert run_config["loss"]["temperature"] == 0.2
     assert run_config["optim"]["lr_scaling"] == "sqrt" and run_config["optim"]["base_lr"] == 0.2
-    if "micro_batch_size" in config.pretrain.train:
-        assert run_config["train"]["micro_batch_size"] == 16
     with open(cell / "pretrain" / "results.json") as f:
-        assert json.load(f)["step"] == 7
+        assert json.load(f)["step"] == 5
     with open(cell / "linear_eval" / "results.json") as f:
         top1 = json.load(f)["top1"]
     assert 0.0 <= top1 <= 1.0
     with open(tmp_path / "report" / "ablation.csv", newline="") as f:
         (line,) = list(csv.DictReader(f))
-    assert float(line["ours_e0.05"]) == pytest.approx(100 * top1, abs=0.006)
+    assert float(line["ours_e0.02"]) == pytest.approx(100 * top1, abs=0.006)
     assert read_png_size(tmp_path / "report" / "ablation.png")[0] > 100

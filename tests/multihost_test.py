@@ -40,6 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from losses_test import np_nt_xent  # noqa: E402
 from main_test import TINY  # noqa: E402
 
 GLOBAL_BATCH = 16
@@ -192,16 +193,9 @@ def layout_outputs() -> dict[str, np.ndarray]:
     return out
 
 
-def _nt_xent_numpy(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
-    """Paper NT-Xent: mean over all 2N anchors of the batch given."""
-    z = np.concatenate([z1, z2]).astype(np.float64)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    sim = z @ z.T / tau
-    np.fill_diagonal(sim, -np.inf)
-    n = len(z1)
-    pos = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
-    logsumexp = np.log(np.exp(sim).sum(axis=1))
-    return float(np.mean(logsumexp - sim[np.arange(2 * n), pos]))
+def _nt_xent_numpy(z1, z2, tau):
+    """The float64 NT-Xent reference of losses_test (loss only)."""
+    return np_nt_xent(z1, z2, tau)[0]
 
 
 def _wait_all(procs, timeout):

@@ -1,0 +1,258 @@
+"""main.py command lines of the batch-size ablation's cells, and their TPU/SLURM launch commands.
+
+Each cell stage is an ordinary `python main.py --config=<base file>
+--workdir=<stage dir> --config.<field>=<value>...` run. config_overrides()
+finds the overrides that turn the base config file into the cell's config and
+checks them by parsing them back with main.py's own flag parser, so what runs
+is exactly what the manifest records. format_launch_commands() wraps the same
+arguments in launch/tpu.sh or launch/slurm.sbatch. simclr_jax.ablation
+re-exports the public names.
+"""
+
+import os
+import shlex
+import sys
+import warnings
+from collections.abc import Mapping
+
+import ml_collections as mlc
+
+from simclr_jax import ablation_report, files
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN_PY = os.path.join(REPO_ROOT, "main.py")
+STAGES = ablation_report.STAGES
+PLATFORMS = ("tpu", "slurm")
+DEFAULT_LAUNCHER_ARGS = {
+    "tpu": "--name=$TPU_NAME --zone=$TPU_ZONE --copy --skip-create",
+    "slurm": "",
+}
+
+
+def _fail(field: str, value, fix: str):
+    raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+
+
+# --------------------------------------------------------------- main.py commands
+
+
+def resolve_config_file(spec: str, field: str) -> tuple[str, str]:
+    """Finds a config file named by the ablation config.
+
+    Args:
+      spec: 'path[:arg]', relative to the current directory or REPO_ROOT.
+      field: the ablation config's field it came from (for error messages).
+
+    Returns:
+      (absolute 'path[:arg]', the 'path[:arg]' main.py gets when run from REPO_ROOT).
+
+    Raises:
+      ValueError: no such file.
+    """
+    if not spec or not isinstance(spec, str):
+        _fail(field, spec, "name a config file, e.g. 'configs/cifar10.py'.")
+    path, sep, arg = spec.partition(":")
+    candidates = [path] if os.path.isabs(path) else [os.path.abspath(path), f"{REPO_ROOT}/{path}"]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        _fail(field, spec, f"no such config file (looked at {candidates}).")
+    rel = os.path.relpath(found, REPO_ROOT)
+    shown = found if rel.startswith("..") else rel
+    return found + sep + arg, shown + sep + arg
+
+
+def _parse_main_flags(config_spec: str, overrides) -> mlc.ConfigDict:
+    """The config main.py would build from --config=config_spec and the overrides."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    # configs/*.py import their siblings as `configs.<name>`, which main.py finds
+    # because it runs from the repository root.
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    argv = ["main.py", f"--config={config_spec}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    with warnings.catch_warnings():
+        # ml_collections loads config files with the deprecated load_module().
+        warnings.simplefilter("ignore", DeprecationWarning)
+        flag_values(argv)
+    return flag_values.config
+
+
+def flatten_config(tree: Mapping, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become tuples (as main.py parses them)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _flag_value(key: str, value, where: str) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float | str):
+        return value if isinstance(value, str) else repr(value)
+    if isinstance(value, tuple | list):
+        return repr(tuple(value))
+    raise ValueError(
+        f"config field {key}={value!r} differs from {where} but main.py cannot set a "
+        f"{type(value).__name__} from the command line; set it in a config file instead."
+    )
+
+
+def config_overrides(config_spec: str, target: mlc.ConfigDict, section: str) -> list[str]:
+    """--config.<field>=<value> flags that turn config_spec's config into target.
+
+    Args:
+      config_spec: 'path[:arg]' of the config file main.py starts from.
+      target: the config the run must use.
+      section: the ablation config's field it came from (for error messages).
+
+    Returns:
+      The override flags, sorted by field; checked: parsing them with main.py's
+      flag parser gives exactly target.
+
+    Raises:
+      ValueError: a field of target is not in the file's config (or the other
+        way round), or a value cannot be written on a command line.
+    """
+    base = flatten_config(_parse_main_flags(config_spec, []).to_dict())
+    want = flatten_config(target.to_dict())
+    for key in sorted(set(want) ^ set(base)):
+        where = (
+            "is not a field of"
+            if key in want
+            else "is missing from config." + section + " but is in"
+        )
+        raise ValueError(
+            f"config.{section}.{key} {where} {config_spec}: main.py runs that file with "
+            "--config.<field> overrides, so the two must have the same fields."
+        )
+    overrides = []
+    for key in sorted(want):
+        if want[key] != base[key] or type(want[key]) is not type(base[key]):
+            overrides.append(f"--config.{key}={_flag_value(key, want[key], config_spec)}")
+    try:
+        rebuilt = flatten_config(_parse_main_flags(config_spec, overrides).to_dict())
+    except Exception as e:  # absl's flag errors have no common base class worth naming
+        raise ValueError(
+            f"config.{section}: main.py cannot take {overrides} on top of {config_spec}: {e} "
+            "(a field that file sets to None can be overridden only if it is declared as "
+            "mlc.FieldReference(None, field_type=...))."
+        ) from e
+    wrong = [k for k in sorted(want) if rebuilt.get(k) != want[k]]
+    if wrong:
+        raise ValueError(
+            f"config.{section}: the overrides of {config_spec} do not rebuild "
+            f"{', '.join(f'{k}={want[k]!r} (parsed: {rebuilt.get(k)!r})' for k in wrong[:5])}."
+        )
+    return overrides
+
+
+def stage_args(config: mlc.ConfigDict, cell, workdir: str) -> dict[str, tuple[str, ...]]:
+    """main.py arguments of a cell's two runs.
+
+    Args:
+      config: the ablation config (names the base config files).
+      cell: a simclr_jax.ablation.Cell (name, pretrain and linear_eval configs).
+      workdir: the sweep directory.
+
+    Returns:
+      {'pretrain': (...), 'linear_eval': (...)}: --config, --workdir, then the
+      checked --config.* overrides.
+    """
+    out = {}
+    for kind, spec_field, target in (
+        ("pretrain", "pretrain_config", cell.pretrain),
+        ("linear_eval", "linear_eval_config", cell.linear_eval),
+    ):
+        absolute, shown = resolve_config_file(config[spec_field], spec_field)
+        overrides = config_overrides(absolute, target, kind)
+        run_dir = files.join(workdir, cell.name, kind)
+        out[kind] = (f"--config={shown}", f"--workdir={run_dir}", *overrides)
+    return out
+
+
+# ----------------------------------------------------------- launch commands
+
+
+def argv_without(argv, *names: str) -> list[str]:
+    """argv minus the flags called names (as --name=value)."""
+    return [a for a in argv if not any(a == n or a.startswith(n + "=") for n in names)]
+
+
+def format_launch_commands(
+    cells,
+    args: dict,
+    workdir: str,
+    platform: str,
+    *,
+    launcher_args: str | None = None,
+    report_command: str = "",
+) -> str:
+    """The launch commands of the unfinished cells (see simclr_jax.ablation.launch_commands).
+
+    Args:
+      cells: the sweep's cells (simclr_jax.ablation.Cell).
+      args: {cell name: stage_args(...)}.
+      workdir: the sweep directory as the cluster sees it (absolute, or gs://).
+      platform: 'tpu' or 'slurm'.
+      launcher_args: inserted verbatim after the launcher (default
+        DEFAULT_LAUNCHER_ARGS[platform]).
+      report_command: the command that writes the report afterwards (shown).
+
+    Returns:
+      The commands, one per line, with comments; finished cells as comments.
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform={platform!r}: use one of {PLATFORMS}")
+    extra = DEFAULT_LAUNCHER_ARGS[platform] if launcher_args is None else launcher_args
+    extra = f" {extra}" if extra else ""
+    lines = [f"# SimCLR ablation, {len(cells)} cells; run from the repository root ({REPO_ROOT})."]
+    if platform == "tpu":
+        lines += [
+            "# Each command runs one stage on an existing TPU VM (--skip-create); create it once:",
+            "#   gcloud compute tpus tpu-vm create $TPU_NAME --zone=$TPU_ZONE "
+            "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
+            "# On a pod slice the workdir must be a gs:// path every worker sees.",
+        ]
+    else:
+        lines += [
+            "# One job per stage; the linear eval waits for its pretraining (afterok).",
+            "# The workdir must be on a filesystem every node sees.",
+        ]
+    lines += [
+        "# Rerun this to print only what is still missing (a resubmitted pretraining resumes",
+        "# from its checkpoint). Report: " + (report_command or "--report_only"),
+    ]
+    for i, cell in enumerate(cells, 1):
+        status = ablation_report.cell_status(workdir, cell.name)
+        lines.append(f"# cell {i}/{len(cells)} {cell.name}: {status}")
+        if status == "done":
+            continue
+        todo = [
+            kind
+            for kind in STAGES
+            if not files.exists(files.join(workdir, cell.name, kind, ablation_report.RESULTS_FILE))
+        ]
+        for kind in todo:
+            main_args = args[cell.name][kind]
+            if platform == "tpu":
+                head, overrides = shlex.join(main_args[:2]), shlex.join(main_args[2:])
+                cmd = f"launch/tpu.sh{extra} {head} -- {overrides}"
+            else:
+                script = f"{extra} launch/slurm.sbatch {shlex.join(main_args)}"
+                if kind == "pretrain" and len(todo) == 2:
+                    cmd = f"jid=$(sbatch --parsable{script})"
+                elif len(todo) == 2:
+                    cmd = f"sbatch --dependency=afterok:$jid{script}"
+                else:
+                    cmd = f"sbatch{script}"
+            lines.append(cmd)
+    return "\n".join(lines) + "\n"
