@@ -98,8 +98,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.train.micro_batch_size = 0
     # BatchNorm under micro-batching: 'micro' normalises each micro-batch with its
     # own statistics (over every device with global BN); 'frozen' uses the running
-    # statistics (inference-mode BN, e.g. when continuing from a pretrained model),
-    # which makes the step identical to the full-batch one.
+    # statistics (inference-mode BN, e.g. when continuing from a pretrained model;
+    # it applies with or without micro-batching), which makes the micro-batched
+    # step identical to the full-batch one.
     config.train.micro_batch_bn = "micro"
     # > 0: save and stop at this step as if preempted (split a long run into
     # jobs; rerunning the same command resumes).
