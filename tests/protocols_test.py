@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_test import tiny_config
 
 from configs import cifar10
 from configs import finetune as finetune_config
@@ -29,17 +30,12 @@ from simclr_jax import (
 
 
 def tiny_pretrain_config():
-    """Embedded data, ResNet-18 at base width 4, batch 16, 4 steps."""
-    config = cifar10.get_config("runlocal")
-    config.model.base_width = 4
-    config.model.head_hidden_dim = 16
-    config.model.head_dim = 16
-    config.train.batch_size = 16
-    config.train.steps = 4
-    config.checkpoint.every_steps = 2
-    config.checkpoint.asynchronous = False
-    config.eval.knn = False
-    return config
+    """Embedded data, ResNet-18 at base width 4, batch 16, 4 steps: train_test's tiny run.
+
+    The same config as train_test.tiny_config, so the two files share compiled
+    programs through the persistent compilation cache.
+    """
+    return tiny_config()
 
 
 def tiny_protocol(config, init_from):
