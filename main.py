@@ -14,6 +14,12 @@ import os
 # quiet. This must happen before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# XLA:CPU flags (YNNPACK off convolutions, ...): XLA reads them when the backend starts, so they
+# go into the environment before jax is imported. See simclr_jax/xla_flags.py.
+from simclr_jax import xla_flags  # noqa: E402
+
+xla_flags.apply()
+
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -58,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     parser.add_argument("--conv_impl", default=None, choices=[None, "auto", "xla", "matmul"])
+    parser.add_argument(
+        "--xla_flags",
+        default="recommended",
+        choices=["recommended", "none"],
+        help="'recommended': add simclr_jax.xla_flags to XLA_FLAGS (as main.py does)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size; 0: by backend")
@@ -153,6 +159,10 @@ def main(argv: list[str]) -> dict:
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={args.devices}"
         )
+    if args.xla_flags == "recommended":
+        from simclr_jax import xla_flags
+
+        xla_flags.apply()
     # jax is imported only now so the affinity and XLA_FLAGS above take effect.
     import functools
 

@@ -1,12 +1,15 @@
-"""Convolutions computed as one matrix multiplication (shifted-slice im2col), for CPU speed.
+"""ResNet conv layers: XLA's, or one matrix multiplication (shifted-slice im2col) for CPU.
 
-XLA:CPU runs dot products through a tuned GEMM close to the machine's matmul peak, but its
-convolutions, above all the backward (input- and kernel-gradient) convolutions, run far below
-it. `MatmulConv` rewrites a k x k convolution as: pad once, take the kh * kw strided slices of
-the padded input, concatenate them on the channel axis to patches [n, ho, wo, kh * kw * cin],
-and multiply by the kernel reshaped to [kh * kw * cin, cout]. Forward and both gradients then
-become large matmuls plus cheap slicing/padding. A 1x1 convolution is a plain dot (a stride is
-a strided slice).
+jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default, which runs them, above all the
+backward (input- and kernel-gradient) convolutions, far below the machine's matmul peak. With
+`simclr_jax.xla_flags` applied before jax starts (main.py does), XLA's own convolution is used
+instead and is the fastest choice, so conv_impl='auto' picks 'xla' (flax.linen.Conv). Without
+those flags 'auto' picks `MatmulConv`, which is faster than the YNNPACK path there
+(benchmarks/conv_layer.py). `MatmulConv` rewrites a k x k convolution as: pad once, take the
+kh * kw strided slices of the padded input, concatenate them on the channel axis to patches
+[n, ho, wo, kh * kw * cin], and multiply by the kernel reshaped to [kh * kw * cin, cout].
+Forward and both gradients then become large matmuls plus cheap slicing/padding. A 1x1
+convolution is a plain dot (a stride is a strided slice).
 
 The patches are kh * kw times larger than the input, so the im2col + dot is wrapped in
 jax.checkpoint: the backward pass recomputes the slices from the input instead of keeping the
@@ -18,6 +21,7 @@ semantics ('SAME', 'VALID', an int, or explicit (low, high) pairs), same dtype p
 parameter trees, and checkpoints, are interchangeable between the two implementations.
 """
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -27,7 +31,7 @@ from flax.linen.dtypes import promote_dtype
 from jax import lax
 
 CONV_IMPLS: tuple[str, ...] = ("xla", "matmul")
-# 'auto' is resolved by the model factory at build time (matmul on CPU, xla elsewhere).
+# 'auto' is resolved by the model factory at build time (resolve_conv_impl).
 CONV_IMPL_CHOICES: tuple[str, ...] = ("auto",) + CONV_IMPLS
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
@@ -215,6 +219,33 @@ def get_conv_cls(conv_impl: str) -> type[nn.Module]:
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
 
 
+@functools.cache
+def cpu_conv_is_native() -> bool:
+    """Whether XLA:CPU runs convolutions with its own kernel rather than through YNNPACK.
+
+    jaxlib 0.10 sends convolutions to YNNPACK unless XLA_FLAGS says otherwise
+    (`simclr_jax.xla_flags`); that path is several times slower than XLA's own kernel here. The
+    answer comes from compiling a tiny convolution and reading the optimised HLO, so it reflects
+    the flags the running backend actually started with. Cached per process.
+
+    Returns:
+      True if the compiled convolution is a plain XLA convolution (no YNNPACK fusion).
+    """
+    # Only compiled, never run. XLA keeps very small convolutions (e.g. 1x8x8x8) off YNNPACK
+    # either way, so the probe has a ResNet-like shape.
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    x = jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.float32, sharding=cpu)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32, sharding=cpu)
+
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    hlo = jax.jit(conv).lower(x, w).compile().as_text()
+    return "ynn_fusion" not in hlo and "convolution(" in hlo
+
+
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
     """Resolves 'auto' to a concrete implementation for a backend.
 
@@ -224,7 +255,9 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
         consulted for 'auto'.
 
     Returns:
-      'matmul' for 'auto' on CPU, 'xla' for 'auto' elsewhere; other names unchanged.
+      For 'auto': 'xla' on GPU/TPU; on CPU 'xla' when XLA runs convolutions with its own kernel
+      (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started),
+      else 'matmul'. Other names unchanged.
 
     Raises:
       ValueError: for an unknown name.
@@ -234,4 +267,6 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
     if conv_impl != "auto":
         return conv_impl
     backend = jax.default_backend() if backend is None else backend
-    return "matmul" if backend == "cpu" else "xla"
+    if backend != "cpu":
+        return "xla"
+    return "xla" if cpu_conv_is_native() else "matmul"

@@ -1,0 +1,80 @@
+"""simclr_jax.xla_flags and the CPU conv_impl='auto' choice that depends on it."""
+
+import json
+import os
+import subprocess
+import sys
+
+from simclr_jax import xla_flags
+
+_YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+individual_dot"
+_WIDTH = "--xla_cpu_prefer_vector_width=512"
+
+
+def test_apply_adds_recommended_flags_once():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    added = xla_flags.apply(env, avx512f=True)
+    assert added == [_YNN, _WIDTH]
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", _YNN, _WIDTH]
+    # Idempotent: a second call (e.g. main.py under the test setup) adds nothing.
+    assert xla_flags.apply(env, avx512f=True) == []
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", _YNN, _WIDTH]
+
+
+def test_apply_without_avx512_and_from_empty_environment():
+    env = {}
+    assert xla_flags.apply(env, avx512f=False) == [_YNN]
+    assert env["XLA_FLAGS"] == _YNN
+
+
+def test_apply_keeps_the_users_value_and_can_be_disabled():
+    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
+    assert xla_flags.apply(env, avx512f=True) == [_WIDTH]
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+        _WIDTH,
+    ]
+    env = {"XLA_FLAGS": "--foo=1", "SIMCLR_XLA_CPU_FLAGS": "0"}
+    assert xla_flags.apply(env, avx512f=True) == []
+    assert env["XLA_FLAGS"] == "--foo=1"
+
+
+def test_cpuinfo_detection(tmp_path):
+    yes, no = tmp_path / "yes", tmp_path / "no"
+    yes.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512bw\n")
+    no.write_text("processor : 0\nflags : fpu sse2 avx2 avx512_bf16x\n")
+    assert xla_flags._cpu_has_avx512f(str(yes))
+    assert not xla_flags._cpu_has_avx512f(str(no))
+    assert not xla_flags._cpu_has_avx512f(str(tmp_path / "missing"))
+
+
+_PROBE = """
+import json, os
+import jax
+from simclr_jax.models import convs
+print(json.dumps({"native": convs.cpu_conv_is_native(),
+                  "auto": convs.resolve_conv_impl("auto"),
+                  "flags": os.environ.get("XLA_FLAGS", "")}))
+"""
+
+
+def _probe(extra_env: dict[str, str], apply_flags: bool) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env)
+    env["XLA_FLAGS"] = ""
+    code = ("from simclr_jax import xla_flags; xla_flags.apply()\n" if apply_flags else "") + _PROBE
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_auto_follows_the_flags_the_backend_started_with():
+    """The probe reads what XLA compiled, so 'auto' is right with and without the flags."""
+    with_flags = _probe({}, apply_flags=True)
+    assert _YNN in with_flags["flags"]
+    assert with_flags == {**with_flags, "native": True, "auto": "xla"}
+    # jaxlib 0.10's default sends convolutions to YNNPACK, where im2col is the faster choice.
+    without = _probe({"SIMCLR_XLA_CPU_FLAGS": "0"}, apply_flags=True)
+    assert without["flags"] == ""
+    assert without == {**without, "native": False, "auto": "matmul"}
