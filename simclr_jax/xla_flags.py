@@ -16,14 +16,16 @@ The flags below:
 XLA reads XLA_FLAGS once, when the first backend starts, so `apply()` must run before anything
 touches devices: main.py, the benchmarks and the test setup call it before importing jax. It is
 not called at import time of the library. A flag whose name already appears in XLA_FLAGS is left
-as the user set it, and SIMCLR_XLA_CPU_FLAGS=0 turns the whole thing off. The flags only
-concern the CPU backend; on GPU/TPU hosts they touch nothing but host-side CPU computations.
+as the user set it, SIMCLR_XLA_CPU_FLAGS=0 turns the whole thing off, and nothing is added under
+a jaxlib other than 0.10.x (XLA aborts on unknown flags; see VALIDATED_JAXLIB_PREFIX). The flags
+only concern the CPU backend; on GPU/TPU hosts they touch nothing but host-side CPU computations.
 
 `models.convs.resolve_conv_impl('auto')` does not trust the environment: it compiles a small
 convolution and looks at what XLA did with it, so a process that started its backend without
 these flags falls back to the im2col convolution, which is the faster one there.
 """
 
+import importlib.metadata
 import os
 
 # Name=value pairs appended to XLA_FLAGS (values checked against jaxlib 0.10.2's flag parser).
@@ -34,6 +36,16 @@ _YNN_FUSIONS = (
 _VECTOR_WIDTH = ("xla_cpu_prefer_vector_width", "512")
 
 DISABLE_ENV = "SIMCLR_XLA_CPU_FLAGS"
+# XLA aborts the process on a flag it does not know, and these are experimental options: only
+# add them for the jaxlib line they were checked against (setup.py pins 0.10.2).
+VALIDATED_JAXLIB_PREFIX = "0.10."
+
+
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 def _cpu_has_avx512f(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
@@ -62,7 +74,11 @@ def recommended_flags(avx512f: bool | None = None) -> list[tuple[str, str]]:
     return flags
 
 
-def apply(environ: dict[str, str] | None = None, avx512f: bool | None = None) -> list[str]:
+def apply(
+    environ: dict[str, str] | None = None,
+    avx512f: bool | None = None,
+    jaxlib_version: str | None = None,
+) -> list[str]:
     """Adds the recommended XLA:CPU flags to XLA_FLAGS, keeping any the user set.
 
     Must run before JAX starts a backend (first device query, first jit call); later it has no
@@ -71,13 +87,18 @@ def apply(environ: dict[str, str] | None = None, avx512f: bool | None = None) ->
     Args:
       environ: the environment to edit (default os.environ).
       avx512f: as in `recommended_flags`.
+      jaxlib_version: the installed jaxlib's version (None: read it). Nothing is added for a
+        jaxlib other than 0.10.x, whose XLA may not know these flags.
 
     Returns:
-      The flags added, as '--name=value' strings (empty if all were present or
-      SIMCLR_XLA_CPU_FLAGS=0).
+      The flags added, as '--name=value' strings (empty if all were present,
+      SIMCLR_XLA_CPU_FLAGS=0 or another jaxlib).
     """
     environ = os.environ if environ is None else environ
     if environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return []
+    version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
+    if not version.startswith(VALIDATED_JAXLIB_PREFIX):
         return []
     current = environ.get("XLA_FLAGS", "")
     added = [

@@ -39,6 +39,13 @@ def test_apply_keeps_the_users_value_and_can_be_disabled():
     assert env["XLA_FLAGS"] == "--foo=1"
 
 
+def test_apply_only_for_the_validated_jaxlib():
+    env = {"XLA_FLAGS": "--foo=1"}
+    assert xla_flags.apply(env, avx512f=True, jaxlib_version="0.11.0") == []
+    assert env["XLA_FLAGS"] == "--foo=1"
+    assert xla_flags.apply(env, avx512f=False, jaxlib_version="0.10.2") == [_YNN]
+
+
 def test_cpuinfo_detection(tmp_path):
     yes, no = tmp_path / "yes", tmp_path / "no"
     yes.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512bw\n")
