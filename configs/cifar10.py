@@ -56,8 +56,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.cifar_stem = True
     config.model.sk_ratio = 0.0
     config.model.dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
-    # 'auto': im2col + GEMM convs ('matmul') on CPU, where XLA's own convs are slow, and
-    # nn.Conv ('xla') on GPU/TPU. Parameters are identical, so checkpoints move freely.
+    # 'auto': nn.Conv ('xla') on GPU/TPU, and on CPU when simclr_jax.xla_flags gave XLA its own
+    # conv kernel back (main.py applies them); else im2col + GEMM convs ('matmul'). Parameters
+    # are identical, so checkpoints move freely.
     config.model.conv_impl = "auto"
     config.model.head_layers = 3
     config.model.head_dim = 128

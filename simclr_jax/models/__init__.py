@@ -8,8 +8,9 @@ Config fields read (config.model):
   sk_ratio (float >= 0), dtype ('float32'|'bfloat16'), head_layers (int >= 1),
   head_dim (int, 128), head_hidden_dim (int; 0 or None = width of h), bn_momentum,
   bn_epsilon, and optionally base_width (int, default 64; smaller only for tests) and
-  conv_impl ('auto'|'xla'|'matmul', default 'auto': 'matmul' on CPU, 'xla' on GPU/TPU,
-  resolved from jax.default_backend() when the encoder is built).
+  conv_impl ('auto'|'xla'|'matmul', default 'auto': 'xla' on GPU/TPU; on CPU 'xla' when XLA
+  runs convolutions with its own kernel (simclr_jax.xla_flags applied), else 'matmul';
+  resolved by convs.resolve_conv_impl when the encoder is built).
 """
 
 from typing import Any
