@@ -72,7 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--profile_dir",
         default="",
         help="also trace one extra step with jax.profiler into this directory and print the "
-        "time per XLA op kind (CPU: adds --xla_cpu_enable_xprof_traceme=true)",
+        "time per XLA op kind (CPU: adds --xla_cpu_enable_xprof_traceme=true to the whole run, "
+        "so its timings are not comparable with unprofiled runs; the JSON says profiled)",
     )
     return parser.parse_args(argv)
 
@@ -178,7 +179,9 @@ def profile_step(jax, compiled, state, batch, profile_dir: str, top: int = 12) -
     by_kind: collections.Counter = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            if "XLA" not in line.name:
+            # XLA's op lines (CPU: 'tf_XLAEigen/...', GPU/TPU: 'XLA Ops'), not 'XLA Modules',
+            # whose events span the ops again.
+            if "XLA" not in line.name or "Modules" in line.name:
                 continue
             for event in line.events:
                 if event.name.startswith(("ThunkExecutor", "end: ")):
@@ -337,6 +340,7 @@ def main(argv: list[str]) -> dict:
         "peak_memory_mib": memory / 2**20,
         "peak_memory_kind": memory_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "profiled": bool(args.profile_dir),
     }
     if profile:
         result["profile_ms_by_op_kind"] = profile

@@ -15,11 +15,12 @@ The flags below:
   CPU has AVX-512F; XLA's default is 256).
 
 XLA reads XLA_FLAGS once, when the first backend starts, so `apply()` must run before anything
-touches devices: main.py, the benchmarks and the test setup call it before importing jax. It is
-not called at import time of the library. A flag whose name already appears in XLA_FLAGS is left
-as the user set it, SIMCLR_XLA_CPU_FLAGS=0 turns the whole thing off, and nothing is added under
-a jaxlib other than 0.10.x (XLA aborts on unknown flags; see VALIDATED_JAXLIB_PREFIX). The flags
-only concern the CPU backend; on GPU/TPU hosts they touch nothing but host-side CPU computations.
+touches devices: main.py, benchmarks/{train_step,conv_layer}.py and the test setup call it
+first. It is not called at import time of the library. A flag whose name already appears in
+XLA_FLAGS is left as the user set it, SIMCLR_XLA_CPU_FLAGS=0 turns the whole thing off, and
+nothing is added under a jaxlib other than 0.10.x (XLA aborts on unknown flags; see
+VALIDATED_JAXLIB_PREFIX). The flags only concern the CPU backend; on GPU/TPU hosts they touch
+nothing but host-side CPU computations.
 
 `models.convs.resolve_conv_impl('auto')` does not trust the environment: it compiles a small
 convolution and looks at what XLA did with it, so a process that started its backend without

@@ -43,6 +43,8 @@ if REPO not in sys.path:
 from losses_test import np_nt_xent  # noqa: E402
 from main_test import TINY  # noqa: E402
 
+from simclr_jax import xla_flags  # noqa: E402
+
 GLOBAL_BATCH = 16
 PARAM_TOL = 1e-5
 LOSS_TOL = 1e-5
@@ -58,6 +60,9 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # The same XLA:CPU flags as conftest/main.py, so workers and the in-process reference resolve
+    # conv_impl='auto' alike.
+    xla_flags.apply(env)
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"

@@ -9,33 +9,37 @@ from simclr_jax import xla_flags
 
 _YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+individual_dot"
 _WIDTH = "--xla_cpu_prefer_vector_width=512"
+_V = "0.10.2"  # the jaxlib the flags were validated on (independent of what is installed)
 
 
 def test_apply_adds_recommended_flags_once():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    added = xla_flags.apply(env, avx512f=True)
+    added = xla_flags.apply(env, avx512f=True, jaxlib_version=_V)
     assert added == [_YNN, _WIDTH]
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", _YNN, _WIDTH]
     # Idempotent: a second call (e.g. main.py under the test setup) adds nothing.
-    assert xla_flags.apply(env, avx512f=True) == []
+    assert xla_flags.apply(env, avx512f=True, jaxlib_version=_V) == []
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", _YNN, _WIDTH]
 
 
 def test_apply_without_avx512_and_from_empty_environment():
     env = {}
-    assert xla_flags.apply(env, avx512f=False) == [_YNN]
+    assert xla_flags.apply(env, avx512f=False, jaxlib_version=_V) == [_YNN]
     assert env["XLA_FLAGS"] == _YNN
 
 
 def test_apply_keeps_the_users_value_and_can_be_disabled():
     env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
-    assert xla_flags.apply(env, avx512f=True) == [_WIDTH]
+    assert xla_flags.apply(env, avx512f=True, jaxlib_version=_V) == [_WIDTH]
     assert env["XLA_FLAGS"].split() == [
         "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
         _WIDTH,
     ]
+    env = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}
+    assert xla_flags.apply(env, avx512f=True, jaxlib_version=_V) == [_YNN]
+    assert env["XLA_FLAGS"].split() == ["--xla_cpu_prefer_vector_width=256", _YNN]
     env = {"XLA_FLAGS": "--foo=1", "SIMCLR_XLA_CPU_FLAGS": "0"}
-    assert xla_flags.apply(env, avx512f=True) == []
+    assert xla_flags.apply(env, avx512f=True, jaxlib_version=_V) == []
     assert env["XLA_FLAGS"] == "--foo=1"
 
 
@@ -65,9 +69,9 @@ print(json.dumps({"native": convs.cpu_conv_is_native(),
 """
 
 
-def _probe(extra_env: dict[str, str], apply_flags: bool) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra_env)
-    env["XLA_FLAGS"] = ""
+def _probe(xla_flags_env: str, apply_flags: bool) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_env)
+    env.pop("SIMCLR_XLA_CPU_FLAGS", None)
     code = ("from simclr_jax import xla_flags; xla_flags.apply()\n" if apply_flags else "") + _PROBE
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
@@ -78,10 +82,12 @@ def _probe(extra_env: dict[str, str], apply_flags: bool) -> dict:
 
 def test_auto_follows_the_flags_the_backend_started_with():
     """The probe reads what XLA compiled, so 'auto' is right with and without the flags."""
-    with_flags = _probe({}, apply_flags=True)
+    with_flags = _probe("", apply_flags=True)
     assert _YNN in with_flags["flags"]
     assert with_flags == {**with_flags, "native": True, "auto": "xla"}
-    # jaxlib 0.10's default sends convolutions to YNNPACK, where im2col is the faster choice.
-    without = _probe({"SIMCLR_XLA_CPU_FLAGS": "0"}, apply_flags=True)
-    assert without["flags"] == ""
+    # Convolutions sent to YNNPACK (jaxlib 0.10's default on this CPU; forced here so the case
+    # does not depend on the CPU): im2col is the faster choice, and 'auto' must see it.
+    forced = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+    without = _probe(forced, apply_flags=False)
+    assert without["flags"] == forced
     assert without == {**without, "native": False, "auto": "matmul"}

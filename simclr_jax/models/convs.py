@@ -233,7 +233,8 @@ def cpu_conv_is_native() -> bool:
     """
     # Only compiled, never run. XLA keeps very small convolutions (e.g. 1x8x8x8) off YNNPACK
     # either way, so the probe has a ResNet-like shape.
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    # A device of this process: after jax.distributed.initialize, jax.devices() lists all hosts'.
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     x = jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.float32, sharding=cpu)
     w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32, sharding=cpu)
 

@@ -256,7 +256,8 @@ class ResNet(nn.Module):
       base_width: width of the first stage before the multiplier. 64 for real ResNets; smaller
         values exist only to make tests fast.
       conv_impl: 'xla' (flax.linen.Conv) or 'matmul' (convs.MatmulConv, im2col + one GEMM;
-        faster on CPU). Both have identical parameter trees.
+        faster on CPU when simclr_jax.xla_flags was not applied). Both have identical
+        parameter trees.
     """
 
     depth: int
@@ -372,7 +373,8 @@ def resnet(
       bn_momentum: BN running-average momentum.
       bn_epsilon: BN epsilon.
       base_width: first-stage width before the multiplier (64; smaller only for tests).
-      conv_impl: 'xla' (nn.Conv) or 'matmul' (im2col + GEMM, faster on XLA:CPU).
+      conv_impl: 'xla' (nn.Conv) or 'matmul' (im2col + GEMM; faster on XLA:CPU without
+        simclr_jax.xla_flags).
 
     Returns:
       A ResNet module; `apply(variables, images, train=...)` returns h [n, C] float32.
