@@ -202,20 +202,13 @@ def main(argv: list[str]) -> dict:
     if args.threads > 0:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[: args.threads])
-    if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={args.devices}"
-        )
-    if args.profile_dir and "xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
-        )
-    if args.xla_flags == "recommended":
-        from simclr_jax import xla_flags
+    from simclr_jax import xla_flags
 
+    if args.devices > 1:
+        xla_flags.add_flag("xla_force_host_platform_device_count", str(args.devices))
+    if args.profile_dir:
+        xla_flags.add_flag("xla_cpu_enable_xprof_traceme", "true")
+    if args.xla_flags == "recommended":
         xla_flags.apply()
     # jax is imported only now so the affinity and XLA_FLAGS above take effect.
     import functools

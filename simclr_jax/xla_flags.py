@@ -61,6 +61,25 @@ def _cpu_has_avx512f(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+def add_flag(name: str, value: str, environ: dict[str, str] | None = None) -> bool:
+    """Appends --name=value to XLA_FLAGS unless a --name flag is already there.
+
+    Args:
+      name: the XLA flag's name, without the leading '--'.
+      value: its value.
+      environ: the environment to edit (default os.environ).
+
+    Returns:
+      Whether the flag was added.
+    """
+    environ = os.environ if environ is None else environ
+    current = environ.get("XLA_FLAGS", "")
+    if f"--{name}" in current:
+        return False
+    environ["XLA_FLAGS"] = f"{current.strip()} --{name}={value}".strip()
+    return True
+
+
 def recommended_flags(avx512f: bool | None = None) -> list[tuple[str, str]]:
     """The (name, value) XLA:CPU flags `apply` adds, for this CPU.
 
@@ -102,12 +121,8 @@ def apply(
     version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
     if not version.startswith(VALIDATED_JAXLIB_PREFIX):
         return []
-    current = environ.get("XLA_FLAGS", "")
-    added = [
+    return [
         f"--{name}={value}"
         for name, value in recommended_flags(avx512f)
-        if f"--{name}" not in current
+        if add_flag(name, value, environ)
     ]
-    if added:
-        environ["XLA_FLAGS"] = " ".join([current.strip()] + added).strip()
-    return added

@@ -6,12 +6,10 @@ is why it happens at the top of conftest rather than in a fixture.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-# The same XLA:CPU flags as main.py (conv_impl='auto' then resolves to XLA's convolution).
-from simclr_jax import xla_flags  # noqa: E402
+from simclr_jax import xla_flags  # noqa: E402  (imports no jax)
 
+xla_flags.add_flag("xla_force_host_platform_device_count", "8")
+# The same XLA:CPU flags as main.py (conv_impl='auto' then resolves to XLA's convolution).
 xla_flags.apply()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -22,6 +22,14 @@ def test_apply_adds_recommended_flags_once():
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", _YNN, _WIDTH]
 
 
+def test_add_flag_keeps_an_existing_setting():
+    env = {}
+    assert xla_flags.add_flag("xla_force_host_platform_device_count", "8", env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    assert not xla_flags.add_flag("xla_force_host_platform_device_count", "4", env)
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
 def test_apply_without_avx512_and_from_empty_environment():
     env = {}
     assert xla_flags.apply(env, avx512f=False, jaxlib_version=_V) == [_YNN]
