@@ -59,6 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     parser.add_argument("--conv_impl", default=None, choices=[None, "auto", "xla", "matmul"])
     parser.add_argument(
+        "--shortcut_fork",
+        default=None,
+        choices=[None, "auto", "on", "off"],
+        help="model.shortcut_fork (see simclr_jax.models.resnet.shortcut_fork)",
+    )
+    parser.add_argument(
         "--xla_flags",
         default="recommended",
         choices=["recommended", "none"],
@@ -225,6 +231,7 @@ def main(argv: list[str]) -> dict:
         ("depth", args.depth),
         ("dtype", args.dtype),
         ("conv_impl", args.conv_impl),
+        ("shortcut_fork", args.shortcut_fork),
     ]:
         if value is not None:
             config.model[field] = value
@@ -288,6 +295,7 @@ def main(argv: list[str]) -> dict:
     )
 
     from simclr_jax.models.convs import resolve_conv_impl
+    from simclr_jax.models.resnet import resolve_shortcut_fork
 
     macs = analytic_encoder_macs(
         config.model.depth,
@@ -317,6 +325,7 @@ def main(argv: list[str]) -> dict:
         "image_size": size,
         "dtype": dtype,
         "conv_impl": resolve_conv_impl(config.model.get("conv_impl", "auto")),
+        "shortcut_fork": resolve_shortcut_fork(config.model.get("shortcut_fork", "auto")),
         "batch": args.batch,
         "compile_s": compile_s,
         "step_s_median": step_s,

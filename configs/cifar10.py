@@ -60,6 +60,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # conv kernel back (main.py applies them); else im2col + GEMM convs ('matmul'). Parameters
     # are identical, so checkpoints move freely.
     config.model.conv_impl = "auto"
+    # 'auto': on for the CPU backend, where routing identity shortcuts through
+    # resnet.shortcut_fork keeps XLA's own kernel on those blocks' input-gradient convs (same
+    # values and gradients); off on GPU/TPU. 'on' / 'off' force it.
+    config.model.shortcut_fork = "auto"
     config.model.head_layers = 3
     config.model.head_dim = 128
     config.model.head_hidden_dim = 0  # 0: as wide as the representation h

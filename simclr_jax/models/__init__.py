@@ -10,7 +10,8 @@ Config fields read (config.model):
   bn_epsilon, and optionally base_width (int, default 64; smaller only for tests) and
   conv_impl ('auto'|'xla'|'matmul', default 'auto': 'xla' on GPU/TPU; on CPU 'xla' when XLA
   runs convolutions with its own kernel (simclr_jax.xla_flags applied), else 'matmul';
-  resolved by convs.resolve_conv_impl when the encoder is built).
+  resolved by convs.resolve_conv_impl when the encoder is built) and shortcut_fork
+  ('auto'|'on'|'off', default 'auto': on for the CPU backend; resnet.resolve_shortcut_fork).
 """
 
 from typing import Any
@@ -31,6 +32,7 @@ from simclr_jax.models.resnet import (
     ResNet,
     representation_dim,
     resnet,
+    resolve_shortcut_fork,
 )
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -82,7 +84,8 @@ def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
       A ResNet module returning h [n, C] float32.
 
     Raises:
-      ValueError: for invalid depth, width, sk_ratio, base_width, dtype or conv_impl.
+      ValueError: for invalid depth, width, sk_ratio, base_width, dtype, conv_impl or
+        shortcut_fork.
     """
     return resnet(
         model_cfg.depth,
@@ -95,6 +98,7 @@ def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
         bn_epsilon=model_cfg.bn_epsilon,
         base_width=model_cfg.get("base_width", BASE_WIDTH),
         conv_impl=resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
+        fork_shortcut=resolve_shortcut_fork(model_cfg.get("shortcut_fork", "auto")),
     )
 
 

@@ -106,6 +106,65 @@ def representation_dim(depth: int, width_multiplier: int = 1, base_width: int = 
     return 8 * base_width * width_multiplier * expansion
 
 
+SHORTCUT_FORK_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@jax.custom_vjp
+def shortcut_fork(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns (x, x): a block input for the residual branch and for the identity shortcut.
+
+    The identity in the forward pass. Its backward pass adds the two cotangents like JAX's own
+    fan-out rule, but keeps XLA:CPU from fusing the convolution that produced the branch
+    cotangent (the input gradient of the block's first conv) into that add. XLA:CPU's library
+    rewriter (jaxlib 0.10) grows a YNNPACK elementwise fusion from the add up into a producer
+    whose only user it is, and then runs the convolution with YNNPACK's kernel, which is far
+    slower here than XLA's own (benchmarks/conv_layer.py). A second, tiny user of the branch
+    cotangent (a one-element-per-example slice, which YNNPACK fusions do not take) stops that.
+    The term it adds is exactly zero, NaN and inf included: float(v != v) * 0 = 0.
+    """
+    return x, x
+
+
+def _shortcut_fork_fwd(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+    return (x, x), None
+
+
+def _shortcut_fork_bwd(_, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array]:
+    branch, shortcut = cotangents
+    # One element per example ([n, 1, 1, 1]), so a batch-sharded cotangent needs no collective.
+    probe = branch[(slice(None),) + (slice(0, 1),) * (branch.ndim - 1)]
+    zero = (probe != probe).astype(branch.dtype) * jnp.zeros((), branch.dtype)
+    return (branch + shortcut + zero,)
+
+
+shortcut_fork.defvjp(_shortcut_fork_fwd, _shortcut_fork_bwd)
+
+
+def resolve_shortcut_fork(value: str, backend: str | None = None) -> bool:
+    """Resolves model.shortcut_fork ('auto' | 'on' | 'off') to whether blocks use shortcut_fork.
+
+    Args:
+      value: 'on', 'off', or 'auto' (on for the CPU backend, where it keeps XLA's convolution
+        kernel on the input gradients of identity blocks; off elsewhere, where it would only add
+        a scalar to an add XLA fuses anyway).
+      backend: jax backend name; None asks jax.default_backend(). Only consulted for 'auto'.
+
+    Returns:
+      True to route identity shortcuts through shortcut_fork.
+
+    Raises:
+      ValueError: for any other value.
+    """
+    if value not in SHORTCUT_FORK_CHOICES:
+        raise ValueError(
+            f"model.shortcut_fork must be one of {SHORTCUT_FORK_CHOICES}, got {value!r}."
+        )
+    if value != "auto":
+        return value == "on"
+    backend = jax.default_backend() if backend is None else backend
+    return backend == "cpu"
+
+
 def _fixed_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """TF reference padding: (k - 1) // 2 before, the rest after, in both spatial dims."""
     total = kernel_size - 1
@@ -193,6 +252,7 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     resnet_d: bool = False
     sk_ratio: float = 0.0  # Unused: the reference has no SK in basic blocks.
+    fork_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,6 +261,8 @@ class BasicBlock(nn.Module):
             shortcut = _projection_shortcut(
                 x, self.features, self.strides, self.conv, self.norm, self.resnet_d
             )
+        elif self.fork_shortcut:
+            x, shortcut = shortcut_fork(x)
         y = _conv(self.conv, self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = _conv(self.conv, self.features, 3, 1, "conv2")(y)
@@ -217,6 +279,7 @@ class BottleneckBlock(nn.Module):
     norm: ModuleDef
     resnet_d: bool = False
     sk_ratio: float = 0.0
+    fork_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -226,6 +289,8 @@ class BottleneckBlock(nn.Module):
             shortcut = _projection_shortcut(
                 x, out_features, self.strides, self.conv, self.norm, self.resnet_d
             )
+        elif self.fork_shortcut:
+            x, shortcut = shortcut_fork(x)
         y = _conv(self.conv, self.features, 1, 1, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         if self.sk_ratio > 0:
@@ -258,6 +323,8 @@ class ResNet(nn.Module):
       conv_impl: 'xla' (flax.linen.Conv) or 'matmul' (convs.MatmulConv, im2col + one GEMM;
         faster on CPU when simclr_jax.xla_flags was not applied). Both have identical
         parameter trees.
+      fork_shortcut: route identity shortcuts through `shortcut_fork` (same values and
+        gradients; on CPU it keeps XLA's own kernel on those blocks' input-gradient convs).
     """
 
     depth: int
@@ -270,6 +337,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     base_width: int = BASE_WIDTH
     conv_impl: str = "xla"
+    fork_shortcut: bool = False
 
     def __post_init__(self) -> None:
         # Fail at construction rather than at the first trace.
@@ -342,6 +410,7 @@ class ResNet(nn.Module):
                     norm=norm,
                     resnet_d=resnet_d,
                     sk_ratio=self.sk_ratio,
+                    fork_shortcut=self.fork_shortcut,
                     name=f"block{stage + 1}_{index}",
                 )(x)
         # Pool in float32 so the bf16 path loses nothing in the final reduction.
@@ -360,6 +429,7 @@ def resnet(
     bn_epsilon: float = 1e-5,
     base_width: int = BASE_WIDTH,
     conv_impl: str = "xla",
+    fork_shortcut: bool = False,
 ) -> ResNet:
     """Builds a ResNet encoder module.
 
@@ -375,6 +445,8 @@ def resnet(
       base_width: first-stage width before the multiplier (64; smaller only for tests).
       conv_impl: 'xla' (nn.Conv) or 'matmul' (im2col + GEMM; faster on XLA:CPU without
         simclr_jax.xla_flags).
+      fork_shortcut: route identity shortcuts through `shortcut_fork` (identical values and
+        gradients; faster on XLA:CPU, see resolve_shortcut_fork).
 
     Returns:
       A ResNet module; `apply(variables, images, train=...)` returns h [n, C] float32.
@@ -393,4 +465,5 @@ def resnet(
         bn_epsilon=bn_epsilon,
         base_width=base_width,
         conv_impl=conv_impl,
+        fork_shortcut=fork_shortcut,
     )
