@@ -17,6 +17,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x /work/venv/bin/python ]]; then PYTHON=/work/venv/bin/python; else PYTHON=python; fi
 fi
 OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 
 for round in $(seq 1 "$ROUNDS"); do

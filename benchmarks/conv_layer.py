@@ -8,7 +8,9 @@
 Times value_and_grad of sum(conv(x, w)^2) with respect to x and w (one forward and the two
 backward convolutions, so 3 x 2 x N x H x W x 9 x C x C FLOPs) for stride-1 'SAME' 3x3
 convolutions at the shapes of ResNet-18's CIFAR stages (32x32x64, 16x16x128, 8x8x256, 4x4x512),
-N = --views images, float32, and prints the median time and GFLOP/s of each. --xla_flags picks
+N = --views images, float32, and prints the median time and GFLOP/s of each. --parts times the
+forward, input-gradient and kernel-gradient convolutions separately instead (2 x N x H x W x 9
+x C x C FLOPs each), to show which of the three is slow. --xla_flags picks
 whether simclr_jax.xla_flags is applied before jax starts (as main.py does) or not, which is
 what decides between XLA's own convolution and the YNNPACK one in jaxlib 0.10 (see that
 module). --threads pins the process to T CPUs, as benchmarks/train_step.py does.
@@ -31,6 +33,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=128, help="batch of images per conv")
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="time forward, input gradient and kernel gradient separately",
+    )
     parser.add_argument("--json", default="")
     return parser.parse_args(argv)
 
@@ -65,6 +72,30 @@ def _jax_timer(impl: str):
         step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
         return _median_seconds(lambda: jax.block_until_ready(step(x, w)), repeats)
 
+    def parts(n: int, size: int, channels: int, repeats: int) -> dict[str, float]:
+        x = jax.random.normal(jax.random.key(0), (n, size, size, channels))
+        w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
+        dy = jax.random.normal(jax.random.key(2), (n, size, size, channels))
+
+        def conv(x, w):
+            if impl == "matmul":
+                return convs.matmul_conv(x, w, 1, "SAME")
+            return jax.lax.conv_general_dilated(
+                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        # The convolution is linear in each argument, so the primal values do not matter.
+        fns = {
+            "fwd": (jax.jit(conv), (x, w)),
+            "dx": (jax.jit(lambda w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]), (w, dy)),
+            "dw": (jax.jit(lambda x, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, dy)),
+        }
+        return {
+            name: _median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats)
+            for name, (f, a) in fns.items()
+        }
+
+    timer.parts = parts
     return timer
 
 
@@ -87,6 +118,23 @@ def _torch_timer(threads: int):
 
         return _median_seconds(run, repeats)
 
+    def parts(n: int, size: int, channels: int, repeats: int) -> dict[str, float]:
+        x = torch.randn(n, channels, size, size).to(memory_format=torch.channels_last)
+        w = (torch.randn(channels, channels, 3, 3) * 0.05).to(memory_format=torch.channels_last)
+        dy = torch.randn(n, channels, size, size).to(memory_format=torch.channels_last)
+        grad = torch.nn.grad
+
+        def fwd():
+            with torch.no_grad():
+                torch.nn.functional.conv2d(x, w, padding=1)
+
+        return {
+            "fwd": _median_seconds(fwd, repeats),
+            "dx": _median_seconds(lambda: grad.conv2d_input(x.shape, w, dy, padding=1), repeats),
+            "dw": _median_seconds(lambda: grad.conv2d_weight(x, w.shape, dy, padding=1), repeats),
+        }
+
+    timer.parts = parts
     return timer
 
 
@@ -104,6 +152,21 @@ def main(argv: list[str]) -> dict:
         timer = _jax_timer(args.impl)
     rows = []
     for size, channels in STAGES:
+        if args.parts:
+            flops = 2 * args.views * size * size * 9 * channels * channels
+            seconds = timer.parts(args.views, size, channels, args.repeats)
+            rows.append(
+                {
+                    "shape": f"{size}x{size}x{channels}",
+                    **{f"{k}_ms": v * 1e3 for k, v in seconds.items()},
+                    **{f"{k}_gflops": flops / v / 1e9 for k, v in seconds.items()},
+                }
+            )
+            print(
+                f"{rows[-1]['shape']:>10s}  "
+                + "  ".join(f"{k} {flops / v / 1e9:6.1f} GFLOP/s" for k, v in seconds.items())
+            )
+            continue
         seconds = timer(args.views, size, channels, args.repeats)
         flops = 3 * 2 * args.views * size * size * 9 * channels * channels
         rows.append(
@@ -120,6 +183,7 @@ def main(argv: list[str]) -> dict:
         "impl": args.impl,
         "xla_flags": os.environ.get("XLA_FLAGS", "") if args.impl != "torch" else "",
         "views": args.views,
+        "parts": args.parts,
         "cpus": len(os.sched_getaffinity(0)),
         "stages": rows,
     }

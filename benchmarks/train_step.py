@@ -87,6 +87,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def load_config(spec: str):
     """Loads get_config(arg) from 'path/to/config.py[:arg]'."""
     path, _, arg = spec.partition(":")
+    # Configs import each other as `configs.<name>` (e.g. quickstart builds on cifar10), as
+    # they do under main.py, which runs from the repository root.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
     module_spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
