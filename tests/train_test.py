@@ -183,6 +183,8 @@ def test_loss_decreases_on_a_fixed_batch():
         ({"train__batch_size": 12}, "train.batch_size"),  # 12 over 8 devices
         ({"data__source": "webdataset"}, "data.source"),
         ({"model__depth": 42}, "model.depth"),
+        ({"model__conv_impl": "cudnn"}, "model.conv_impl"),
+        ({"model__shortcut_fork": "yes"}, "model.shortcut_fork"),
         ({"loss__temperature": -0.5}, "loss.temperature"),
         ({"optim__warmup_epochs": 10.0}, "optim.warmup_epochs"),  # warmup > 4 steps
         ({"train__parallelism": "gspmd"}, "train.parallelism"),
