@@ -58,32 +58,27 @@ def _jax_timer(impl: str):
 
     from simclr_jax.models import convs
 
-    def timer(n: int, size: int, channels: int, repeats: int) -> float:
+    def conv(x, w):
+        if impl == "matmul":
+            return convs.matmul_conv(x, w, 1, "SAME")
+        return jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def inputs(n: int, size: int, channels: int):
+        """x, w and an output cotangent dy for one stride-1 'SAME' 3x3 conv."""
         x = jax.random.normal(jax.random.key(0), (n, size, size, channels))
         w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
+        dy = jax.random.normal(jax.random.key(2), (n, size, size, channels))
+        return x, w, dy
 
-        def conv(x, w):
-            if impl == "matmul":
-                return convs.matmul_conv(x, w, 1, "SAME")
-            return jax.lax.conv_general_dilated(
-                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-
+    def timer(n: int, size: int, channels: int, repeats: int) -> float:
+        x, w, _ = inputs(n, size, channels)
         step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
         return _median_seconds(lambda: jax.block_until_ready(step(x, w)), repeats)
 
     def parts(n: int, size: int, channels: int, repeats: int) -> dict[str, float]:
-        x = jax.random.normal(jax.random.key(0), (n, size, size, channels))
-        w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.05
-        dy = jax.random.normal(jax.random.key(2), (n, size, size, channels))
-
-        def conv(x, w):
-            if impl == "matmul":
-                return convs.matmul_conv(x, w, 1, "SAME")
-            return jax.lax.conv_general_dilated(
-                x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-
+        x, w, dy = inputs(n, size, channels)
         # The convolution is linear in each argument, so the primal values do not matter.
         fns = {
             "fwd": (jax.jit(conv), (x, w)),

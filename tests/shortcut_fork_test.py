@@ -39,17 +39,21 @@ def test_resolve_shortcut_fork():
         resnet.resolve_shortcut_fork(True)
 
 
+def _nonzero_gammas(params):
+    """Every BN scale + 0.5: the last BN of each block starts at gamma = 0, which would leave the
+    residual branches without gradient."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 0.5 if "scale" in jax.tree_util.keystr(path) else p, params
+    )
+
+
 def test_model_gradients_identical_with_and_without_fork():
     kwargs = dict(cifar_stem=True, base_width=8)
     plain = resnet.resnet(18, fork_shortcut=False, **kwargs)
     forked = resnet.resnet(18, fork_shortcut=True, **kwargs)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     variables = plain.init(jax.random.key(1), x, train=True)
-    # Non-zero last-BN gammas, so the residual branches carry gradient too.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.5 if "scale" in jax.tree_util.keystr(path) else p,
-        variables["params"],
-    )
+    params = _nonzero_gammas(variables["params"])
 
     def loss(model, params):
         h, updates = model.apply(
@@ -79,11 +83,7 @@ def test_bottleneck_block_gradients_identical_with_and_without_fork():
 
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
     variables = block(False).init(jax.random.key(1), x)
-    # bn3 starts with gamma = 0, which would leave the residual branch without gradient.
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, p: p + 0.5 if "scale" in jax.tree_util.keystr(path) else p,
-        variables["params"],
-    )
+    params = _nonzero_gammas(variables["params"])
 
     def loss(fork, params, x):
         y, _ = block(fork).apply(
