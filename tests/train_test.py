@@ -1,5 +1,6 @@
 """Tests of the pretraining loop: parity of parallel modes, exact resume, restore, bad configs."""
 
+import importlib
 import json
 import os
 
@@ -202,6 +203,15 @@ def test_bad_config_fails_before_compiling(overrides, field, tmp_path, monkeypat
         train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
     value = list(overrides.values())[0]
     assert str(value) in str(err.value)
+
+
+def test_config_check_choices_match_the_models():
+    # config_checks keeps its own copies (no jax import); they must not drift.
+    from simclr_jax.models import convs
+
+    resnet_module = importlib.import_module("simclr_jax.models.resnet")
+    assert config_checks.CONV_IMPL_CHOICES == convs.CONV_IMPL_CHOICES
+    assert config_checks.SHORTCUT_FORK_CHOICES == resnet_module.SHORTCUT_FORK_CHOICES
 
 
 def test_configs_validate():
