@@ -56,9 +56,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.cifar_stem = True
     config.model.sk_ratio = 0.0
     config.model.dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
-    # 'auto': nn.Conv ('xla') on GPU/TPU, and on CPU when simclr_jax.xla_flags gave XLA its own
-    # conv kernel back (main.py applies them); else im2col + GEMM convs ('matmul'). Parameters
-    # are identical, so checkpoints move freely.
+    # 'auto': nn.Conv ('xla') on GPU/TPU. On CPU, when simclr_jax.xla_flags gave XLA its own
+    # conv kernel back (main.py applies them): nn.Conv with the native kernel gradient of
+    # simclr_jax.kernels ('dw_kernel', compiled with g++ on first use) where it builds, else
+    # 'xla'; without the flags im2col + GEMM convs ('matmul'). Parameters are identical, so
+    # checkpoints move freely.
     config.model.conv_impl = "auto"
     # 'auto': on for the CPU backend, where routing identity shortcuts through
     # resnet.shortcut_fork keeps XLA's own kernel on those blocks' input-gradient convs (same

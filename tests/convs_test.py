@@ -150,7 +150,10 @@ def test_conv_impl_validation_and_auto():
     native = convs.cpu_conv_is_native()
     if "-individual_convolution" in os.environ.get("XLA_FLAGS", ""):
         assert native
-    assert convs.resolve_conv_impl("auto", backend="cpu") == ("xla" if native else "matmul")
+    from simclr_jax import kernels
+
+    on_native = "dw_kernel" if kernels.available() else "xla"
+    assert convs.resolve_conv_impl("auto", backend="cpu") == (on_native if native else "matmul")
     assert convs.resolve_conv_impl("auto", backend="gpu") == "xla"
     assert convs.resolve_conv_impl("auto", backend="tpu") == "xla"
     assert convs.resolve_conv_impl("xla", backend="cpu") == "xla"

@@ -15,13 +15,22 @@ The patches are kh * kw times larger than the input, so the im2col + dot is wrap
 jax.checkpoint: the backward pass recomputes the slices from the input instead of keeping the
 patches alive from forward to backward (keeps peak memory close to nn.Conv's).
 
-The module is a drop-in replacement for flax.linen.Conv as the ResNet uses it: same 'kernel'
+`DwKernelConv` ('dw_kernel', the CPU default when the kernel builds) is XLA's convolution for
+the forward pass and the input gradient, with the kernel gradient computed by the native
+kernel in `simclr_jax.kernels` (an XLA FFI call). XLA:CPU computes that gradient as an Eigen
+convolution with an image-sized window over the transposed input, at 15-70% of the rate of
+its forward convolutions here; the native kernel runs it at 180-240 GFLOP/s on this 2-core
+machine (benchmarks/conv_layer.py --parts). Convolutions it cannot take (not float32, an
+output width that is not a multiple of 16) stay on XLA entirely.
+
+All modules are drop-in replacements for flax.linen.Conv as the ResNet uses it: same 'kernel'
 parameter [kh, kw, cin, cout] (and optional 'bias'), same default initialiser, same padding
 semantics ('SAME', 'VALID', an int, or explicit (low, high) pairs), same dtype promotion. So
 parameter trees, and checkpoints, are interchangeable between the two implementations.
 """
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -30,7 +39,9 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-CONV_IMPLS: tuple[str, ...] = ("xla", "matmul")
+from simclr_jax import kernels
+
+CONV_IMPLS: tuple[str, ...] = ("xla", "matmul", "dw_kernel")
 # 'auto' is resolved by the model factory at build time (resolve_conv_impl).
 CONV_IMPL_CHOICES: tuple[str, ...] = ("auto",) + CONV_IMPLS
 
@@ -176,35 +187,126 @@ class MatmulConv(nn.Conv):
         Raises:
           ValueError: for an option nn.Conv has but MatmulConv does not support.
         """
-        for name in ("input_dilation", "kernel_dilation"):
-            value = getattr(self, name)
-            if value not in (None, 1, (1, 1), [1, 1]):
-                raise ValueError(f"MatmulConv does not support {name}={value!r}; use nn.Conv.")
-        if self.feature_group_count != 1 or self.mask is not None:
-            raise ValueError(
-                "MatmulConv supports feature_group_count=1 and mask=None only, got "
-                f"feature_group_count={self.feature_group_count!r}; use nn.Conv."
-            )
-        kh, kw = _pair(self.kernel_size, "kernel_size")
-        cin = inputs.shape[-1]
-        kernel = self.param(
-            "kernel", self.kernel_init, (kh, kw, cin, self.features), self.param_dtype
+        return _apply_plain_conv(self, inputs, matmul_conv)
+
+
+def _apply_plain_conv(module: nn.Conv, inputs: jax.Array, conv_fn) -> jax.Array:
+    """nn.Conv's parameters, dtype promotion and bias around conv_fn(x, kernel, strides, padding).
+
+    For the nn.Conv subclasses below, which support only what the ResNet uses.
+
+    Raises:
+      ValueError: for dilation, feature groups or a mask.
+    """
+    name = type(module).__name__
+    for field in ("input_dilation", "kernel_dilation"):
+        value = getattr(module, field)
+        if value not in (None, 1, (1, 1), [1, 1]):
+            raise ValueError(f"{name} does not support {field}={value!r}; use nn.Conv.")
+    if module.feature_group_count != 1 or module.mask is not None:
+        raise ValueError(
+            f"{name} supports feature_group_count=1 and mask=None only, got "
+            f"feature_group_count={module.feature_group_count!r}; use nn.Conv."
         )
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = matmul_conv(inputs, kernel, self.strides or 1, self.padding)
-        if bias is not None:
-            y = y + bias
-        return y
+    if inputs.ndim != 4:
+        raise ValueError(f"{name} takes [n, h, w, c] (4-D) inputs, got shape {inputs.shape}.")
+    kh, kw = _pair(module.kernel_size, "kernel_size")
+    cin = inputs.shape[-1]
+    kernel = module.param(
+        "kernel", module.kernel_init, (kh, kw, cin, module.features), module.param_dtype
+    )
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    y = conv_fn(inputs, kernel, module.strides or 1, module.padding)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_dw_kernel(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+    return _xla_conv(x, kernel, strides, pads)
+
+
+def _conv_dw_kernel_fwd(x, kernel, strides, pads):
+    return _xla_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_dw_kernel_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    # XLA's input gradient (the forward conv in this vjp is dead code and is removed).
+    _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads), x)
+    (dx,) = vjp_x(dy)
+    dw = kernels.conv_kernel_grad(x, dy, tuple(kernel.shape[:2]), strides, (pads[0][0], pads[1][0]))
+    return dx, dw
+
+
+_conv_dw_kernel.defvjp(_conv_dw_kernel_fwd, _conv_dw_kernel_bwd)
+
+
+def dw_kernel_supported(x_dtype, kernel_dtype, cout: int) -> bool:
+    """Whether `dw_kernel_conv` hands a convolution's kernel gradient to the native kernel."""
+    return (
+        x_dtype == jnp.float32 and kernel_dtype == jnp.float32 and cout % kernels.native.LANES == 0
+    )
+
+
+def dw_kernel_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: int | Sequence[int] = 1,
+    padding: PaddingLike = "SAME",
+) -> jax.Array:
+    """XLA's 2-D convolution (NHWC, HWIO) whose kernel gradient comes from the native kernel.
+
+    Same value and input gradient as lax.conv_general_dilated; the kernel gradient equals
+    XLA's up to float32 summation order. Falls back to the plain XLA convolution when
+    `dw_kernel_supported` says no.
+
+    Args:
+      x: input [n, h, w, cin].
+      kernel: [kh, kw, cin, cout].
+      strides: int or (sh, sw).
+      padding: 'SAME', 'VALID', an int, or (low, high) pairs per spatial dim.
+
+    Returns:
+      [n, ho, wo, cout].
+    """
+    strides = _pair(strides, "strides")
+    pads = resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
+    if not dw_kernel_supported(x.dtype, kernel.dtype, kernel.shape[-1]):
+        return _xla_conv(x, kernel, strides, pads)
+    return _conv_dw_kernel(x, kernel, strides, pads)
+
+
+class DwKernelConv(nn.Conv):
+    """flax.linen.Conv whose kernel gradient is computed by the native CPU kernel.
+
+    Same fields, parameters and forward values as nn.Conv (see `dw_kernel_conv`); supports
+    what the ResNet uses (no dilation, no feature groups, no mask).
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Applies the convolution to inputs [n, h, w, cin]; returns [n, ho, wo, features]."""
+        return _apply_plain_conv(self, inputs, dw_kernel_conv)
 
 
 def get_conv_cls(conv_impl: str) -> type[nn.Module]:
     """Maps a conv implementation name to its Flax module class.
 
     Args:
-      conv_impl: 'xla' (flax.linen.Conv) or 'matmul' (MatmulConv).
+      conv_impl: 'xla' (flax.linen.Conv), 'matmul' (MatmulConv) or 'dw_kernel'
+        (DwKernelConv).
 
     Returns:
       The module class.
@@ -216,6 +318,8 @@ def get_conv_cls(conv_impl: str) -> type[nn.Module]:
         return nn.Conv
     if conv_impl == "matmul":
         return MatmulConv
+    if conv_impl == "dw_kernel":
+        return DwKernelConv
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
 
 
@@ -248,26 +352,50 @@ def cpu_conv_is_native() -> bool:
 
 
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Resolves 'auto' to a concrete implementation for a backend.
+    """Resolves 'auto' to a concrete implementation for a backend, and checks 'dw_kernel'.
 
     Args:
-      conv_impl: 'auto', 'xla' or 'matmul'.
-      backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend(). Only
-        consulted for 'auto'.
+      conv_impl: 'auto', 'xla', 'matmul' or 'dw_kernel'.
+      backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend().
 
     Returns:
-      For 'auto': 'xla' on GPU/TPU; on CPU 'xla' when XLA runs convolutions with its own kernel
-      (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started),
-      else 'matmul'. Other names unchanged.
+      For 'auto': 'xla' on GPU/TPU. On CPU, when XLA runs convolutions with its own kernel
+      (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started):
+      'dw_kernel' if the native kernel builds here (`simclr_jax.kernels.available`; else 'xla',
+      with a warning that says why); without the flags, 'matmul'. Other names unchanged.
 
     Raises:
-      ValueError: for an unknown name.
+      ValueError: for an unknown name, or 'dw_kernel' off the CPU backend or where the native
+        kernel cannot be built (the message says why).
     """
     if conv_impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}.")
+    backend = jax.default_backend() if backend is None else backend
+    if conv_impl == "dw_kernel":
+        if backend != "cpu":
+            raise ValueError(
+                f"model.conv_impl='dw_kernel' is a CPU kernel; the backend is {backend!r}. "
+                "Use 'auto' or 'xla'."
+            )
+        reason = kernels.unavailable_reason()
+        if reason is not None:
+            raise ValueError(
+                f"model.conv_impl='dw_kernel': the native kernel is unavailable here ({reason}). "
+                "Use 'auto' or 'xla'."
+            )
+        return conv_impl
     if conv_impl != "auto":
         return conv_impl
-    backend = jax.default_backend() if backend is None else backend
     if backend != "cpu":
         return "xla"
-    return "xla" if cpu_conv_is_native() else "matmul"
+    if not cpu_conv_is_native():
+        return "matmul"
+    reason = kernels.unavailable_reason()
+    if reason is None:
+        return "dw_kernel"
+    warnings.warn(
+        f"model.conv_impl='auto': using XLA's convolution kernel gradient, which is slower on "
+        f"CPU, because the native kernel is unavailable ({reason}).",
+        stacklevel=2,
+    )
+    return "xla"

@@ -1,0 +1,208 @@
+"""conv_kernel_grad.cc as an XLA:CPU FFI target: the kernel gradient of a convolution.
+
+The source is compiled with the system C++ compiler ($CXX, else g++ or c++) the first time a
+process needs it, into $SIMCLR_JAX_KERNEL_CACHE (default $XDG_CACHE_HOME/simclr_jax/kernels,
+i.e. ~/.cache/simclr_jax/kernels), under a name that hashes the source, the flags, the
+compiler's version and jaxlib's version. Later processes load the cached library in
+milliseconds; concurrent first builds (e.g. pytest-xdist workers) each write a temporary file
+and rename it into place, so they cannot corrupt each other.
+
+It needs Linux on x86-64 with AVX-512F, a C++17 compiler and jaxlib's FFI headers
+(jax.ffi.include_dir()). Where anything is missing, `available()` is False and
+`unavailable_reason()` says what; the models then keep XLA's own kernel gradient
+(models.convs.resolve_conv_impl).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_kernel_grad.cc")
+TARGET = "simclr_jax_conv_kernel_grad"
+CXXFLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC")
+# The kernel's vector width in float32 lanes: the output-channel count must be a multiple.
+LANES = 16
+
+
+class KernelUnavailableError(RuntimeError):
+    """The native kernel cannot be built or loaded on this machine."""
+
+
+def cache_dir() -> str:
+    """Where compiled kernels are kept: $SIMCLR_JAX_KERNEL_CACHE, else the XDG cache."""
+    if os.environ.get("SIMCLR_JAX_KERNEL_CACHE"):
+        return os.environ["SIMCLR_JAX_KERNEL_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "simclr_jax", "kernels")
+
+
+def _cpu_has_avx512f() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        return False
+    return False
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cxx: str) -> str:
+    """Compiles SOURCE (unless a build for this source/compiler/jaxlib exists); returns its path."""
+    try:
+        version = subprocess.run(
+            [cxx, "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelUnavailableError(f"the C++ compiler {cxx} does not run: {e}") from e
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(
+        b"\0".join([source, repr(CXXFLAGS).encode(), version.encode(), jaxlib.__version__.encode()])
+    ).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"conv_kernel_grad-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache_dir())
+    os.close(fd)
+    # -isystem: jaxlib's headers have warnings of their own that are not ours to show.
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    print(f"simclr_jax: compiling the native conv kernel gradient into {path}", file=sys.stderr)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        os.unlink(tmp)
+        raise KernelUnavailableError(f"running {' '.join(cmd)} failed: {e}") from e
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise KernelUnavailableError(
+            f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
+        )
+    os.replace(tmp, path)
+    return path
+
+
+@functools.cache
+def _load() -> str | None:
+    """Builds, loads and registers the FFI target once per process; the reason on failure."""
+    if not _cpu_has_avx512f():
+        return "this CPU has no AVX-512F (or this is not Linux on x86-64)"
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler found ($CXX, g++ or c++)"
+    try:
+        lib = ctypes.cdll.LoadLibrary(_build(cxx))
+    except (KernelUnavailableError, OSError) as e:
+        return str(e)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SimclrConvKernelGrad), platform="cpu")
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernel is built and registered, else why not (builds on the first call)."""
+    return _load()
+
+
+def available() -> bool:
+    """Whether the kernel is usable in this process (builds it on the first call)."""
+    return _load() is None
+
+
+def conv_kernel_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_size: tuple[int, int],
+    strides: tuple[int, int],
+    padding_low: tuple[int, int],
+) -> jax.Array:
+    """Kernel gradient of a 2-D convolution, NHWC input and HWIO kernel, on XLA:CPU.
+
+    dw[i, j, ci, co] = sum over n, ho, wo of x[n, ho * sh + i - ph, wo * sw + j - pw, ci] *
+    dy[n, ho, wo, co], with x read as zero outside the image; (ph, pw) = padding_low. The high
+    padding follows from dy's spatial size.
+
+    Args:
+      x: float32 [n, h, w, cin], the convolution's input.
+      dy: float32 [n, ho, wo, cout], the cotangent of its output; cout a multiple of LANES.
+      kernel_size: (kh, kw).
+      strides: (sh, sw).
+      padding_low: padding before the first row and column, (ph, pw).
+
+    Returns:
+      float32 [kh, kw, cin, cout].
+
+    Raises:
+      KernelUnavailableError: when the kernel cannot be built here (see unavailable_reason).
+      ValueError: for other dtypes, ranks or a cout that is not a multiple of LANES.
+    """
+    reason = _load()
+    if reason is not None:
+        raise KernelUnavailableError(f"the native conv kernel gradient is unavailable: {reason}")
+    if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
+        raise ValueError(f"float32 only, got x {x.dtype} and dy {dy.dtype}.")
+    if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x and dy must be 4-D with one batch size, got {x.shape} and {dy.shape}.")
+    if dy.shape[-1] % LANES:
+        raise ValueError(f"cout must be a multiple of {LANES}, got {dy.shape[-1]}.")
+    kh, kw = kernel_size
+    out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+        x,
+        dy,
+        sh=np.int64(strides[0]),
+        sw=np.int64(strides[1]),
+        ph=np.int64(padding_low[0]),
+        pw=np.int64(padding_low[1]),
+    )
+
+
+def kernel_grad_flops(closed_jaxpr) -> float:
+    """FLOPs of the native kernel-gradient calls in a traced program (XLA's cost analysis cannot
+    see inside FFI calls). Walks nested jaxprs (jit, shard_map, remat, ...); shapes are those
+    seen inside them, i.e. one device's under shard_map or pmap.
+
+    Args:
+      closed_jaxpr: e.g. jax.jit(f).trace(*args).jaxpr.
+
+    Returns:
+      2 * (output positions) * kh * kw * cin * cout summed over the calls.
+    """
+    from jax import extend
+
+    def walk(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "ffi_call" and eqn.params.get("target_name") == TARGET:
+                dy_shape = eqn.invars[1].aval.shape
+                dw_shape = eqn.params["result_avals"][0].shape
+                total += 2.0 * np.prod(dy_shape[:3]) * np.prod(dw_shape)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    if isinstance(sub, extend.core.ClosedJaxpr):
+                        total += walk(sub.jaxpr)
+                    elif isinstance(sub, extend.core.Jaxpr):
+                        total += walk(sub)
+        return total
+
+    return walk(closed_jaxpr.jaxpr)

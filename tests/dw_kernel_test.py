@@ -1,0 +1,226 @@
+"""Tests for the native conv kernel gradient (simclr_jax.kernels) and conv_impl='dw_kernel'.
+
+The kernel is checked against a float64 NumPy formula of the kernel gradient and against
+XLA's own gradient; the model, multi-device and fallback paths against conv_impl='xla'.
+"""
+
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from simclr_jax import kernels
+from simclr_jax.kernels import native
+from simclr_jax.models import convs, resnet
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(), reason=f"native kernel unavailable: {kernels.unavailable_reason()}"
+)
+
+
+def _np_kernel_grad(x, dy, kh, kw, strides, pads):
+    """dw[i, j] = sum over n, ho, wo of x_padded[n, ho*sh + i, wo*sw + j] (x) dy[n, ho, wo]."""
+    (ph0, ph1), (pw0, pw1) = pads
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    dy = np.asarray(dy, np.float64)
+    _, ho, wo, _ = dy.shape
+    sh, sw = strides
+    dw = np.zeros((kh, kw, x.shape[-1], dy.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
+            dw[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
+    return dw
+
+
+def _xla_conv(x, w, strides, pads):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)
+
+
+# (n, h, w, cin, cout, kh, kw, strides, pads): odd sizes, cin not a multiple of the 6-channel
+# register block, cout with a 16-lane tail after a 64-wide block (80), asymmetric and
+# over-sized padding, 1x1 and 7x7 kernels, and batches that split into uneven image chunks.
+KERNEL_CASES = [
+    (3, 9, 7, 5, 16, 3, 3, (1, 1), ((1, 1), (1, 1))),
+    (2, 8, 8, 13, 80, 3, 3, (2, 2), ((0, 1), (0, 1))),
+    (4, 6, 6, 7, 32, 1, 1, (2, 2), ((0, 0), (0, 0))),
+    (2, 11, 11, 3, 16, 7, 7, (2, 2), ((3, 3), (3, 3))),
+    (1, 5, 5, 4, 48, 3, 3, (1, 1), ((2, 2), (2, 2))),
+    (33, 4, 4, 16, 16, 3, 3, (1, 1), ((1, 1), (1, 1))),
+    (5, 7, 10, 6, 144, 3, 1, (2, 1), ((1, 1), (0, 0))),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,h,w,cin,cout,kh,kw,strides,pads", KERNEL_CASES)
+def test_kernel_grad_matches_numpy_and_xla(n, h, w, cin, cout, kh, kw, strides, pads):
+    rng = np.random.default_rng(n * 1000 + cin)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+    wshape = (kh, kw, cin, cout)
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+    dy = jnp.asarray(rng.standard_normal((n, ho, wo, cout)), jnp.float32)
+    dw = jax.jit(
+        lambda x, dy: kernels.conv_kernel_grad(x, dy, (kh, kw), strides, (pads[0][0], pads[1][0]))
+    )(x, dy)
+    assert dw.shape == wshape and dw.dtype == jnp.float32
+    assert _rel_err(dw, _np_kernel_grad(x, dy, kh, kw, strides, pads)) < 1e-5
+    _, vjp = jax.vjp(lambda k: _xla_conv(x, k, strides, pads), jnp.zeros(wshape))
+    assert _rel_err(dw, vjp(dy)[0]) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
+def test_dw_kernel_conv_value_and_gradients_match_xla(stride, pads):
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 8, 32)) * 0.1, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal(_xla_conv(x, w, (stride,) * 2, pads).shape), jnp.float32)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(conv(x, w, (stride, stride), pads) * ct)
+
+    ours = jax.jit(jax.value_and_grad(loss(convs.dw_kernel_conv), argnums=(0, 1)))
+    ref = jax.jit(jax.value_and_grad(loss(_xla_conv), argnums=(0, 1)))
+    (v, (dx, dw)), (v_ref, (dx_ref, dw_ref)) = ours(x, w), ref(x, w)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+    # Forward and input gradient are XLA's own convolutions.
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    assert _rel_err(dw, dw_ref) < 1e-5
+    hlo = ours.lower(x, w).as_text()
+    assert native.TARGET in hlo
+    assert native.TARGET not in ref.lower(x, w).as_text()
+
+
+def test_unsupported_convolutions_stay_on_xla():
+    x = jnp.ones((2, 6, 6, 4))
+    # cout not a multiple of 16; bfloat16.
+    for dtype, cout in [(jnp.float32, 8), (jnp.bfloat16, 16)]:
+        w = jnp.ones((3, 3, 4, cout), dtype)
+        xd = x.astype(dtype)
+        f = jax.grad(lambda w, xd=xd: jnp.sum(convs.dw_kernel_conv(xd, w, 1, "SAME")))
+        assert native.TARGET not in jax.jit(f).lower(w).as_text()
+        assert native.kernel_grad_flops(jax.jit(f).trace(w).jaxpr) == 0
+
+
+@needs_kernel
+def test_kernel_grad_flops_counts_the_calls():
+    x = jnp.ones((3, 8, 8, 5))
+    w = jnp.ones((3, 3, 5, 32))
+    f = jax.jit(jax.grad(lambda w: jnp.sum(convs.dw_kernel_conv(x, w, 2, ((0, 1), (0, 1))))))
+    assert native.kernel_grad_flops(f.trace(w).jaxpr) == 2 * 3 * 4 * 4 * 3 * 3 * 5 * 32
+
+
+@needs_kernel
+def test_resnet_dw_kernel_matches_xla():
+    """Whole ResNet-18 (widths 16-128, projection shortcuts, CIFAR stem): same parameter tree,
+    same outputs, gradients equal to float32 noise."""
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    ref = resnet(18, cifar_stem=True, base_width=16, conv_impl="xla")
+    ours = resnet(18, cifar_stem=True, base_width=16, conv_impl="dw_kernel")
+    variables = ref.init(jax.random.key(1), x, train=False)
+    ours_vars = ours.init(jax.random.key(1), x, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(ours_vars)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(ours_vars), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Non-zero last-BN gammas, so every block's branch carries gradient.
+    params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 1 else p, variables["params"])
+
+    def grads(model):
+        def loss(p):
+            h, _ = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(h))
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (v_ref, g_ref), (v, g) = grads(ref), grads(ours)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(g_ref))
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(g_ref), jax.tree.leaves(g), strict=True
+    ):
+        err = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
+        assert err < 1e-5, (jax.tree_util.keystr(path), err)
+
+
+@needs_kernel
+def test_shard_map_gradient_matches_one_device():
+    """Per-device kernel gradients summed over 4 devices equal the one-device gradient."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 8, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32)
+
+    def loss(w, x):
+        return jnp.sum(jnp.sin(convs.dw_kernel_conv(x, w, 1, "SAME")))
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+
+    def per_device(w, x):
+        return jax.lax.psum(jax.grad(loss)(w, x), "data")
+
+    sharded = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+    )
+    assert _rel_err(sharded(w, x), jax.jit(jax.grad(loss))(w, x)) < 1e-5
+
+
+def test_resolve_falls_back_with_a_reason(monkeypatch):
+    monkeypatch.setattr(native, "_load", lambda: "no C++ compiler found (test)")
+    assert not kernels.available()
+    with pytest.raises(ValueError, match="no C.. compiler found"):
+        convs.resolve_conv_impl("dw_kernel", backend="cpu")
+    with pytest.raises(ValueError, match="CPU kernel"):
+        convs.resolve_conv_impl("dw_kernel", backend="gpu")
+    if convs.cpu_conv_is_native():
+        with pytest.warns(UserWarning, match="no C.. compiler found"):
+            assert convs.resolve_conv_impl("auto", backend="cpu") == "xla"
+    with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
+        kernels.conv_kernel_grad(
+            jnp.ones((1, 4, 4, 2)), jnp.ones((1, 4, 4, 16)), (3, 3), (1, 1), (1, 1)
+        )
+
+
+def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):
+    """A failing compiler gives KernelUnavailableError with its output; a good build is cached
+    under a key of source, flags, compiler version and jaxlib version, and reused."""
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi\n'
+        'echo "error: no such thing" >&2; exit 1\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("SIMCLR_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.KernelUnavailableError, match="no such thing"):
+        native._build(str(fake))
+    assert not [p for p in os.listdir(tmp_path / "cache") if p.endswith(".so")]
+
+    # A compiler that writes its output file: built once, then found in the cache.
+    calls = tmp_path / "calls"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi\n'
+        f'echo built >> "{calls}"\n'
+        'while [ "$#" -gt 1 ]; do shift; done; echo lib > "$1"\n'
+    )
+    first = native._build(str(fake))
+    assert os.path.dirname(first) == str(tmp_path / "cache") and os.path.exists(first)
+    assert native._build(str(fake)) == first
+    assert calls.read_text().count("built") == 1
