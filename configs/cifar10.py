@@ -57,9 +57,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.sk_ratio = 0.0
     config.model.dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
     # 'auto': nn.Conv ('xla') on GPU/TPU. On CPU, when simclr_jax.xla_flags gave XLA its own
-    # conv kernel back (main.py applies them): nn.Conv with the native kernel gradient of
-    # simclr_jax.kernels ('dw_kernel', compiled with g++ on first use) where it builds, else
-    # 'xla'; without the flags im2col + GEMM convs ('matmul'). Parameters are identical, so
+    # conv kernel back (main.py applies them): the native kernels of simclr_jax.kernels where
+    # they are faster ('native', compiled with g++ on first use) where they build, else 'xla';
+    # without the flags im2col + GEMM convs ('matmul'). Parameters are identical, so
     # checkpoints move freely.
     config.model.conv_impl = "auto"
     # 'auto': on for the CPU backend, where routing identity shortcuts through

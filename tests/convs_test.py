@@ -152,7 +152,7 @@ def test_conv_impl_validation_and_auto():
         assert native
     from simclr_jax import kernels
 
-    on_native = "dw_kernel" if kernels.available() else "xla"
+    on_native = "native" if kernels.available() else "xla"
     assert convs.resolve_conv_impl("auto", backend="cpu") == (on_native if native else "matmul")
     assert convs.resolve_conv_impl("auto", backend="gpu") == "xla"
     assert convs.resolve_conv_impl("auto", backend="tpu") == "xla"

@@ -3,8 +3,17 @@
 from simclr_jax.kernels.native import (
     KernelUnavailableError,
     available,
+    conv_forward,
     conv_kernel_grad,
+    native_flops,
     unavailable_reason,
 )
 
-__all__ = ["KernelUnavailableError", "available", "conv_kernel_grad", "unavailable_reason"]
+__all__ = [
+    "KernelUnavailableError",
+    "available",
+    "conv_forward",
+    "conv_kernel_grad",
+    "native_flops",
+    "unavailable_reason",
+]

@@ -1,4 +1,4 @@
-"""conv_kernel_grad.cc as an XLA:CPU FFI target: the kernel gradient of a convolution.
+"""conv_kernels.cc as XLA:CPU FFI targets: a convolution and its kernel gradient.
 
 The source is compiled with the system C++ compiler ($CXX, else g++ or c++) the first time a
 process needs it, into $SIMCLR_JAX_KERNEL_CACHE (default $XDG_CACHE_HOME/simclr_jax/kernels,
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_kernel_grad.cc")
-TARGET = "simclr_jax_conv_kernel_grad"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conv_kernels.cc")
+GRAD_TARGET = "simclr_jax_conv_kernel_grad"
+FORWARD_TARGET = "simclr_jax_conv_forward"
 CXXFLAGS = ("-O3", "-mavx512f", "-mfma", "-std=c++17", "-shared", "-fPIC")
 # The kernel's vector width in float32 lanes: the output-channel count must be a multiple.
 LANES = 16
@@ -80,7 +81,7 @@ def _build(cxx: str) -> str:
     key = hashlib.sha256(
         b"\0".join([source, repr(CXXFLAGS).encode(), version.encode(), jaxlib.__version__.encode()])
     ).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"conv_kernel_grad-{key}.so")
+    path = os.path.join(cache_dir(), f"conv_kernels-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(cache_dir(), exist_ok=True)
@@ -88,7 +89,7 @@ def _build(cxx: str) -> str:
     os.close(fd)
     # -isystem: jaxlib's headers have warnings of their own that are not ours to show.
     cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", tmp]
-    print(f"simclr_jax: compiling the native conv kernel gradient into {path}", file=sys.stderr)
+    print(f"simclr_jax: compiling the native conv kernels into {path}", file=sys.stderr)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.SubprocessError) as e:
@@ -115,7 +116,12 @@ def _load() -> str | None:
         lib = ctypes.cdll.LoadLibrary(_build(cxx))
     except (KernelUnavailableError, OSError) as e:
         return str(e)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SimclrConvKernelGrad), platform="cpu")
+    jax.ffi.register_ffi_target(
+        GRAD_TARGET, jax.ffi.pycapsule(lib.SimclrConvKernelGrad), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        FORWARD_TARGET, jax.ffi.pycapsule(lib.SimclrConvForward), platform="cpu"
+    )
     return None
 
 
@@ -156,18 +162,11 @@ def conv_kernel_grad(
       KernelUnavailableError: when the kernel cannot be built here (see unavailable_reason).
       ValueError: for other dtypes, ranks or a cout that is not a multiple of LANES.
     """
-    reason = _load()
-    if reason is not None:
-        raise KernelUnavailableError(f"the native conv kernel gradient is unavailable: {reason}")
-    if x.dtype != jnp.float32 or dy.dtype != jnp.float32:
-        raise ValueError(f"float32 only, got x {x.dtype} and dy {dy.dtype}.")
-    if x.ndim != 4 or dy.ndim != 4 or x.shape[0] != dy.shape[0]:
-        raise ValueError(f"x and dy must be 4-D with one batch size, got {x.shape} and {dy.shape}.")
-    if dy.shape[-1] % LANES:
-        raise ValueError(f"cout must be a multiple of {LANES}, got {dy.shape[-1]}.")
+    _check(x, dy, "x", "dy")
     kh, kw = kernel_size
-    out = jax.ShapeDtypeStruct((kh, kw, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+    x, dy, like = _same_manual_axes(x, dy)
+    out = like.update(shape=(kh, kw, x.shape[-1], dy.shape[-1]), dtype=jnp.float32)
+    return jax.ffi.ffi_call(GRAD_TARGET, out, vmap_method="sequential")(
         x,
         dy,
         sh=np.int64(strides[0]),
@@ -177,10 +176,83 @@ def conv_kernel_grad(
     )
 
 
-def kernel_grad_flops(closed_jaxpr) -> float:
-    """FLOPs of the native kernel-gradient calls in a traced program (XLA's cost analysis cannot
-    see inside FFI calls). Walks nested jaxprs (jit, shard_map, remat, ...); shapes are those
-    seen inside them, i.e. one device's under shard_map or pmap.
+def conv_forward(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """A 2-D convolution, NHWC input and HWIO kernel, on XLA:CPU (the native kernel).
+
+    y[n, ho, wo, co] = sum over i, j, ci of x[n, ho * sh + i - ph, wo * sw + j - pw, ci] *
+    kernel[i, j, ci, co], x read as zero outside the image; equal to lax.conv_general_dilated
+    with the same strides and padding up to float32 summation order.
+
+    Args:
+      x: float32 [n, h, w, cin].
+      kernel: float32 [kh, kw, cin, cout]; cout a multiple of LANES.
+      strides: (sh, sw).
+      pads: ((low, high), (low, high)) per spatial dim.
+
+    Returns:
+      float32 [n, ho, wo, cout].
+
+    Raises:
+      KernelUnavailableError: when the kernel cannot be built here (see unavailable_reason).
+      ValueError: for other dtypes, ranks, mismatched channels or an unsupported cout.
+    """
+    _check(x, kernel, "x", "kernel", batch=False)
+    if kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"kernel {kernel.shape} does not take {x.shape[-1]} input channels.")
+    kh, kw = kernel.shape[:2]
+    (ph0, ph1), (pw0, pw1) = pads
+    ho = (x.shape[1] + ph0 + ph1 - kh) // strides[0] + 1
+    wo = (x.shape[2] + pw0 + pw1 - kw) // strides[1] + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"no output: kernel {(kh, kw)} over padded input of {x.shape}.")
+    x, kernel, like = _same_manual_axes(x, kernel)
+    out = like.update(shape=(x.shape[0], ho, wo, kernel.shape[-1]), dtype=jnp.float32)
+    return jax.ffi.ffi_call(FORWARD_TARGET, out, vmap_method="sequential")(
+        x,
+        kernel,
+        sh=np.int64(strides[0]),
+        sw=np.int64(strides[1]),
+        ph=np.int64(ph0),
+        pw=np.int64(pw0),
+    )
+
+
+def _same_manual_axes(a: jax.Array, b: jax.Array):
+    """Makes both operands vary over the same shard_map mesh axes (one FFI call takes one
+    type); returns them and the abstract type a result must take (no-op outside shard_map)."""
+    va, vb = jax.typeof(a).manual_axis_type.varying, jax.typeof(b).manual_axis_type.varying
+    if vb - va:
+        a = jax.lax.pcast(a, tuple(sorted(vb - va)), to="varying")
+    if va - vb:
+        b = jax.lax.pcast(b, tuple(sorted(va - vb)), to="varying")
+    return a, b, jax.typeof(a)
+
+
+def _check(a: jax.Array, b: jax.Array, a_name: str, b_name: str, batch: bool = True) -> None:
+    reason = _load()
+    if reason is not None:
+        raise KernelUnavailableError(f"the native conv kernels are unavailable: {reason}")
+    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+        raise ValueError(f"float32 only, got {a_name} {a.dtype} and {b_name} {b.dtype}.")
+    if a.ndim != 4 or b.ndim != 4 or (batch and a.shape[0] != b.shape[0]):
+        raise ValueError(
+            f"{a_name} and {b_name} must be 4-D"
+            + (" with one batch size" if batch else "")
+            + f", got {a.shape} and {b.shape}."
+        )
+    if b.shape[-1] % LANES:
+        raise ValueError(f"cout must be a multiple of {LANES}, got {b.shape[-1]}.")
+
+
+def native_flops(closed_jaxpr) -> float:
+    """FLOPs of the native kernel calls in a traced program (XLA's cost analysis cannot see
+    inside FFI calls). Walks nested jaxprs (jit, shard_map, remat, ...); shapes are those seen
+    inside them, i.e. one device's under shard_map or pmap.
 
     Args:
       closed_jaxpr: e.g. jax.jit(f).trace(*args).jaxpr.
@@ -193,10 +265,13 @@ def kernel_grad_flops(closed_jaxpr) -> float:
     def walk(jaxpr) -> float:
         total = 0.0
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "ffi_call" and eqn.params.get("target_name") == TARGET:
-                dy_shape = eqn.invars[1].aval.shape
-                dw_shape = eqn.params["result_avals"][0].shape
-                total += 2.0 * np.prod(dy_shape[:3]) * np.prod(dw_shape)
+            target = eqn.params.get("target_name") if eqn.primitive.name == "ffi_call" else None
+            if target == GRAD_TARGET:  # (x, dy) -> dw
+                positions = np.prod(eqn.invars[1].aval.shape[:3])
+                total += 2.0 * positions * np.prod(eqn.params["result_avals"][0].shape)
+            elif target == FORWARD_TARGET:  # (x, kernel) -> y
+                positions = np.prod(eqn.params["result_avals"][0].shape[:3])
+                total += 2.0 * positions * np.prod(eqn.invars[1].aval.shape)
             for param in eqn.params.values():
                 for sub in param if isinstance(param, tuple | list) else (param,):
                     if isinstance(sub, extend.core.ClosedJaxpr):

@@ -8,11 +8,11 @@ Config fields read (config.model):
   sk_ratio (float >= 0), dtype ('float32'|'bfloat16'), head_layers (int >= 1),
   head_dim (int, 128), head_hidden_dim (int; 0 or None = width of h), bn_momentum,
   bn_epsilon, and optionally base_width (int, default 64; smaller only for tests) and
-  conv_impl ('auto'|'xla'|'matmul'|'dw_kernel', default 'auto': 'xla' on GPU/TPU; on CPU,
-  when XLA runs convolutions with its own kernel (simclr_jax.xla_flags applied), 'dw_kernel'
-  (XLA's convolution with the native kernel gradient of simclr_jax.kernels) where that kernel
-  builds, else 'xla'; without the flags 'matmul'; resolved by convs.resolve_conv_impl when the
-  encoder is built) and shortcut_fork
+  conv_impl ('auto'|'xla'|'matmul'|'native', default 'auto': 'xla' on GPU/TPU; on CPU, when
+  XLA runs convolutions with its own kernel (simclr_jax.xla_flags applied), 'native' (the
+  native kernels of simclr_jax.kernels where they are faster, XLA's convolution elsewhere)
+  where those kernels build, else 'xla'; without the flags 'matmul'; resolved by
+  convs.resolve_conv_impl when the encoder is built) and shortcut_fork
   ('auto'|'on'|'off', default 'auto': on for the CPU backend; resnet.resolve_shortcut_fork).
 """
 

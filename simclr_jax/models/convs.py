@@ -15,18 +15,20 @@ The patches are kh * kw times larger than the input, so the im2col + dot is wrap
 jax.checkpoint: the backward pass recomputes the slices from the input instead of keeping the
 patches alive from forward to backward (keeps peak memory close to nn.Conv's).
 
-`DwKernelConv` ('dw_kernel', the CPU default when the kernel builds) is XLA's convolution for
-the forward pass and the input gradient, with the kernel gradient computed by the native
-kernel in `simclr_jax.kernels` (an XLA FFI call). XLA:CPU computes that gradient as an Eigen
-convolution with an image-sized window over the transposed input, at 15-70% of the rate of
-its forward convolutions here; the native kernel runs it at 180-240 GFLOP/s on this 2-core
-machine (benchmarks/conv_layer.py --parts). Convolutions it cannot take (not float32, an
-output width that is not a multiple of 16) stay on XLA entirely.
+`NativeConv` ('native', the CPU default when the kernels build) computes convolutions with the
+native kernels of `simclr_jax.kernels` (XLA FFI calls) where they are faster than XLA's own,
+and with XLA's elsewhere. XLA:CPU computes the kernel gradient as an Eigen convolution with an
+image-sized window over the transposed input, at a third of its forward rate for the early
+ResNet stages; the native kernel runs it at 1.1-3x XLA's rate (benchmarks/conv_layer.py
+--parts --impl=native), so it always takes the kernel gradient. The native forward kernel
+(also the input gradient of a stride-1 convolution) is faster for stride-1 convolutions up
+to 256 output channels and is used there (`native_forward_supported`). Convolutions it cannot
+take at all (not float32, output channels not a multiple of 16) stay on XLA.
 
 All modules are drop-in replacements for flax.linen.Conv as the ResNet uses it: same 'kernel'
 parameter [kh, kw, cin, cout] (and optional 'bias'), same default initialiser, same padding
 semantics ('SAME', 'VALID', an int, or explicit (low, high) pairs), same dtype promotion. So
-parameter trees, and checkpoints, are interchangeable between the two implementations.
+parameter trees, and checkpoints, are interchangeable between the implementations.
 """
 
 import functools
@@ -41,7 +43,7 @@ from jax import lax
 
 from simclr_jax import kernels
 
-CONV_IMPLS: tuple[str, ...] = ("xla", "matmul", "dw_kernel")
+CONV_IMPLS: tuple[str, ...] = ("xla", "matmul", "native")
 # 'auto' is resolved by the model factory at build time (resolve_conv_impl).
 CONV_IMPL_CHOICES: tuple[str, ...] = ("auto",) + CONV_IMPLS
 
@@ -232,45 +234,90 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_dw_kernel(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+def native_forward_supported(x_shape, kernel_shape, strides) -> bool:
+    """Whether `native_conv` runs a convolution's forward pass (and, for the flipped kernel,
+    its input gradient) with the native kernel rather than XLA's.
+
+    Only where it measured faster here (benchmarks/conv_layer.py --parts): stride 1, input and
+    output channels multiples of 16 (the input gradient's outputs are the input channels), at
+    most 256 output channels (XLA's kernel is as fast or faster for the widest layers).
+    """
+    del x_shape
+    cin, cout = kernel_shape[2], kernel_shape[3]
+    return (
+        tuple(strides) == (1, 1)
+        and cin % kernels.native.LANES == 0
+        and cout % kernels.native.LANES == 0
+        and cout <= 256
+    )
+
+
+def _forward(x, kernel, strides, pads):
+    if native_forward_supported(x.shape, kernel.shape, strides):
+        return kernels.conv_forward(x, kernel, strides, pads)
     return _xla_conv(x, kernel, strides, pads)
 
 
-def _conv_dw_kernel_fwd(x, kernel, strides, pads):
-    return _xla_conv(x, kernel, strides, pads), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_native(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+    return _forward(x, kernel, strides, pads)
 
 
-def _conv_dw_kernel_bwd(strides, pads, residuals, dy):
+def _conv_native_fwd(x, kernel, strides, pads):
+    return _forward(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_native_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
-    # XLA's input gradient (the forward conv in this vjp is dead code and is removed).
-    _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads), x)
-    (dx,) = vjp_x(dy)
-    dw = kernels.conv_kernel_grad(x, dy, tuple(kernel.shape[:2]), strides, (pads[0][0], pads[1][0]))
-    return dx, dw
+    kh, kw = kernel.shape[:2]
+    if native_forward_supported(x.shape, kernel.shape, strides):
+        # Stride 1: dx[h] = sum_i dy[h - i + p] w[i] is a convolution of dy with the flipped,
+        # transposed kernel and padding k - 1 - p on each side; its output is x's size.
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        (ph0, ph1), (pw0, pw1) = pads
+        dx = kernels.conv_forward(
+            dy, flipped, (1, 1), ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1))
+        )
+    else:
+        # XLA's input gradient (the forward conv in this vjp is dead code and is removed).
+        _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads), x)
+        (dx,) = vjp_x(dy)
+    dw = kernels.conv_kernel_grad(x, dy, (kh, kw), strides, (pads[0][0], pads[1][0]))
+    return _like_primal(dx, x), _like_primal(dw, kernel)
 
 
-_conv_dw_kernel.defvjp(_conv_dw_kernel_fwd, _conv_dw_kernel_bwd)
+def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Under shard_map with check_vma, a cotangent of an operand that does not vary over a mesh
+    axis is summed over it (what jax's own convolution transpose does; e.g. the kernel gradient
+    of a replicated kernel from a batch-sharded input). A no-op elsewhere."""
+    extra = jax.typeof(cotangent).manual_axis_type.varying
+    extra = extra - jax.typeof(primal).manual_axis_type.varying
+    return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-def dw_kernel_supported(x_dtype, kernel_dtype, cout: int) -> bool:
-    """Whether `dw_kernel_conv` hands a convolution's kernel gradient to the native kernel."""
+_conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
+
+
+def native_supported(x_dtype, kernel_dtype, cout: int) -> bool:
+    """Whether `native_conv` uses the native kernels at all (else it is XLA's convolution)."""
     return (
         x_dtype == jnp.float32 and kernel_dtype == jnp.float32 and cout % kernels.native.LANES == 0
     )
 
 
-def dw_kernel_conv(
+def native_conv(
     x: jax.Array,
     kernel: jax.Array,
     strides: int | Sequence[int] = 1,
     padding: PaddingLike = "SAME",
 ) -> jax.Array:
-    """XLA's 2-D convolution (NHWC, HWIO) whose kernel gradient comes from the native kernel.
+    """2-D convolution (NHWC, HWIO) with the native CPU kernels where they are faster.
 
-    Same value and input gradient as lax.conv_general_dilated; the kernel gradient equals
-    XLA's up to float32 summation order. Falls back to the plain XLA convolution when
-    `dw_kernel_supported` says no.
+    The kernel gradient always comes from the native kernel; the forward pass and the input
+    gradient where `native_forward_supported` says so, else from XLA. Values and gradients
+    equal lax.conv_general_dilated's up to float32 summation order. Convolutions that
+    `native_supported` rejects (not float32, output channels not a multiple of 16) are XLA's
+    entirely.
 
     Args:
       x: input [n, h, w, cin].
@@ -283,30 +330,29 @@ def dw_kernel_conv(
     """
     strides = _pair(strides, "strides")
     pads = resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
-    if not dw_kernel_supported(x.dtype, kernel.dtype, kernel.shape[-1]):
+    if not native_supported(x.dtype, kernel.dtype, kernel.shape[-1]):
         return _xla_conv(x, kernel, strides, pads)
-    return _conv_dw_kernel(x, kernel, strides, pads)
+    return _conv_native(x, kernel, strides, pads)
 
 
-class DwKernelConv(nn.Conv):
-    """flax.linen.Conv whose kernel gradient is computed by the native CPU kernel.
+class NativeConv(nn.Conv):
+    """flax.linen.Conv computed with the native CPU kernels where they are faster.
 
-    Same fields, parameters and forward values as nn.Conv (see `dw_kernel_conv`); supports
-    what the ResNet uses (no dilation, no feature groups, no mask).
+    Same fields and parameters as nn.Conv, same values up to float32 summation order (see
+    `native_conv`); supports what the ResNet uses (no dilation, no feature groups, no mask).
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """Applies the convolution to inputs [n, h, w, cin]; returns [n, ho, wo, features]."""
-        return _apply_plain_conv(self, inputs, dw_kernel_conv)
+        return _apply_plain_conv(self, inputs, native_conv)
 
 
 def get_conv_cls(conv_impl: str) -> type[nn.Module]:
     """Maps a conv implementation name to its Flax module class.
 
     Args:
-      conv_impl: 'xla' (flax.linen.Conv), 'matmul' (MatmulConv) or 'dw_kernel'
-        (DwKernelConv).
+      conv_impl: 'xla' (flax.linen.Conv), 'matmul' (MatmulConv) or 'native' (NativeConv).
 
     Returns:
       The module class.
@@ -318,8 +364,8 @@ def get_conv_cls(conv_impl: str) -> type[nn.Module]:
         return nn.Conv
     if conv_impl == "matmul":
         return MatmulConv
-    if conv_impl == "dw_kernel":
-        return DwKernelConv
+    if conv_impl == "native":
+        return NativeConv
     raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
 
 
@@ -352,35 +398,35 @@ def cpu_conv_is_native() -> bool:
 
 
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
-    """Resolves 'auto' to a concrete implementation for a backend, and checks 'dw_kernel'.
+    """Resolves 'auto' to a concrete implementation for a backend, and checks 'native'.
 
     Args:
-      conv_impl: 'auto', 'xla', 'matmul' or 'dw_kernel'.
+      conv_impl: 'auto', 'xla', 'matmul' or 'native'.
       backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend().
 
     Returns:
       For 'auto': 'xla' on GPU/TPU. On CPU, when XLA runs convolutions with its own kernel
       (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started):
-      'dw_kernel' if the native kernel builds here (`simclr_jax.kernels.available`; else 'xla',
+      'native' if the native kernels build here (`simclr_jax.kernels.available`; else 'xla',
       with a warning that says why); without the flags, 'matmul'. Other names unchanged.
 
     Raises:
-      ValueError: for an unknown name, or 'dw_kernel' off the CPU backend or where the native
-        kernel cannot be built (the message says why).
+      ValueError: for an unknown name, or 'native' off the CPU backend or where the native
+        kernels cannot be built (the message says why).
     """
     if conv_impl not in CONV_IMPL_CHOICES:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}.")
     backend = jax.default_backend() if backend is None else backend
-    if conv_impl == "dw_kernel":
+    if conv_impl == "native":
         if backend != "cpu":
             raise ValueError(
-                f"model.conv_impl='dw_kernel' is a CPU kernel; the backend is {backend!r}. "
+                f"model.conv_impl='native' is a CPU kernel; the backend is {backend!r}. "
                 "Use 'auto' or 'xla'."
             )
         reason = kernels.unavailable_reason()
         if reason is not None:
             raise ValueError(
-                f"model.conv_impl='dw_kernel': the native kernel is unavailable here ({reason}). "
+                f"model.conv_impl='native': the native kernels are unavailable here ({reason}). "
                 "Use 'auto' or 'xla'."
             )
         return conv_impl
@@ -392,10 +438,10 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
         return "matmul"
     reason = kernels.unavailable_reason()
     if reason is None:
-        return "dw_kernel"
+        return "native"
     warnings.warn(
         f"model.conv_impl='auto': using XLA's convolution kernel gradient, which is slower on "
-        f"CPU, because the native kernel is unavailable ({reason}).",
+        f"CPU, because the native kernels are unavailable ({reason}).",
         stacklevel=2,
     )
     return "xla"

@@ -321,8 +321,8 @@ class ResNet(nn.Module):
       base_width: width of the first stage before the multiplier. 64 for real ResNets; smaller
         values exist only to make tests fast.
       conv_impl: 'xla' (flax.linen.Conv), 'matmul' (convs.MatmulConv, im2col + one GEMM;
-        faster on CPU when simclr_jax.xla_flags was not applied) or 'dw_kernel'
-        (convs.DwKernelConv: XLA's convolution with the native CPU kernel gradient). All have
+        faster on CPU when simclr_jax.xla_flags was not applied) or 'native'
+        (convs.NativeConv: the native CPU kernels where faster, XLA's elsewhere). All have
         identical parameter trees.
       fork_shortcut: route identity shortcuts through `shortcut_fork` (same values and
         gradients; on CPU it keeps XLA's own kernel on those blocks' input-gradient convs).
@@ -444,7 +444,7 @@ def resnet(
       bn_momentum: BN running-average momentum.
       bn_epsilon: BN epsilon.
       base_width: first-stage width before the multiplier (64; smaller only for tests).
-      conv_impl: 'xla' (nn.Conv), 'dw_kernel' (nn.Conv with the native CPU kernel gradient) or
+      conv_impl: 'xla' (nn.Conv), 'native' (native CPU kernels where faster) or
         'matmul' (im2col + GEMM; faster on XLA:CPU without simclr_jax.xla_flags).
       fork_shortcut: route identity shortcuts through `shortcut_fork` (identical values and
         gradients; faster on XLA:CPU, see resolve_shortcut_fork).

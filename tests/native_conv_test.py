@@ -1,7 +1,8 @@
-"""Tests for the native conv kernel gradient (simclr_jax.kernels) and conv_impl='dw_kernel'.
+"""Tests for the native conv kernels (simclr_jax.kernels) and conv_impl='native'.
 
-The kernel is checked against a float64 NumPy formula of the kernel gradient and against
-XLA's own gradient; the model, multi-device and fallback paths against conv_impl='xla'.
+The kernels are checked against float64 NumPy formulas of the convolution and of its kernel
+gradient and against XLA's own; the model, multi-device and fallback paths against
+conv_impl='xla'.
 """
 
 import os
@@ -36,6 +37,22 @@ def _np_kernel_grad(x, dy, kh, kw, strides, pads):
             win = xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
             dw[i, j] = np.einsum("nhwc,nhwd->cd", win, dy)
     return dw
+
+
+def _np_conv(x, w, strides, pads):
+    """y[n, ho, wo] = sum over i, j of x_padded[n, ho*sh + i, wo*sw + j] @ w[i, j]."""
+    (ph0, ph1), (pw0, pw1) = pads
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+    kh, kw = w.shape[:2]
+    sh, sw = strides
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    y = np.zeros((x.shape[0], ho, wo, w.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
+            y += win @ np.asarray(w[i, j], np.float64)
+    return y
 
 
 def _xla_conv(x, w, strides, pads):
@@ -81,27 +98,48 @@ def test_kernel_grad_matches_numpy_and_xla(n, h, w, cin, cout, kh, kw, strides, 
     assert _rel_err(dw, vjp(dy)[0]) < 1e-5
 
 
+# (n, h, w, cin, cout, kh, kw, strides, pads): besides the cases above, a 130-channel input
+# (two 128-channel passes, the second of 2) and output pixels that are not a multiple of the
+# 6-pixel register block.
+FORWARD_CASES = KERNEL_CASES + [(2, 5, 5, 130, 32, 3, 3, (1, 1), ((1, 1), (1, 1)))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,h,w,cin,cout,kh,kw,strides,pads", FORWARD_CASES)
+def test_forward_matches_numpy_and_xla(n, h, w, cin, cout, kh, kw, strides, pads):
+    rng = np.random.default_rng(n * 1000 + cin + 1)
+    x = jnp.asarray(rng.standard_normal((n, h, w, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kh, kw, cin, cout)), jnp.float32)
+    y = jax.jit(lambda x, k: kernels.conv_forward(x, k, strides, pads))(x, k)
+    ref = _np_conv(x, k, strides, pads)
+    assert y.shape == ref.shape and y.dtype == jnp.float32
+    assert _rel_err(y, ref) < 1e-5
+    assert _rel_err(y, _xla_conv(x, k, strides, pads)) < 1e-5
+
+
 @needs_kernel
 @pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
-def test_dw_kernel_conv_value_and_gradients_match_xla(stride, pads):
+def test_native_conv_value_and_gradients_match_xla(stride, pads):
     rng = np.random.default_rng(stride)
-    x = jnp.asarray(rng.standard_normal((4, 8, 8, 8)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 8, 32)) * 0.1, jnp.float32)
+    # 16 input channels: at stride 1 the forward pass and the input gradient are native too.
+    x = jnp.asarray(rng.standard_normal((4, 8, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) * 0.1, jnp.float32)
     ct = jnp.asarray(rng.standard_normal(_xla_conv(x, w, (stride,) * 2, pads).shape), jnp.float32)
 
     def loss(conv):
         return lambda x, w: jnp.sum(conv(x, w, (stride, stride), pads) * ct)
 
-    ours = jax.jit(jax.value_and_grad(loss(convs.dw_kernel_conv), argnums=(0, 1)))
+    ours = jax.jit(jax.value_and_grad(loss(convs.native_conv), argnums=(0, 1)))
     ref = jax.jit(jax.value_and_grad(loss(_xla_conv), argnums=(0, 1)))
     (v, (dx, dw)), (v_ref, (dx_ref, dw_ref)) = ours(x, w), ref(x, w)
-    np.testing.assert_allclose(v, v_ref, rtol=1e-6)
-    # Forward and input gradient are XLA's own convolutions.
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    assert _rel_err(dx, dx_ref) < 1e-5
     assert _rel_err(dw, dw_ref) < 1e-5
     hlo = ours.lower(x, w).as_text()
-    assert native.TARGET in hlo
-    assert native.TARGET not in ref.lower(x, w).as_text()
+    assert native.GRAD_TARGET in hlo
+    # Forward (and the input gradient, the same kernel) native at stride 1 only.
+    assert (native.FORWARD_TARGET in hlo) == (stride == 1)
+    assert native.GRAD_TARGET not in ref.lower(x, w).as_text()
 
 
 def test_unsupported_convolutions_stay_on_xla():
@@ -110,26 +148,33 @@ def test_unsupported_convolutions_stay_on_xla():
     for dtype, cout in [(jnp.float32, 8), (jnp.bfloat16, 16)]:
         w = jnp.ones((3, 3, 4, cout), dtype)
         xd = x.astype(dtype)
-        f = jax.grad(lambda w, xd=xd: jnp.sum(convs.dw_kernel_conv(xd, w, 1, "SAME")))
-        assert native.TARGET not in jax.jit(f).lower(w).as_text()
-        assert native.kernel_grad_flops(jax.jit(f).trace(w).jaxpr) == 0
+        f = jax.grad(lambda w, xd=xd: jnp.sum(convs.native_conv(xd, w, 1, "SAME")))
+        hlo = jax.jit(f).lower(w).as_text()
+        assert native.GRAD_TARGET not in hlo and native.FORWARD_TARGET not in hlo
+        assert native.native_flops(jax.jit(f).trace(w).jaxpr) == 0
 
 
 @needs_kernel
-def test_kernel_grad_flops_counts_the_calls():
+def test_native_flops_counts_the_calls():
+    # Stride 2: only the kernel gradient is native.
     x = jnp.ones((3, 8, 8, 5))
     w = jnp.ones((3, 3, 5, 32))
-    f = jax.jit(jax.grad(lambda w: jnp.sum(convs.dw_kernel_conv(x, w, 2, ((0, 1), (0, 1))))))
-    assert native.kernel_grad_flops(f.trace(w).jaxpr) == 2 * 3 * 4 * 4 * 3 * 3 * 5 * 32
+    f = jax.jit(jax.grad(lambda w: jnp.sum(convs.native_conv(x, w, 2, ((0, 1), (0, 1))))))
+    assert native.native_flops(f.trace(w).jaxpr) == 2 * 3 * 4 * 4 * 3 * 3 * 5 * 32
+    # Stride 1, 16 -> 32 channels: forward, input gradient and kernel gradient, the same count.
+    x = jnp.ones((3, 8, 8, 16))
+    w = jnp.ones((3, 3, 16, 32))
+    g = jax.jit(jax.grad(lambda w: jnp.sum(convs.native_conv(x, w, 1, "SAME") ** 2)))
+    assert native.native_flops(g.trace(w).jaxpr) == 3 * 2 * 3 * 8 * 8 * 3 * 3 * 16 * 32
 
 
 @needs_kernel
-def test_resnet_dw_kernel_matches_xla():
+def test_resnet_native_matches_xla():
     """Whole ResNet-18 (widths 16-128, projection shortcuts, CIFAR stem): same parameter tree,
     same outputs, gradients equal to float32 noise."""
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
     ref = resnet(18, cifar_stem=True, base_width=16, conv_impl="xla")
-    ours = resnet(18, cifar_stem=True, base_width=16, conv_impl="dw_kernel")
+    ours = resnet(18, cifar_stem=True, base_width=16, conv_impl="native")
     variables = ref.init(jax.random.key(1), x, train=False)
     ours_vars = ours.init(jax.random.key(1), x, train=False)
     assert jax.tree.structure(variables) == jax.tree.structure(ours_vars)
@@ -161,33 +206,46 @@ def test_resnet_dw_kernel_matches_xla():
 
 
 @needs_kernel
-def test_shard_map_gradient_matches_one_device():
-    """Per-device kernel gradients summed over 4 devices equal the one-device gradient."""
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_shard_map_gradients_match_one_device(check_vma):
+    """4 devices, batch-sharded input, replicated kernel. check_vma=True: jax sums the
+    replicated kernel's gradient itself (the bwd rule must do it for the native call);
+    check_vma=False (as in simclr_jax.steps): per-device gradients, summed by hand."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 8, 8, 16)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, 16, 16)) * 0.1, jnp.float32)
 
     def loss(w, x):
-        return jnp.sum(jnp.sin(convs.dw_kernel_conv(x, w, 1, "SAME")))
+        return jnp.sum(jnp.sin(convs.native_conv(x, w, 1, "SAME")))
 
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
 
     def per_device(w, x):
-        return jax.lax.psum(jax.grad(loss)(w, x), "data")
+        dw, dx = jax.grad(loss, argnums=(0, 1))(w, x)
+        return (dw if check_vma else jax.lax.psum(dw, "data")), dx
 
     sharded = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=(P(), P("data")),
+            check_vma=check_vma,
+        )
     )
-    assert _rel_err(sharded(w, x), jax.jit(jax.grad(loss))(w, x)) < 1e-5
+    dw, dx = sharded(w, x)
+    dw_ref, dx_ref = jax.jit(jax.grad(loss, argnums=(0, 1)))(w, x)
+    assert _rel_err(dw, dw_ref) < 1e-5
+    assert _rel_err(dx, dx_ref) < 1e-5
 
 
 def test_resolve_falls_back_with_a_reason(monkeypatch):
     monkeypatch.setattr(native, "_load", lambda: "no C++ compiler found (test)")
     assert not kernels.available()
     with pytest.raises(ValueError, match="no C.. compiler found"):
-        convs.resolve_conv_impl("dw_kernel", backend="cpu")
+        convs.resolve_conv_impl("native", backend="cpu")
     with pytest.raises(ValueError, match="CPU kernel"):
-        convs.resolve_conv_impl("dw_kernel", backend="gpu")
+        convs.resolve_conv_impl("native", backend="gpu")
     if convs.cpu_conv_is_native():
         with pytest.warns(UserWarning, match="no C.. compiler found"):
             assert convs.resolve_conv_impl("auto", backend="cpu") == "xla"
@@ -195,6 +253,8 @@ def test_resolve_falls_back_with_a_reason(monkeypatch):
         kernels.conv_kernel_grad(
             jnp.ones((1, 4, 4, 2)), jnp.ones((1, 4, 4, 16)), (3, 3), (1, 1), (1, 1)
         )
+    with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
+        kernels.conv_forward(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 16)), (1, 1), ((1, 1),) * 2)
 
 
 def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):

@@ -1,0 +1,394 @@
+// Convolution kernels for XLA:CPU as XLA FFI handlers: NHWC activations, HWIO kernels,
+// float32, output channels a multiple of 16 (the Python side checks; otherwise XLA is used).
+//
+// * SimclrConvKernelGrad, the kernel gradient:
+//     dw[i, j, ci, co] = sum_{n, ho, wo} x[n, ho * sh + i - ph, wo * sw + j - pw, ci] * dy[n, ho, wo, co]
+//   with x read as zero outside the image (the padding). XLA:CPU computes this as an Eigen
+//   convolution with an image-sized window over the transposed input, at a third of the
+//   machine's matmul rate for the early ResNet stages.
+// * SimclrConvForward, the convolution itself:
+//     y[n, ho, wo, co] = sum_{i, j, ci} x[n, ho * sh + i - ph, wo * sw + j - pw, ci] * w[i, j, ci, co]
+//   (also the input gradient of a stride-1 convolution: dy with padding k - 1 - p, w flipped
+//   and transposed).
+//
+// Both keep a block of 6 x 64 outputs in 24 vector registers over the whole reduction and
+// stream chunks of whole images (about kChunkBytes of data, so they stay in L2) through it.
+// Chunks are spread over XLA's intra-op thread pool and the calling thread.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;  // floats in one 512-bit vector
+constexpr int kBlock = 6;   // channels (kernel gradient) or pixels (forward) per register block
+constexpr int64_t kChunkBytes = 512 * 1024;
+typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(vec));
+  return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+
+// Images per chunk: about kChunkBytes of input and output, at least one, and small enough that
+// every thread gets a chunk.
+int64_t chunk_images(int64_t n, int64_t image_floats, int64_t threads) {
+  const int64_t bytes = std::max<int64_t>(1, image_floats * sizeof(float));
+  return std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / bytes, n / threads));
+}
+
+// Runs fn(first, count, slot) over [0, n) in chunks, on the calling thread (slot 0) and on up
+// to threads - 1 pool tasks (slots 1, 2, ...). Returns how many slots took part. The state is
+// held by shared_ptr: a task the pool starts only after this returned finds `closed` and does
+// nothing. The caller waits only for tasks that started, so a busy pool cannot deadlock it.
+int run_chunks(ffi::ThreadPool& pool, int64_t threads, int64_t n, int64_t chunk,
+               std::function<void(int64_t, int64_t, int)> fn) {
+  struct State {
+    int64_t n, chunk;
+    std::function<void(int64_t, int64_t, int)> fn;
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    int slots = 1;
+    int running = 0;
+    bool closed = false;
+    void drain(int slot) {
+      for (int64_t i; (i = next.fetch_add(chunk)) < n;) fn(i, std::min(chunk, n - i), slot);
+    }
+  };
+  auto st = std::make_shared<State>();
+  st->n = n;
+  st->chunk = chunk;
+  st->fn = std::move(fn);
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.Schedule([st] {
+      int slot;
+      {
+        std::lock_guard<std::mutex> lock(st->mu);
+        if (st->closed || st->next.load() >= st->n) return;
+        slot = st->slots++;
+        ++st->running;
+      }
+      st->drain(slot);
+      std::lock_guard<std::mutex> lock(st->mu);
+      --st->running;
+      st->cv.notify_all();
+    });
+  }
+  st->drain(0);
+  std::unique_lock<std::mutex> lock(st->mu);
+  st->cv.wait(lock, [&] { return st->running == 0; });
+  st->closed = true;
+  st->fn = nullptr;  // its captures live in the caller's frame
+  return st->slots;
+}
+
+int64_t pool_threads(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient.
+
+struct Geometry {
+  int64_t n, h, w, cin;  // x
+  int64_t ho, wo, cout;  // dy
+  int64_t kh, kw, sh, sw, ph, pw;
+};
+
+// Strides (in floats) of one tap's walk over a chunk of images.
+struct Walk {
+  int64_t nimg, nrows, len;      // images, output rows per image, outputs per row
+  int64_t x_img, x_row, x_step;  // x: next image, next output row, next output in a row
+  int64_t d_img, d_row;          // dy: next image, next output row (next output: cout)
+};
+
+// out[c][v * kLanes + lane] += sum over images, rows and outputs of the walk of
+//   x[c] * dy[v * kLanes + lane], with x and dy advanced by the walk's strides.
+template <int CB, int NV>
+void grad_tile(const float* x, const float* dy, const Walk& w, int64_t cout, float* out) {
+  vec acc[CB][NV];
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) acc[c][v] = load(out + c * cout + v * kLanes);
+  for (int64_t m = 0; m < w.nimg; ++m) {
+    for (int64_t r = 0; r < w.nrows; ++r) {
+      const float* xp = x + m * w.x_img + r * w.x_row;
+      const float* dp = dy + m * w.d_img + r * w.d_row;
+      for (int64_t k = 0; k < w.len; ++k) {
+        vec d[NV];
+        for (int v = 0; v < NV; ++v) d[v] = load(dp + v * kLanes);
+        for (int c = 0; c < CB; ++c) {
+          const float b = xp[c];
+          for (int v = 0; v < NV; ++v) acc[c][v] += b * d[v];
+        }
+        xp += w.x_step;
+        dp += cout;
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) store(out + c * cout + v * kLanes, acc[c][v]);
+}
+
+using GradTileFn = void (*)(const float*, const float*, const Walk&, int64_t, float*);
+
+template <int NV>
+GradTileFn grad_pick_cb(int cb) {
+  switch (cb) {
+    case 1: return grad_tile<1, NV>;
+    case 2: return grad_tile<2, NV>;
+    case 3: return grad_tile<3, NV>;
+    case 4: return grad_tile<4, NV>;
+    case 5: return grad_tile<5, NV>;
+    default: return grad_tile<6, NV>;
+  }
+}
+
+GradTileFn grad_pick(int cb, int nv) {
+  switch (nv) {
+    case 1: return grad_pick_cb<1>(cb);
+    case 2: return grad_pick_cb<2>(cb);
+    case 3: return grad_pick_cb<3>(cb);
+    default: return grad_pick_cb<4>(cb);
+  }
+}
+
+// First index o in [0, n_out) with o * s + off >= 0, and one past the last with
+// o * s + off < size: the outputs whose input position (for one tap) lies inside the image.
+inline void valid_range(int64_t n_out, int64_t s, int64_t off, int64_t size, int64_t* lo,
+                        int64_t* hi) {
+  int64_t a = off >= 0 ? 0 : (-off + s - 1) / s;
+  int64_t b = size - off <= 0 ? 0 : (size - off + s - 1) / s;
+  *lo = std::min(a, n_out);
+  *hi = std::max(*lo, std::min(b, n_out));
+}
+
+// dw (+)= the contribution of images [img, img + nimg).
+void grad_chunk(const Geometry& g, const float* x, const float* dy, int64_t img, int64_t nimg,
+                float* dw) {
+  const float* xi = x + img * g.h * g.w * g.cin;
+  const float* di = dy + img * g.ho * g.wo * g.cout;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t r0, r1;
+    valid_range(g.ho, g.sh, i - g.ph, g.h, &r0, &r1);
+    if (r1 <= r0) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      int64_t c0, c1;
+      valid_range(g.wo, g.sw, j - g.pw, g.w, &c0, &c1);
+      if (c1 <= c0) continue;
+      const float* xt = xi + ((r0 * g.sh + i - g.ph) * g.w + (c0 * g.sw + j - g.pw)) * g.cin;
+      const float* dt = di + (r0 * g.wo + c0) * g.cout;
+      float* wt = dw + (i * g.kw + j) * g.cin * g.cout;
+      const Walk walk{nimg,
+                      r1 - r0,
+                      c1 - c0,
+                      g.h * g.w * g.cin,
+                      g.sh * g.w * g.cin,
+                      g.sw * g.cin,
+                      g.ho * g.wo * g.cout,
+                      g.wo * g.cout};
+      for (int64_t co = 0; co < g.cout; co += 4 * kLanes) {
+        const int nv = static_cast<int>(std::min<int64_t>(4, (g.cout - co) / kLanes));
+        for (int64_t ci = 0; ci < g.cin; ci += kBlock) {
+          const int cb = static_cast<int>(std::min<int64_t>(kBlock, g.cin - ci));
+          grad_pick(cb, nv)(xt + ci, dt + co, walk, g.cout, wt + ci * g.cout + co);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
+                      int64_t pw) {
+  auto xd = x.dimensions();
+  auto dd = dy.dimensions();
+  auto wd = dw->dimensions();
+  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("conv kernel grad: x, dy and dw must be 4-D");
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
+                   wd[0], wd[1], sh,    sw,    ph,    pw};
+  if (dd[0] != g.n || wd[2] != g.cin || wd[3] != g.cout || g.cout % kLanes != 0)
+    return ffi::Error::InvalidArgument("conv kernel grad: inconsistent shapes");
+  if (sh < 1 || sw < 1)
+    return ffi::Error::InvalidArgument("conv kernel grad: strides must be >= 1");
+  const float* xp = x.typed_data();
+  const float* dp = dy.typed_data();
+  const int64_t size = g.kh * g.kw * g.cin * g.cout;
+  float* out = dw->typed_data();
+  std::fill(out, out + size, 0.0f);
+  // Each extra thread sums into its own dw (allocated on first use); added up at the end. A
+  // chunk's x and dy stay in L2 while every dw tile walks over them, so dw is read and written
+  // once per chunk, not once per image (that made the late stages memory-bound).
+  const int64_t threads = pool_threads(pool, g.n);
+  std::vector<std::vector<float>> partial(threads - 1);
+  const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
+  const int slots = run_chunks(pool, threads, g.n, chunk, [&](int64_t img, int64_t nimg, int slot) {
+    float* acc = out;
+    if (slot > 0) {
+      std::vector<float>& buf = partial[slot - 1];
+      if (buf.empty()) buf.assign(size, 0.0f);
+      acc = buf.data();
+    }
+    grad_chunk(g, xp, dp, img, nimg, acc);
+  });
+  for (int slot = 1; slot < slots; ++slot) {
+    const std::vector<float>& buf = partial[slot - 1];
+    for (int64_t k = 0; k < static_cast<int64_t>(buf.size()); ++k) out[k] += buf[k];
+  }
+  return ffi::Error::Success();
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Forward convolution. A tile is R output pixels (consecutive in the image, possibly across rows) x NV * 16 output
+// channels, kept in registers over the whole kh * kw * cin reduction.
+
+template <int R, int NV>
+void fwd_tile(const float* const* xr, const float* w, int64_t k, int64_t cout, bool first,
+              float* const* yr) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(yr[r] + v * kLanes);
+  for (int64_t ci = 0; ci < k; ++ci) {
+    vec wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = load(w + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float b = xr[r][ci];
+      for (int v = 0; v < NV; ++v) acc[r][v] += b * wv[v];
+    }
+    w += cout;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(yr[r] + v * kLanes, acc[r][v]);
+}
+
+using FwdTileFn = void (*)(const float* const*, const float*, int64_t, int64_t, bool,
+                           float* const*);
+
+template <int NV>
+FwdTileFn fwd_pick_r(int r) {
+  switch (r) {
+    case 1: return fwd_tile<1, NV>;
+    case 2: return fwd_tile<2, NV>;
+    case 3: return fwd_tile<3, NV>;
+    case 4: return fwd_tile<4, NV>;
+    case 5: return fwd_tile<5, NV>;
+    default: return fwd_tile<6, NV>;
+  }
+}
+
+FwdTileFn fwd_pick(int r, int nv) {
+  switch (nv) {
+    case 1: return fwd_pick_r<1>(r);
+    case 2: return fwd_pick_r<2>(r);
+    case 3: return fwd_pick_r<3>(r);
+    default: return fwd_pick_r<4>(r);
+  }
+}
+
+struct FwdGeometry {
+  int64_t n, h, w, cin, ho, wo, cout, kh, kw, sh, sw, ph, pw;
+};
+
+// Input channels per pass over the chunk: the weights of one (tap, channel block, 64 outputs)
+// are at most 32 KiB, so they stay in L1 while every pixel tile of the chunk uses them.
+constexpr int64_t kFwdChannels = 128;
+// What a tap that falls in the padding reads.
+const float kZeros[kFwdChannels] = {};
+
+void forward_chunk(const FwdGeometry& g, const float* x, const float* w, int64_t img,
+                   int64_t nimg, float* y) {
+  const int64_t pixels = g.ho * g.wo;
+  for (int64_t co = 0; co < g.cout; co += 4 * kLanes) {
+    const int nv = static_cast<int>(std::min<int64_t>(4, (g.cout - co) / kLanes));
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        for (int64_t c0 = 0; c0 < g.cin; c0 += kFwdChannels) {
+          const int64_t k = std::min<int64_t>(kFwdChannels, g.cin - c0);
+          const bool first = i == 0 && j == 0 && c0 == 0;
+          const float* wt = w + ((i * g.kw + j) * g.cin + c0) * g.cout + co;
+          for (int64_t m = img; m < img + nimg; ++m) {
+            const float* xi = x + m * g.h * g.w * g.cin + c0;
+            float* yi = y + m * pixels * g.cout + co;
+            int64_t oh = 0, ow = 0;  // of pixel p
+            for (int64_t p = 0; p < pixels; p += kBlock) {
+              const int r = static_cast<int>(std::min<int64_t>(kBlock, pixels - p));
+              const float* xr[kBlock];
+              float* yr[kBlock];
+              for (int q = 0; q < r; ++q) {
+                const int64_t hi = oh * g.sh + i - g.ph, wi = ow * g.sw + j - g.pw;
+                const bool inside = hi >= 0 && hi < g.h && wi >= 0 && wi < g.w;
+                xr[q] = inside ? xi + (hi * g.w + wi) * g.cin : kZeros;
+                yr[q] = yi + (p + q) * g.cout;
+                if (++ow == g.wo) ow = 0, ++oh;
+              }
+              fwd_pick(r, nv)(xr, wt, k, g.cout, first, yr);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t ph,
+                       int64_t pw) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("conv forward: x, w and y must be 4-D");
+  const FwdGeometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
+                      wd[0], wd[1], sh,    sw,    ph,    pw};
+  if (sh < 1 || sw < 1) return ffi::Error::InvalidArgument("conv forward: strides must be >= 1");
+  if (yd[0] != g.n || wd[2] != g.cin || wd[3] != g.cout || g.cout % kLanes != 0)
+    return ffi::Error::InvalidArgument("conv forward: inconsistent shapes");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = pool_threads(pool, g.n);
+  const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
+  run_chunks(pool, threads, g.n, chunk, [&](int64_t img, int64_t nimg, int /*slot*/) {
+    forward_chunk(g, xp, wp, img, nimg, yp);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvKernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
