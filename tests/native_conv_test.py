@@ -118,6 +118,22 @@ def test_forward_matches_numpy_and_xla(n, h, w, cin, cout, kh, kw, strides, pads
 
 
 @needs_kernel
+def test_kernels_are_reproducible():
+    """The threads' partial kernel gradients are summed in a fixed order: repeated calls are
+    bitwise equal (a batch of 37 spans several threads and image chunks)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((37, 6, 6, 16)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((37, 6, 6, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)), jnp.float32)
+    grad = jax.jit(lambda x, dy: kernels.conv_kernel_grad(x, dy, (3, 3), (1, 1), (1, 1)))
+    fwd = jax.jit(lambda x, w: kernels.conv_forward(x, w, (1, 1), ((1, 1), (1, 1))))
+    first_grad, first_fwd = np.asarray(grad(x, dy)), np.asarray(fwd(x, w))
+    for _ in range(5):
+        np.testing.assert_array_equal(grad(x, dy), first_grad)
+        np.testing.assert_array_equal(fwd(x, w), first_fwd)
+
+
+@needs_kernel
 @pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
 def test_native_conv_value_and_gradients_match_xla(stride, pads):
     rng = np.random.default_rng(stride)

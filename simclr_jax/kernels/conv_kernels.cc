@@ -13,7 +13,8 @@
 //
 // Both keep a block of 6 x 64 outputs in 24 vector registers over the whole reduction and
 // stream chunks of whole images (about kChunkBytes of data, so they stay in L2) through it.
-// Chunks are spread over XLA's intra-op thread pool and the calling thread.
+// The work is spread over XLA's intra-op thread pool and the calling thread, in a way that
+// keeps results bitwise reproducible from run to run.
 
 #include <algorithm>
 #include <atomic>
@@ -50,50 +51,45 @@ int64_t chunk_images(int64_t n, int64_t image_floats, int64_t threads) {
   return std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / bytes, n / threads));
 }
 
-// Runs fn(first, count, slot) over [0, n) in chunks, on the calling thread (slot 0) and on up
-// to threads - 1 pool tasks (slots 1, 2, ...). Returns how many slots took part. The state is
-// held by shared_ptr: a task the pool starts only after this returned finds `closed` and does
-// nothing. The caller waits only for tasks that started, so a busy pool cannot deadlock it.
-int run_chunks(ffi::ThreadPool& pool, int64_t threads, int64_t n, int64_t chunk,
-               std::function<void(int64_t, int64_t, int)> fn) {
+// Runs fn(part) for every part in [0, parts), on the calling thread and on up to threads - 1
+// pool tasks, each taking the next part until none is left. The state is held by shared_ptr:
+// a task the pool starts only after this returned finds `closed` and does nothing. The caller
+// waits only for tasks that started, so a busy pool cannot deadlock it.
+void run_parts(ffi::ThreadPool& pool, int64_t threads, int64_t parts,
+               std::function<void(int64_t)> fn) {
   struct State {
-    int64_t n, chunk;
-    std::function<void(int64_t, int64_t, int)> fn;
+    int64_t parts;
+    std::function<void(int64_t)> fn;
     std::atomic<int64_t> next{0};
     std::mutex mu;
     std::condition_variable cv;
-    int slots = 1;
     int running = 0;
     bool closed = false;
-    void drain(int slot) {
-      for (int64_t i; (i = next.fetch_add(chunk)) < n;) fn(i, std::min(chunk, n - i), slot);
+    void drain() {
+      for (int64_t p; (p = next.fetch_add(1)) < parts;) fn(p);
     }
   };
   auto st = std::make_shared<State>();
-  st->n = n;
-  st->chunk = chunk;
+  st->parts = parts;
   st->fn = std::move(fn);
-  for (int64_t t = 1; t < threads; ++t) {
+  for (int64_t t = 1; t < std::min(threads, parts); ++t) {
     pool.Schedule([st] {
-      int slot;
       {
         std::lock_guard<std::mutex> lock(st->mu);
-        if (st->closed || st->next.load() >= st->n) return;
-        slot = st->slots++;
+        if (st->closed || st->next.load() >= st->parts) return;
         ++st->running;
       }
-      st->drain(slot);
+      st->drain();
       std::lock_guard<std::mutex> lock(st->mu);
       --st->running;
       st->cv.notify_all();
     });
   }
-  st->drain(0);
+  st->drain();
   std::unique_lock<std::mutex> lock(st->mu);
   st->cv.wait(lock, [&] { return st->running == 0; });
   st->closed = true;
   st->fn = nullptr;  // its captures live in the caller's frame
-  return st->slots;
 }
 
 int64_t pool_threads(ffi::ThreadPool& pool, int64_t n) {
@@ -230,28 +226,25 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t size = g.kh * g.kw * g.cin * g.cout;
   float* out = dw->typed_data();
   std::fill(out, out + size, 0.0f);
-  // Each extra thread sums into its own dw (allocated on first use); added up at the end. A
-  // chunk's x and dy stay in L2 while every dw tile walks over them, so dw is read and written
-  // once per chunk, not once per image (that made the late stages memory-bound).
+  // The images are split into one fixed range per thread, each summed into its own dw (the
+  // first into the output) and added up in order at the end, so the result does not depend on
+  // which thread ran what: runs are reproducible. Within a range, chunks of images stay in L2
+  // while every dw tile walks over them, so dw is read and written once per chunk, not once
+  // per image (that made the late stages memory-bound).
   const int64_t threads = pool_threads(pool, g.n);
   std::vector<std::vector<float>> partial(threads - 1);
+  for (auto& buf : partial) buf.assign(size, 0.0f);
   const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
-  const int slots = run_chunks(pool, threads, g.n, chunk, [&](int64_t img, int64_t nimg, int slot) {
-    float* acc = out;
-    if (slot > 0) {
-      std::vector<float>& buf = partial[slot - 1];
-      if (buf.empty()) buf.assign(size, 0.0f);
-      acc = buf.data();
-    }
-    grad_chunk(g, xp, dp, img, nimg, acc);
+  run_parts(pool, threads, threads, [&](int64_t part) {
+    float* acc = part == 0 ? out : partial[part - 1].data();
+    const int64_t end = g.n * (part + 1) / threads;
+    for (int64_t img = g.n * part / threads; img < end; img += chunk)
+      grad_chunk(g, xp, dp, img, std::min(chunk, end - img), acc);
   });
-  for (int slot = 1; slot < slots; ++slot) {
-    const std::vector<float>& buf = partial[slot - 1];
-    for (int64_t k = 0; k < static_cast<int64_t>(buf.size()); ++k) out[k] += buf[k];
-  }
+  for (const auto& buf : partial)
+    for (int64_t k = 0; k < size; ++k) out[k] += buf[k];
   return ffi::Error::Success();
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Forward convolution. A tile is R output pixels (consecutive in the image, possibly across rows) x NV * 16 output
@@ -363,8 +356,9 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   float* yp = y->typed_data();
   const int64_t threads = pool_threads(pool, g.n);
   const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
-  run_chunks(pool, threads, g.n, chunk, [&](int64_t img, int64_t nimg, int /*slot*/) {
-    forward_chunk(g, xp, wp, img, nimg, yp);
+  // Every output is computed by one thread in a fixed order: reproducible whatever the split.
+  run_parts(pool, threads, (g.n + chunk - 1) / chunk, [&](int64_t part) {
+    forward_chunk(g, xp, wp, part * chunk, std::min(chunk, g.n - part * chunk), yp);
   });
   return ffi::Error::Success();
 }
