@@ -11,7 +11,7 @@
 //   (also the input gradient of a stride-1 convolution: dy with padding k - 1 - p, w flipped
 //   and transposed).
 //
-// Both keep a block of 6 x 64 outputs in 24 vector registers over the whole reduction and
+// Both keep a block of 6 x 64 outputs in 24 vector registers over (most of) the reduction and
 // stream chunks of whole images (about kChunkBytes of data, so they stay in L2) through it.
 // The work is spread over XLA's intra-op thread pool and the calling thread, in a way that
 // keeps results bitwise reproducible from run to run.
@@ -247,30 +247,35 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward convolution. A tile is R output pixels (consecutive in the image, possibly across rows) x NV * 16 output
-// channels, kept in registers over the whole kh * kw * cin reduction.
+// Forward convolution. A tile is R output pixels (consecutive in the image, possibly across
+// rows) x NV * 16 output channels, kept in registers over one kernel row (kw taps) of up to
+// kFwdChannels input channels, read at stride tap_x in x and tap_w in w.
 
 template <int R, int NV>
-void fwd_tile(const float* const* xr, const float* w, int64_t k, int64_t cout, bool first,
-              float* const* yr) {
+void fwd_tile(const float* const* xr, const float* w, int64_t taps, int64_t tap_x, int64_t tap_w,
+              int64_t k, int64_t cout, bool first, float* const* yr) {
   vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = first ? vec{} : load(yr[r] + v * kLanes);
-  for (int64_t ci = 0; ci < k; ++ci) {
-    vec wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = load(w + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float b = xr[r][ci];
-      for (int v = 0; v < NV; ++v) acc[r][v] += b * wv[v];
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* wp = w + t * tap_w;
+    const int64_t off = t * tap_x;
+    for (int64_t ci = 0; ci < k; ++ci) {
+      vec wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load(wp + v * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const float b = xr[r][off + ci];
+        for (int v = 0; v < NV; ++v) acc[r][v] += b * wv[v];
+      }
+      wp += cout;
     }
-    w += cout;
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) store(yr[r] + v * kLanes, acc[r][v]);
 }
 
-using FwdTileFn = void (*)(const float* const*, const float*, int64_t, int64_t, bool,
-                           float* const*);
+using FwdTileFn = void (*)(const float* const*, const float*, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, bool, float* const*);
 
 template <int NV>
 FwdTileFn fwd_pick_r(int r) {
@@ -297,40 +302,55 @@ struct FwdGeometry {
   int64_t n, h, w, cin, ho, wo, cout, kh, kw, sh, sw, ph, pw;
 };
 
-// Input channels per pass over the chunk: the weights of one (tap, channel block, 64 outputs)
-// are at most 32 KiB, so they stay in L1 while every pixel tile of the chunk uses them.
+// Input channels per pass over the chunk: the weights of one (kernel row, channel block, 64
+// outputs) stay in L1/L2 while every pixel tile of the chunk uses them.
 constexpr int64_t kFwdChannels = 128;
-// What a tap that falls in the padding reads.
-const float kZeros[kFwdChannels] = {};
 
+// One pass covers a whole kernel row (kw taps): for a pixel whose taps all lie inside the
+// image, the kw input segments are kw consecutive pixels of x, so the tile reads them at
+// stride cin. A pixel with some taps in the padding reads a copy of its segments with zeros
+// in the padding (`scratch`, the same layout), one wholly in the padding reads `zeros`.
 void forward_chunk(const FwdGeometry& g, const float* x, const float* w, int64_t img,
                    int64_t nimg, float* y) {
   const int64_t pixels = g.ho * g.wo;
+  std::vector<float> zeros(g.kw * g.cin, 0.0f);
+  std::vector<float> scratch(kBlock * g.kw * g.cin);
   for (int64_t co = 0; co < g.cout; co += 4 * kLanes) {
     const int nv = static_cast<int>(std::min<int64_t>(4, (g.cout - co) / kLanes));
     for (int64_t i = 0; i < g.kh; ++i) {
-      for (int64_t j = 0; j < g.kw; ++j) {
-        for (int64_t c0 = 0; c0 < g.cin; c0 += kFwdChannels) {
-          const int64_t k = std::min<int64_t>(kFwdChannels, g.cin - c0);
-          const bool first = i == 0 && j == 0 && c0 == 0;
-          const float* wt = w + ((i * g.kw + j) * g.cin + c0) * g.cout + co;
-          for (int64_t m = img; m < img + nimg; ++m) {
-            const float* xi = x + m * g.h * g.w * g.cin + c0;
-            float* yi = y + m * pixels * g.cout + co;
-            int64_t oh = 0, ow = 0;  // of pixel p
-            for (int64_t p = 0; p < pixels; p += kBlock) {
-              const int r = static_cast<int>(std::min<int64_t>(kBlock, pixels - p));
-              const float* xr[kBlock];
-              float* yr[kBlock];
-              for (int q = 0; q < r; ++q) {
-                const int64_t hi = oh * g.sh + i - g.ph, wi = ow * g.sw + j - g.pw;
-                const bool inside = hi >= 0 && hi < g.h && wi >= 0 && wi < g.w;
-                xr[q] = inside ? xi + (hi * g.w + wi) * g.cin : kZeros;
-                yr[q] = yi + (p + q) * g.cout;
-                if (++ow == g.wo) ow = 0, ++oh;
+      for (int64_t c0 = 0; c0 < g.cin; c0 += kFwdChannels) {
+        const int64_t k = std::min<int64_t>(kFwdChannels, g.cin - c0);
+        const bool first = i == 0 && c0 == 0;
+        const float* wt = w + (i * g.kw * g.cin + c0) * g.cout + co;
+        for (int64_t m = img; m < img + nimg; ++m) {
+          const float* xi = x + m * g.h * g.w * g.cin + c0;
+          float* yi = y + m * pixels * g.cout + co;
+          int64_t oh = 0, ow = 0;  // of pixel p
+          for (int64_t p = 0; p < pixels; p += kBlock) {
+            const int r = static_cast<int>(std::min<int64_t>(kBlock, pixels - p));
+            const float* xr[kBlock];
+            float* yr[kBlock];
+            for (int q = 0; q < r; ++q) {
+              const int64_t hi = oh * g.sh + i - g.ph, wi = ow * g.sw - g.pw;
+              yr[q] = yi + (p + q) * g.cout;
+              if (hi < 0 || hi >= g.h) {
+                xr[q] = zeros.data();
+              } else if (wi >= 0 && wi + g.kw <= g.w) {
+                xr[q] = xi + (hi * g.w + wi) * g.cin;
+              } else {
+                float* sq = scratch.data() + q * g.kw * g.cin;
+                for (int64_t j = 0; j < g.kw; ++j) {
+                  float* dst = sq + j * g.cin;
+                  if (wi + j >= 0 && wi + j < g.w)
+                    std::copy_n(xi + (hi * g.w + wi + j) * g.cin, k, dst);
+                  else
+                    std::fill_n(dst, k, 0.0f);
+                }
+                xr[q] = sq;
               }
-              fwd_pick(r, nv)(xr, wt, k, g.cout, first, yr);
+              if (++ow == g.wo) ow = 0, ++oh;
             }
+            fwd_pick(r, nv)(xr, wt, g.kw, g.cin, g.cin * g.cout, k, g.cout, first, yr);
           }
         }
       }
