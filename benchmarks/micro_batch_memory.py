@@ -58,7 +58,9 @@ def measure(batch: int, micro: int, args, run: bool) -> dict:
     config.model.depth = args.depth
     config.model.dtype = args.dtype
     mesh = sharding.create_mesh(jax.devices()[:1])
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    model = models.build_model(
+        config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS, per_device=True
+    )
     tx = optax.sgd(0.1, momentum=0.9)
     size = args.image_size
     state = steps.create_train_state(model, tx, jax.random.key(0), (size, size, 3))

@@ -250,7 +250,7 @@ def main(argv: list[str]) -> dict:
     devices = sharding.select_devices(args.devices)
     mesh = sharding.create_mesh(devices)
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis)
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis, per_device=True)
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=args.batch, total_steps=1000, warmup_steps=10
     )

@@ -100,8 +100,9 @@ def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
     config_checks.check_schedule(warmup_steps, total_steps, config.optim.warmup_epochs)
 
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
+    # The train step runs under shard_map / pmap: per-device shards (native CPU kernels OK).
     model = models.build_model(
-        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis
+        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis, per_device=True
     )
     tx, schedule = optim.create_optimizer(
         config.optim,

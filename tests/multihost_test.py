@@ -103,7 +103,9 @@ def step_outputs() -> dict[str, np.ndarray]:
     config.model.head_hidden_dim = 16
     config.model.head_dim = 16
     mesh = sharding.create_mesh(jax.devices())
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    model = models.build_model(
+        config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS, per_device=True
+    )
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
     )

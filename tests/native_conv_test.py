@@ -134,12 +134,22 @@ def test_kernels_are_reproducible():
 
 
 @needs_kernel
-@pytest.mark.parametrize("stride,pads", [(1, ((1, 1), (1, 1))), (2, ((0, 1), (0, 1)))])
-def test_native_conv_value_and_gradients_match_xla(stride, pads):
+@pytest.mark.parametrize(
+    "stride,pads,ksize",
+    [
+        (1, ((1, 1), (1, 1)), (3, 3)),
+        (2, ((0, 1), (0, 1)), (3, 3)),
+        # Asymmetric padding and a non-square kernel: the input gradient's padding is
+        # (k - 1 - low, k - 1 - high) per dim, so swapped sides or dims would show.
+        (1, ((0, 2), (1, 0)), (3, 1)),
+        (1, ((0, 0), (0, 0)), (1, 1)),
+    ],
+)
+def test_native_conv_value_and_gradients_match_xla(stride, pads, ksize):
     rng = np.random.default_rng(stride)
     # 16 input channels: at stride 1 the forward pass and the input gradient are native too.
     x = jnp.asarray(rng.standard_normal((4, 8, 8, 16)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 16, 32)) * 0.1, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((*ksize, 16, 32)) * 0.1, jnp.float32)
     ct = jnp.asarray(rng.standard_normal(_xla_conv(x, w, (stride,) * 2, pads).shape), jnp.float32)
 
     def loss(conv):
@@ -271,6 +281,25 @@ def test_resolve_falls_back_with_a_reason(monkeypatch):
         )
     with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
         kernels.conv_forward(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 16)), (1, 1), ((1, 1),) * 2)
+
+
+def test_kernels_build_where_they_can():
+    """On an AVX-512 Linux machine with a C++ compiler the real source must build and load
+    (otherwise every other test here would silently skip)."""
+    if native._cpu_has_avx512f() and native._compiler():
+        assert kernels.unavailable_reason() is None
+
+
+def test_global_arrays_over_several_devices_keep_xla():
+    """Under plain jit over arrays sharded on several devices (evaluation, fine-tuning) the
+    FFI calls would gather the batch onto every device: 'auto' picks XLA's convolution."""
+    assert jax.device_count() > 1  # conftest's 8 CPU devices
+    if convs.cpu_conv_is_native():
+        assert convs.resolve_conv_impl("auto", backend="cpu", global_arrays=True) == "xla"
+        on_device = "native" if kernels.available() else "xla"
+        assert convs.resolve_conv_impl("auto", backend="cpu") == on_device
+    if kernels.available():  # an explicit choice is kept
+        assert convs.resolve_conv_impl("native", backend="cpu", global_arrays=True) == "native"
 
 
 def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):

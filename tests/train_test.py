@@ -138,7 +138,9 @@ def test_loss_decreases_on_a_fixed_batch():
     # LARS moves each weight by ~lr * 0.001 * |w| per step: a large peak LR (5.0)
     # lets 30 steps overfit.
     config = tiny_config(optim__base_lr=80.0)
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    model = models.build_model(
+        config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS, per_device=True
+    )
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=16, total_steps=30, warmup_steps=0
     )

@@ -232,10 +232,10 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // while every dw tile walks over them, so dw is read and written once per chunk, not once
   // per image (that made the late stages memory-bound).
   const int64_t threads = pool_threads(pool, g.n);
-  std::vector<std::vector<float>> partial(threads - 1);
-  for (auto& buf : partial) buf.assign(size, 0.0f);
+  std::vector<std::vector<float>> partial(threads - 1);  // zeroed by the thread that fills it
   const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
   run_parts(pool, threads, threads, [&](int64_t part) {
+    if (part > 0) partial[part - 1].assign(size, 0.0f);
     float* acc = part == 0 ? out : partial[part - 1].data();
     const int64_t end = g.n * (part + 1) / threads;
     for (int64_t img = g.n * part / threads; img < end; img += chunk)

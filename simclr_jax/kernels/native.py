@@ -163,6 +163,7 @@ def conv_kernel_grad(
       ValueError: for other dtypes, ranks or a cout that is not a multiple of LANES.
     """
     _check(x, dy, "x", "dy")
+    _check_pairs(kernel_size=kernel_size, strides=strides)
     kh, kw = kernel_size
     x, dy, like = _same_manual_axes(x, dy)
     out = like.update(shape=(kh, kw, x.shape[-1], dy.shape[-1]), dtype=jnp.float32)
@@ -202,6 +203,7 @@ def conv_forward(
       ValueError: for other dtypes, ranks, mismatched channels or an unsupported cout.
     """
     _check(x, kernel, "x", "kernel", batch=False)
+    _check_pairs(strides=strides)
     if kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"kernel {kernel.shape} does not take {x.shape[-1]} input channels.")
     kh, kw = kernel.shape[:2]
@@ -231,6 +233,12 @@ def _same_manual_axes(a: jax.Array, b: jax.Array):
     if va - vb:
         b = jax.lax.pcast(b, tuple(sorted(va - vb)), to="varying")
     return a, b, jax.typeof(a)
+
+
+def _check_pairs(**pairs) -> None:
+    for name, value in pairs.items():
+        if len(value) != 2 or any(int(v) < 1 for v in value):
+            raise ValueError(f"{name} must be two ints >= 1, got {value!r}.")
 
 
 def _check(a: jax.Array, b: jax.Array, a_name: str, b_name: str, batch: bool = True) -> None:

@@ -74,13 +74,18 @@ def get_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
+def build_encoder(
+    model_cfg: Any, bn_axis_name: str | None = None, *, per_device: bool = False
+) -> ResNet:
     """Builds the ResNet encoder described by model_cfg.
 
     Args:
       model_cfg: the config.model ConfigDict (fields in the module docstring).
       bn_axis_name: mapped axis name for global BatchNorm (e.g. the data axis under
         shard_map/pmap); None for per-device statistics.
+      per_device: the model runs on per-device shards inside shard_map/pmap (the train step).
+        False (jit over global arrays): conv_impl='auto' keeps the native CPU kernels for a
+        single device only (convs.resolve_conv_impl, global_arrays).
 
     Returns:
       A ResNet module returning h [n, C] float32.
@@ -99,13 +104,15 @@ def build_encoder(model_cfg: Any, bn_axis_name: str | None = None) -> ResNet:
         bn_momentum=model_cfg.bn_momentum,
         bn_epsilon=model_cfg.bn_epsilon,
         base_width=model_cfg.get("base_width", BASE_WIDTH),
-        conv_impl=resolve_conv_impl(model_cfg.get("conv_impl", "auto")),
+        conv_impl=resolve_conv_impl(
+            model_cfg.get("conv_impl", "auto"), global_arrays=not per_device
+        ),
         fork_shortcut=resolve_shortcut_fork(model_cfg.get("shortcut_fork", "auto")),
     )
 
 
 def build_model(
-    model_cfg: Any, *, num_classes: int, bn_axis_name: str | None = None
+    model_cfg: Any, *, num_classes: int, bn_axis_name: str | None = None, per_device: bool = False
 ) -> SimCLRModel:
     """Builds the SimCLR pretraining model (encoder + projection head + linear probe).
 
@@ -114,6 +121,8 @@ def build_model(
       num_classes: number of classes of the online linear probe.
       bn_axis_name: mapped axis name for global BatchNorm in encoder and head; None for
         per-device statistics.
+      per_device: the model runs inside shard_map/pmap on per-device shards (see
+        build_encoder).
 
     Returns:
       A SimCLRModel with submodules 'encoder', 'head' and 'probe'.
@@ -121,7 +130,7 @@ def build_model(
     Raises:
       ValueError: for invalid model fields or num_classes.
     """
-    encoder = build_encoder(model_cfg, bn_axis_name=bn_axis_name)
+    encoder = build_encoder(model_cfg, bn_axis_name=bn_axis_name, per_device=per_device)
     dtype = get_dtype(model_cfg.dtype)
     head = ProjectionHead(
         num_layers=model_cfg.head_layers,

@@ -235,12 +235,12 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
 
 
 def native_forward_supported(x_shape, kernel_shape, strides) -> bool:
-    """Whether `native_conv` runs a convolution's forward pass (and, for the flipped kernel,
-    its input gradient) with the native kernel rather than XLA's.
+    """Whether `native_conv` runs a convolution's forward pass with the native kernel rather
+    than XLA's.
 
-    Only where it measured faster here (benchmarks/conv_layer.py --parts): stride 1, input and
-    output channels multiples of 16 (the input gradient's outputs are the input channels), at
-    most 256 output channels (XLA's kernel is as fast or faster for the widest layers).
+    Where it measured faster here (benchmarks/conv_layer.py --parts and an interleaved
+    micro-benchmark): stride 1, input and output channels multiples of 16, at most 256
+    output channels (XLA's kernel was as fast or faster for the widest layers).
     """
     del x_shape
     cin, cout = kernel_shape[2], kernel_shape[3]
@@ -250,6 +250,14 @@ def native_forward_supported(x_shape, kernel_shape, strides) -> bool:
         and cout % kernels.native.LANES == 0
         and cout <= 256
     )
+
+
+def native_input_grad_supported(x_shape, kernel_shape, strides) -> bool:
+    """Whether `native_conv` computes the input gradient with the native forward kernel (a
+    stride-1 convolution of the output cotangent whose outputs are the cin input channels:
+    the same limits as `native_forward_supported` with cin and cout swapped)."""
+    kh, kw, cin, cout = kernel_shape
+    return native_forward_supported(x_shape, (kh, kw, cout, cin), strides)
 
 
 def _forward(x, kernel, strides, pads):
@@ -270,7 +278,7 @@ def _conv_native_fwd(x, kernel, strides, pads):
 def _conv_native_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
-    if native_forward_supported(x.shape, kernel.shape, strides):
+    if native_input_grad_supported(x.shape, kernel.shape, strides):
         # Stride 1: dx[h] = sum_i dy[h - i + p] w[i] is a convolution of dy with the flipped,
         # transposed kernel and padding k - 1 - p on each side; its output is x's size.
         flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
@@ -314,7 +322,8 @@ def native_conv(
     """2-D convolution (NHWC, HWIO) with the native CPU kernels where they are faster.
 
     The kernel gradient always comes from the native kernel; the forward pass and the input
-    gradient where `native_forward_supported` says so, else from XLA. Values and gradients
+    gradient where `native_forward_supported` / `native_input_grad_supported` say so, else
+    from XLA. Values and gradients
     equal lax.conv_general_dilated's up to float32 summation order. Convolutions that
     `native_supported` rejects (not float32, output channels not a multiple of 16) are XLA's
     entirely.
@@ -397,18 +406,26 @@ def cpu_conv_is_native() -> bool:
     return "ynn_fusion" not in hlo and "convolution(" in hlo
 
 
-def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+def resolve_conv_impl(
+    conv_impl: str, backend: str | None = None, *, global_arrays: bool = False
+) -> str:
     """Resolves 'auto' to a concrete implementation for a backend, and checks 'native'.
 
     Args:
       conv_impl: 'auto', 'xla', 'matmul' or 'native'.
       backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend().
+      global_arrays: the model will be applied under plain jit to arrays sharded over several
+        devices (evaluation, fine-tuning), not per device inside shard_map/pmap (the train
+        step). The native kernels' FFI calls have no partitioning rule, so XLA would gather
+        the whole batch onto every device for them: 'auto' then picks 'xla' when
+        jax.device_count() > 1.
 
     Returns:
       For 'auto': 'xla' on GPU/TPU. On CPU, when XLA runs convolutions with its own kernel
       (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started):
       'native' if the native kernels build here (`simclr_jax.kernels.available`; else 'xla',
-      with a warning that says why); without the flags, 'matmul'. Other names unchanged.
+      with a warning that says why) unless `global_arrays` over several devices; without the
+      flags, 'matmul'. Other names unchanged.
 
     Raises:
       ValueError: for an unknown name, or 'native' off the CPU backend or where the native
@@ -436,6 +453,8 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
         return "xla"
     if not cpu_conv_is_native():
         return "matmul"
+    if global_arrays and jax.device_count() > 1:
+        return "xla"
     reason = kernels.unavailable_reason()
     if reason is None:
         return "native"
