@@ -283,6 +283,22 @@ def test_resolve_falls_back_with_a_reason(monkeypatch):
         kernels.conv_forward(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 16)), (1, 1), ((1, 1),) * 2)
 
 
+@needs_kernel
+def test_handlers_reject_bad_geometry():
+    """The C++ handlers check what reaches them past the Python wrappers."""
+    x, dy = jnp.ones((2, 4, 4, 8)), jnp.ones((2, 4, 4, 16))
+    attrs = dict(sh=np.int64(0), sw=np.int64(1), ph=np.int64(1), pw=np.int64(1))
+    out = jax.ShapeDtypeStruct((3, 3, 8, 16), jnp.float32)
+    with pytest.raises(Exception, match="strides must be >= 1"):
+        jax.block_until_ready(jax.ffi.ffi_call(native.GRAD_TARGET, out)(x, dy, **attrs))
+    attrs["sh"] = np.int64(1)
+    wrong_cout = jax.ShapeDtypeStruct((3, 3, 8, 32), jnp.float32)
+    with pytest.raises(Exception, match="inconsistent shapes"):
+        jax.block_until_ready(jax.ffi.ffi_call(native.GRAD_TARGET, wrong_cout)(x, dy, **attrs))
+    with pytest.raises(ValueError, match="strides"):
+        kernels.conv_forward(x, jnp.ones((3, 3, 8, 16)), (0, 1), ((1, 1), (1, 1)))
+
+
 def test_kernels_build_where_they_can():
     """On an AVX-512 Linux machine with a C++ compiler the real source must build and load
     (otherwise every other test here would silently skip)."""

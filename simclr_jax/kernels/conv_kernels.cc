@@ -24,6 +24,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -92,18 +94,55 @@ void run_parts(ffi::ThreadPool& pool, int64_t threads, int64_t parts,
   st->fn = nullptr;  // its captures live in the caller's frame
 }
 
+// fn(b, v) with b and v as compile-time ints (std::integral_constant): b = the block size
+// (1..kBlock), v = vectors of 16 output channels (1..4). Maps runtime remainders onto the
+// tile templates instantiated for them.
+template <int B, typename F>
+auto with_block(int b, F&& fn) {
+  if constexpr (B == 1) {
+    return fn(std::integral_constant<int, 1>{});
+  } else {
+    return b >= B ? fn(std::integral_constant<int, B>{}) : with_block<B - 1>(b, fn);
+  }
+}
+
+template <typename F>
+auto with_blocks(int b, int v, F&& fn) {
+  return with_block<4>(v, [&](auto vv) {
+    return with_block<kBlock>(b, [&](auto bb) { return fn(bb, vv); });
+  });
+}
+
+// A convolution's shapes: input x [n, h, w, cin], output y (or its cotangent dy)
+// [n, ho, wo, cout], kernel [kh, kw, cin, cout], strides and low padding.
+struct Geometry {
+  int64_t n, h, w, cin;
+  int64_t ho, wo, cout;
+  int64_t kh, kw, sh, sw, ph, pw;
+};
+
+// The geometry from x's, y's and the kernel's dimensions, checked; `what` names the handler.
+ffi::ErrorOr<Geometry> geometry(const char* what, ffi::Span<const int64_t> xd,
+                                ffi::Span<const int64_t> yd, ffi::Span<const int64_t> wd,
+                                int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  const std::string name(what);
+  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(name + ": operands must be 4-D"));
+  const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
+                   wd[0], wd[1], sh,    sw,    ph,    pw};
+  if (sh < 1 || sw < 1)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(name + ": strides must be >= 1"));
+  if (yd[0] != g.n || wd[2] != g.cin || wd[3] != g.cout || g.cout % kLanes != 0)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(name + ": inconsistent shapes"));
+  return g;
+}
+
 int64_t pool_threads(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Kernel gradient.
-
-struct Geometry {
-  int64_t n, h, w, cin;  // x
-  int64_t ho, wo, cout;  // dy
-  int64_t kh, kw, sh, sw, ph, pw;
-};
 
 // Strides (in floats) of one tap's walk over a chunk of images.
 struct Walk {
@@ -141,25 +180,8 @@ void grad_tile(const float* x, const float* dy, const Walk& w, int64_t cout, flo
 
 using GradTileFn = void (*)(const float*, const float*, const Walk&, int64_t, float*);
 
-template <int NV>
-GradTileFn grad_pick_cb(int cb) {
-  switch (cb) {
-    case 1: return grad_tile<1, NV>;
-    case 2: return grad_tile<2, NV>;
-    case 3: return grad_tile<3, NV>;
-    case 4: return grad_tile<4, NV>;
-    case 5: return grad_tile<5, NV>;
-    default: return grad_tile<6, NV>;
-  }
-}
-
 GradTileFn grad_pick(int cb, int nv) {
-  switch (nv) {
-    case 1: return grad_pick_cb<1>(cb);
-    case 2: return grad_pick_cb<2>(cb);
-    case 3: return grad_pick_cb<3>(cb);
-    default: return grad_pick_cb<4>(cb);
-  }
+  return with_blocks(cb, nv, [](auto c, auto v) -> GradTileFn { return grad_tile<c, v>; });
 }
 
 // First index o in [0, n_out) with o * s + off >= 0, and one past the last with
@@ -210,17 +232,10 @@ void grad_chunk(const Geometry& g, const float* x, const float* dy, int64_t img,
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                       int64_t pw) {
-  auto xd = x.dimensions();
-  auto dd = dy.dimensions();
-  auto wd = dw->dimensions();
-  if (xd.size() != 4 || dd.size() != 4 || wd.size() != 4)
-    return ffi::Error::InvalidArgument("conv kernel grad: x, dy and dw must be 4-D");
-  const Geometry g{xd[0], xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
-                   wd[0], wd[1], sh,    sw,    ph,    pw};
-  if (dd[0] != g.n || wd[2] != g.cin || wd[3] != g.cout || g.cout % kLanes != 0)
-    return ffi::Error::InvalidArgument("conv kernel grad: inconsistent shapes");
-  if (sh < 1 || sw < 1)
-    return ffi::Error::InvalidArgument("conv kernel grad: strides must be >= 1");
+  const auto checked =
+      geometry("conv kernel grad", x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, ph, pw);
+  if (checked.has_error()) return checked.error();
+  const Geometry& g = checked.value();
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
   const int64_t size = g.kh * g.kw * g.cin * g.cout;
@@ -277,30 +292,9 @@ void fwd_tile(const float* const* xr, const float* w, int64_t taps, int64_t tap_
 using FwdTileFn = void (*)(const float* const*, const float*, int64_t, int64_t, int64_t, int64_t,
                            int64_t, bool, float* const*);
 
-template <int NV>
-FwdTileFn fwd_pick_r(int r) {
-  switch (r) {
-    case 1: return fwd_tile<1, NV>;
-    case 2: return fwd_tile<2, NV>;
-    case 3: return fwd_tile<3, NV>;
-    case 4: return fwd_tile<4, NV>;
-    case 5: return fwd_tile<5, NV>;
-    default: return fwd_tile<6, NV>;
-  }
-}
-
 FwdTileFn fwd_pick(int r, int nv) {
-  switch (nv) {
-    case 1: return fwd_pick_r<1>(r);
-    case 2: return fwd_pick_r<2>(r);
-    case 3: return fwd_pick_r<3>(r);
-    default: return fwd_pick_r<4>(r);
-  }
+  return with_blocks(r, nv, [](auto p, auto v) -> FwdTileFn { return fwd_tile<p, v>; });
 }
-
-struct FwdGeometry {
-  int64_t n, h, w, cin, ho, wo, cout, kh, kw, sh, sw, ph, pw;
-};
 
 // Input channels per pass over the chunk: the weights of one (kernel row, channel block, 64
 // outputs) stay in L1/L2 while every pixel tile of the chunk uses them.
@@ -310,7 +304,7 @@ constexpr int64_t kFwdChannels = 128;
 // image, the kw input segments are kw consecutive pixels of x, so the tile reads them at
 // stride cin. A pixel with some taps in the padding reads a copy of its segments with zeros
 // in the padding (`scratch`, the same layout), one wholly in the padding reads `zeros`.
-void forward_chunk(const FwdGeometry& g, const float* x, const float* w, int64_t img,
+void forward_chunk(const Geometry& g, const float* x, const float* w, int64_t img,
                    int64_t nimg, float* y) {
   const int64_t pixels = g.ho * g.wo;
   std::vector<float> zeros(g.kw * g.cin, 0.0f);
@@ -361,16 +355,10 @@ void forward_chunk(const FwdGeometry& g, const float* x, const float* w, int64_t
 ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t ph,
                        int64_t pw) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("conv forward: x, w and y must be 4-D");
-  const FwdGeometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-                      wd[0], wd[1], sh,    sw,    ph,    pw};
-  if (sh < 1 || sw < 1) return ffi::Error::InvalidArgument("conv forward: strides must be >= 1");
-  if (yd[0] != g.n || wd[2] != g.cin || wd[3] != g.cout || g.cout % kLanes != 0)
-    return ffi::Error::InvalidArgument("conv forward: inconsistent shapes");
+  const auto checked =
+      geometry("conv forward", x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, ph, pw);
+  if (checked.has_error()) return checked.error();
+  const Geometry& g = checked.value();
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
@@ -385,24 +373,18 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("ph")
-                                  .Attr<int64_t>("pw"));
+// Both handlers take (thread pool, two float32 operands, one float32 result, sh, sw, ph, pw).
+static auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("sh")
+      .Attr<int64_t>("sw")
+      .Attr<int64_t>("ph")
+      .Attr<int64_t>("pw");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("ph")
-                                  .Attr<int64_t>("pw"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvKernelGrad, KernelGrad, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrConvForward, ConvForward, ConvBinding());

@@ -323,10 +323,9 @@ def native_conv(
 
     The kernel gradient always comes from the native kernel; the forward pass and the input
     gradient where `native_forward_supported` / `native_input_grad_supported` say so, else
-    from XLA. Values and gradients
-    equal lax.conv_general_dilated's up to float32 summation order. Convolutions that
-    `native_supported` rejects (not float32, output channels not a multiple of 16) are XLA's
-    entirely.
+    from XLA. Values and gradients equal lax.conv_general_dilated's up to float32 summation
+    order. Convolutions that `native_supported` rejects (not float32, output channels not a
+    multiple of 16) are XLA's entirely.
 
     Args:
       x: input [n, h, w, cin].
