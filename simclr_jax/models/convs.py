@@ -18,9 +18,10 @@ patches alive from forward to backward (keeps peak memory close to nn.Conv's).
 `NativeConv` ('native', the CPU default when the kernels build) computes convolutions with the
 native kernels of `simclr_jax.kernels` (XLA FFI calls) where they are faster than XLA's own,
 and with XLA's elsewhere. XLA:CPU computes the kernel gradient as an Eigen convolution with an
-image-sized window over the transposed input, at a third of its forward rate for the early
-ResNet stages; the native kernel runs it at 1.1-3x XLA's rate (benchmarks/conv_layer.py
---parts --impl=native), so it always takes the kernel gradient. The native forward kernel
+image-sized window over the transposed input, at about half its forward rate in the first
+ResNet stage; the native kernel ran it at 1.2-2.5x XLA's rate at the four ResNet-18 stages
+(benchmarks/conv_layer.py --parts --impl=native; at 4 x 4 x 512 the two were within noise in
+other runs), so it always takes the kernel gradient. The native forward kernel
 (also the input gradient of a stride-1 convolution) is faster for stride-1 convolutions up
 to 256 output channels and is used there (`native_forward_supported`). Convolutions it cannot
 take at all (not float32, output channels not a multiple of 16) stay on XLA.
