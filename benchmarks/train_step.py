@@ -281,7 +281,8 @@ def main(argv: list[str]) -> dict:
         mesh=mesh,
     )
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    traced = step.trace(state, batch)  # traced once: compiled, and read for native FLOPs
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
@@ -291,7 +292,7 @@ def main(argv: list[str]) -> dict:
     # counted from the traced program and added.
     from simclr_jax import kernels
 
-    native_flops = kernels.native_flops(step.trace(state, batch).jaxpr) * args.devices
+    native_flops = kernels.native_flops(traced.jaxpr) * args.devices
     xla_flops = float((cost or {}).get("flops", float("nan"))) * args.devices + native_flops
 
     times = []

@@ -46,13 +46,6 @@ inline vec load(const float* p) {
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
 
-// Images per chunk: about kChunkBytes of input and output, at least one, and small enough that
-// every thread gets a chunk.
-int64_t chunk_images(int64_t n, int64_t image_floats, int64_t threads) {
-  const int64_t bytes = std::max<int64_t>(1, image_floats * sizeof(float));
-  return std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / bytes, n / threads));
-}
-
 // Runs fn(part) for every part in [0, parts), on the calling thread and on up to threads - 1
 // pool tasks, each taking the next part until none is left. The state is held by shared_ptr:
 // a task the pool starts only after this returned finds `closed` and does nothing. The caller
@@ -139,6 +132,14 @@ ffi::ErrorOr<Geometry> geometry(const char* what, ffi::Span<const int64_t> xd,
 
 int64_t pool_threads(ffi::ThreadPool& pool, int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), n));
+}
+
+// Images per chunk: about kChunkBytes of one image's input and output, at least one, and small
+// enough that every thread gets a chunk.
+int64_t chunk_images(const Geometry& g, int64_t threads) {
+  const int64_t bytes = (g.h * g.w * g.cin + g.ho * g.wo * g.cout) * sizeof(float);
+  return std::max<int64_t>(1, std::min<int64_t>(kChunkBytes / std::max<int64_t>(bytes, 1),
+                                                g.n / threads));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,8 +233,8 @@ void grad_chunk(const Geometry& g, const float* x, const float* dy, int64_t img,
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t ph,
                       int64_t pw) {
-  const auto checked =
-      geometry("conv kernel grad", x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, ph, pw);
+  const auto checked = geometry("conv kernel grad", x.dimensions(), dy.dimensions(),
+                                dw->dimensions(), sh, sw, ph, pw);
   if (checked.has_error()) return checked.error();
   const Geometry& g = checked.value();
   const float* xp = x.typed_data();
@@ -248,7 +249,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // per image (that made the late stages memory-bound).
   const int64_t threads = pool_threads(pool, g.n);
   std::vector<std::vector<float>> partial(threads - 1);  // zeroed by the thread that fills it
-  const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
+  const int64_t chunk = chunk_images(g, threads);
   run_parts(pool, threads, threads, [&](int64_t part) {
     if (part > 0) partial[part - 1].assign(size, 0.0f);
     float* acc = part == 0 ? out : partial[part - 1].data();
@@ -363,7 +364,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   const int64_t threads = pool_threads(pool, g.n);
-  const int64_t chunk = chunk_images(g.n, g.h * g.w * g.cin + g.ho * g.wo * g.cout, threads);
+  const int64_t chunk = chunk_images(g, threads);
   // Every output is computed by one thread in a fixed order: reproducible whatever the split.
   run_parts(pool, threads, (g.n + chunk - 1) / chunk, [&](int64_t part) {
     forward_chunk(g, xp, wp, part * chunk, std::min(chunk, g.n - part * chunk), yp);

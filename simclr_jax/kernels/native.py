@@ -165,16 +165,8 @@ def conv_kernel_grad(
     _check(x, dy, "x", "dy")
     _check_pairs(kernel_size=kernel_size, strides=strides)
     kh, kw = kernel_size
-    x, dy, like = _same_manual_axes(x, dy)
-    out = like.update(shape=(kh, kw, x.shape[-1], dy.shape[-1]), dtype=jnp.float32)
-    return jax.ffi.ffi_call(GRAD_TARGET, out, vmap_method="sequential")(
-        x,
-        dy,
-        sh=np.int64(strides[0]),
-        sw=np.int64(strides[1]),
-        ph=np.int64(padding_low[0]),
-        pw=np.int64(padding_low[1]),
-    )
+    out_shape = (kh, kw, x.shape[-1], dy.shape[-1])
+    return _ffi_conv(GRAD_TARGET, out_shape, x, dy, strides, padding_low)
 
 
 def conv_forward(
@@ -212,27 +204,30 @@ def conv_forward(
     wo = (x.shape[2] + pw0 + pw1 - kw) // strides[1] + 1
     if ho < 1 or wo < 1:
         raise ValueError(f"no output: kernel {(kh, kw)} over padded input of {x.shape}.")
-    x, kernel, like = _same_manual_axes(x, kernel)
-    out = like.update(shape=(x.shape[0], ho, wo, kernel.shape[-1]), dtype=jnp.float32)
-    return jax.ffi.ffi_call(FORWARD_TARGET, out, vmap_method="sequential")(
-        x,
-        kernel,
-        sh=np.int64(strides[0]),
-        sw=np.int64(strides[1]),
-        ph=np.int64(ph0),
-        pw=np.int64(pw0),
-    )
+    out_shape = (x.shape[0], ho, wo, kernel.shape[-1])
+    return _ffi_conv(FORWARD_TARGET, out_shape, x, kernel, strides, (ph0, pw0))
 
 
-def _same_manual_axes(a: jax.Array, b: jax.Array):
-    """Makes both operands vary over the same shard_map mesh axes (one FFI call takes one
-    type); returns them and the abstract type a result must take (no-op outside shard_map)."""
+def _ffi_conv(target: str, out_shape, a: jax.Array, b: jax.Array, strides, padding_low):
+    """Calls one of the two handlers: (a, b) -> float32 out_shape, attributes sh, sw, ph, pw.
+
+    Under shard_map, both operands are first made to vary over the same mesh axes (one FFI call
+    takes one type) and the result takes that type; a no-op elsewhere.
+    """
     va, vb = jax.typeof(a).manual_axis_type.varying, jax.typeof(b).manual_axis_type.varying
     if vb - va:
         a = jax.lax.pcast(a, tuple(sorted(vb - va)), to="varying")
     if va - vb:
         b = jax.lax.pcast(b, tuple(sorted(va - vb)), to="varying")
-    return a, b, jax.typeof(a)
+    out = jax.typeof(a).update(shape=out_shape, dtype=jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        a,
+        b,
+        sh=np.int64(strides[0]),
+        sw=np.int64(strides[1]),
+        ph=np.int64(padding_low[0]),
+        pw=np.int64(padding_low[1]),
+    )
 
 
 def _check_pairs(**pairs) -> None:
