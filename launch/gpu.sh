@@ -60,7 +60,7 @@ fi
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || die "--num-gpus='$NUM_GPUS' must be a positive integer"
 
 PIDS=()
-# shellcheck disable=SC2317  # invoked by the trap
+# shellcheck disable=SC2317,SC2329  # invoked by the trap
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do

@@ -16,7 +16,8 @@ What is compared:
   uninterrupted 2x4 run (determinism and resume exactness together), both
   processes' checkpoints are complete and restorable, and a 1x8 run of the
   same config ends with the same parameters as the 2x4 run up to float32
-  reduction order (the data order does not depend on the process count);
+  reduction order (the data order does not depend on the process count) and
+  kNN / probe accuracies within a few of the 1,000 examples;
 - a process that cannot reach the coordinator fails within the timeout and
   names the address.
 
@@ -40,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from counting import correct_count  # noqa: E402
 from losses_test import np_nt_xent  # noqa: E402
 from main_test import TINY  # noqa: E402
 
@@ -48,7 +50,19 @@ from simclr_jax import xla_flags  # noqa: E402
 GLOBAL_BATCH = 16
 PARAM_TOL = 1e-5
 LOSS_TOL = 1e-5
-CLI_PARAM_TOL = 5e-5  # See test_cli_2x4_..._matches_1x8.
+# 2x4 vs 1x8 through main.py, 6 steps of the TINY config (test_cli_2x4_..._matches_1x8). The
+# layouts add cross-device sums in different orders: XLA:CPU's in-process all-reduce adds
+# devices 0..7 in turn, gloo's ring all-reduce starts each eighth of a buffer at another device
+# (benchmarks/multihost_parity.py shows both). Every psum (gradient mean, global-BN moments, the
+# reduce-scatter behind the NT-Xent all_gather's gradient) then differs by about an ulp, and
+# LARS and batch-16 global BN grow that ~3x every 2 steps. Measured max |param diff| on an Intel
+# Xeon (Ice Lake, AVX-512): 4.8e-7 / 1.7e-6 / 4.6e-6 after steps 2 / 4 / 6 (4.5e-6 with XLA's
+# convolutions); the runlocal config (batch 32, width 8) reaches 1.2e-4 on that Xeon and on an
+# AMD EPYC alike. Tolerance: 20x the measured figure. A wrong batch moves parameters by ~0.8.
+CLI_PARAM_TOL = 1e-4
+# kNN / probe decisions that may flip between the layouts out of the 1,000 held-out examples
+# (near-ties under features ~1e-6 apart): measured 1 (kNN top-1) on the Xeon, 2 on the EPYC.
+CLI_FLIPPED_EXAMPLES = 5
 
 
 def _free_port() -> int:
@@ -380,26 +394,25 @@ def test_cli_2x4_checkpoints_resumes_after_kill_9_exactly_and_matches_1x8(tmp_pa
     start = _restore_params(ref_dir, 2)
     assert max(float(np.abs(a[k] - start[k]).max()) for k in a) > 100 * CLI_PARAM_TOL
     # 1x8 against 2x4: the same global batches (the data order does not depend
-    # on the process count) and the same math; only the float32 reduction order
-    # of the cross-device sums differs (gloo across processes), ~1e-7 relative
-    # per sum, grown by 6 steps of LARS and global BN. Measured max |diff|
-    # 4.2e-6 (parameters up to 1.3 in magnitude); the tolerance has 10x margin.
+    # on the process count) and the same math; only the order of the float32
+    # cross-device sums differs (see CLI_PARAM_TOL).
     c = _restore_params(single_dir, 6)
     assert c.keys() == a.keys()
-    for key in a:
-        np.testing.assert_allclose(
-            c[key], a[key], rtol=CLI_PARAM_TOL, atol=CLI_PARAM_TOL, err_msg=key
-        )
-    # Evaluation across 2 hosts: every test example scored once, and the same
-    # accuracy as on one host (features agree to ~1e-6, so at most a near-tie
-    # among the 1,000 examples could flip).
+    worst = max(a, key=lambda k: float(np.abs(c[k] - a[k]).max()))
+    diff = float(np.abs(c[worst] - a[worst]).max())
+    assert diff <= CLI_PARAM_TOL, f"{worst}: max |1x8 - 2x4| = {diff:.3g} > {CLI_PARAM_TOL}"
+    # Evaluation across 2 hosts: every test example scored once, and accuracies
+    # that differ by at most a few near-ties. Compared as counts of examples
+    # (integers), not as differences of float fractions.
     two_hosts = json.loads((ref_dir / "results.json").read_text())
     one_host = json.loads((single_dir / "results.json").read_text())
     assert two_hosts["num_processes"] == 2 and one_host["num_processes"] == 1
     for key in ("eval_examples", "knn_memory_examples"):
         assert two_hosts[key] == one_host[key] > 0, key
-    for key in ("knn_top1", "probe_top1"):
-        assert abs(two_hosts[key] - one_host[key]) <= 2 / one_host["eval_examples"], key
+    n = one_host["eval_examples"]
+    for key in ("knn_top1", "knn_top5", "probe_top1", "probe_top5"):
+        counts = [correct_count(r[key], n) for r in (two_hosts, one_host)]
+        assert abs(counts[0] - counts[1]) <= CLI_FLIPPED_EXAMPLES, (key, counts)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from counting import correct_count
 from train_test import tiny_config
 
 from configs import cifar10
@@ -218,7 +219,10 @@ def test_knn_end_to_end_from_a_step_directory(pretrained_run, tmp_path, monkeypa
     votes = np.zeros((len(b), 10))
     for i in range(len(b)):
         np.add.at(votes[i], train_y[top[i]], np.exp(sims[i, top[i]] / 0.1))
-    assert results["top1"] == pytest.approx(accuracy(votes, test_y), abs=2e-3)
+    # float32 similarities against float64 ones: at most a near-tie may flip (measured 0 of
+    # 1,000); compared as counts of examples.
+    expected = int(np.sum(np.argmax(votes, 1) == test_y))
+    assert abs(correct_count(results["top1"], len(test_y)) - expected) <= 2
 
 
 def test_reference_linear_eval_leaves_the_encoder_unchanged(pretrained_run):
