@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
     config.checkpoint.every_steps = 200
     config.eval.batch_size = 512
-    config.eval.random_init_baseline = True
+    config.eval.compare_random_init = True
 
     if arg == "runlocal":
         cifar10.apply_runlocal(config)

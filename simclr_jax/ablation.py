@@ -119,16 +119,12 @@ class Stage:
 # ------------------------------------------------------------------- validation
 
 
-def _fail(field: str, value, fix: str):
-    raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
-
-
 def _check_axis(config, axis: str) -> tuple:
     values = config.grid.get(axis)
     if not isinstance(values, tuple | list) or not values:
-        _fail(f"grid.{axis}", values, "list at least one value, e.g. (256, 512).")
+        config_checks.fail(f"grid.{axis}", values, "list at least one value, e.g. (256, 512).")
     if len(set(values)) != len(values):
-        _fail(f"grid.{axis}", values, "remove the repeated values.")
+        config_checks.fail(f"grid.{axis}", values, "remove the repeated values.")
     return tuple(values)
 
 
@@ -156,48 +152,54 @@ def validate_ablation_config(config: mlc.ConfigDict) -> None:
         "reference",
     ):
         if field not in config:
-            _fail(field, None, "the field is missing; start from configs/ablation_cifar10.py.")
+            config_checks.fail(
+                field, None, "the field is missing; start from configs/ablation_cifar10.py."
+            )
     batches = _check_axis(config, "batch_sizes")
     for b in batches:
         if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-            _fail("grid.batch_sizes", batches, f"{b!r} is not a positive integer.")
+            config_checks.fail("grid.batch_sizes", batches, f"{b!r} is not a positive integer.")
     epochs = _check_axis(config, "epochs")
     for e in epochs:
         if not _is_number(e) or e <= 0:
-            _fail("grid.epochs", epochs, f"{e!r} is not a positive number of epochs.")
+            config_checks.fail("grid.epochs", epochs, f"{e!r} is not a positive number of epochs.")
     scalings = _check_axis(config, "lr_scalings")
     for s in scalings:
         if s not in SCALINGS:
-            _fail("grid.lr_scalings", scalings, f"{s!r} is not one of {SCALINGS}.")
+            config_checks.fail("grid.lr_scalings", scalings, f"{s!r} is not one of {SCALINGS}.")
         lr = config.base_lr.get(s)
         if not _is_number(lr) or lr <= 0:
-            _fail(f"base_lr.{s}", lr, f"the base LR of {s} scaling must be a number > 0.")
+            config_checks.fail(
+                f"base_lr.{s}", lr, f"the base LR of {s} scaling must be a number > 0."
+            )
     temps = _check_axis(config, "temperatures")
     for t in temps:
         if not _is_number(t) or t <= 0:
-            _fail("grid.temperatures", temps, f"{t!r} is not a temperature > 0.")
+            config_checks.fail("grid.temperatures", temps, f"{t!r} is not a temperature > 0.")
     micro = config.micro_batch_size
     if not isinstance(micro, int) or isinstance(micro, bool) or micro < 0:
-        _fail("micro_batch_size", micro, "use an integer >= 0 (0: no micro-batches).")
+        config_checks.fail("micro_batch_size", micro, "use an integer >= 0 (0: no micro-batches).")
     for b in batches:
         if micro and b > micro and b % micro:
-            _fail(
+            config_checks.fail(
                 "micro_batch_size",
                 micro,
                 f"it must divide every batch size larger than it, and batch {b} = "
                 f"{b // micro} x {micro} + {b % micro}; pick a divisor of {b}.",
             )
     if config.reference not in ablation_report.REFERENCES:
-        _fail("reference", config.reference, f"use one of {ablation_report.REFERENCES}.")
+        config_checks.fail(
+            "reference", config.reference, f"use one of {ablation_report.REFERENCES}."
+        )
     if config.pretrain.train.steps:
-        _fail(
+        config_checks.fail(
             "pretrain.train.steps",
             config.pretrain.train.steps,
             "set it to 0: grid.epochs sets durations.",
         )
     warmup = config.pretrain.optim.warmup_epochs
     if warmup > min(epochs):
-        _fail(
+        config_checks.fail(
             "pretrain.optim.warmup_epochs",
             warmup,
             f"warmup is longer than the shortest budget in grid.epochs ({min(epochs):g}).",
@@ -386,7 +388,7 @@ def _run_stage(runner: Callable[[Stage], int], stage: Stage, head: str, start: f
     Local sweeps only (run_sweep refuses remote workdirs), so plain os calls.
     """
     cell_dir = os.path.dirname(stage.workdir)
-    results = os.path.join(stage.workdir, ablation_report.RESULTS_FILE)
+    results = os.path.join(stage.workdir, files.RESULTS_FILE)
     failed = os.path.join(cell_dir, ablation_report.FAILED_FILE)
     what = "pretraining" if stage.kind == "pretrain" else "linear eval"
     resuming = " (resuming)" if stage.kind == "pretrain" and os.path.exists(stage.workdir) else ""
@@ -498,7 +500,7 @@ def run_sweep(
             ablation_report.write_json(os.path.join(cell_dir, ablation_report.CELL_FILE), record)
             for kind in STAGES:
                 stage_dir = os.path.join(cell_dir, kind)
-                if os.path.exists(os.path.join(stage_dir, ablation_report.RESULTS_FILE)):
+                if os.path.exists(os.path.join(stage_dir, files.RESULTS_FILE)):
                     continue
                 log = os.path.join(cell_dir, f"{kind}.log")
                 stage = Stage(cell, kind, args[cell.name][kind], stage_dir, log)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import ml_collections as mlc
 
-from simclr_jax import ablation_report, files
+from simclr_jax import ablation_report, config_checks, files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PY = os.path.join(REPO_ROOT, "main.py")
@@ -27,10 +27,6 @@ DEFAULT_LAUNCHER_ARGS = {
     "tpu": "--name=$TPU_NAME --zone=$TPU_ZONE --copy --skip-create",
     "slurm": "",
 }
-
-
-def _fail(field: str, value, fix: str):
-    raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
 
 
 # --------------------------------------------------------------- main.py commands
@@ -50,12 +46,12 @@ def resolve_config_file(spec: str, field: str) -> tuple[str, str]:
       ValueError: no such file.
     """
     if not spec or not isinstance(spec, str):
-        _fail(field, spec, "name a config file, e.g. 'configs/cifar10.py'.")
+        config_checks.fail(field, spec, "name a config file, e.g. 'configs/cifar10.py'.")
     path, sep, arg = spec.partition(":")
     candidates = [path] if os.path.isabs(path) else [os.path.abspath(path), f"{REPO_ROOT}/{path}"]
     found = next((p for p in candidates if os.path.isfile(p)), None)
     if found is None:
-        _fail(field, spec, f"no such config file (looked at {candidates}).")
+        config_checks.fail(field, spec, f"no such config file (looked at {candidates}).")
     rel = os.path.relpath(found, REPO_ROOT)
     shown = found if rel.startswith("..") else rel
     return found + sep + arg, shown + sep + arg
@@ -239,7 +235,7 @@ def format_launch_commands(
         todo = [
             kind
             for kind in STAGES
-            if not files.exists(files.join(workdir, cell.name, kind, ablation_report.RESULTS_FILE))
+            if not files.exists(files.join(workdir, cell.name, kind, files.RESULTS_FILE))
         ]
         for kind in todo:
             main_args = args[cell.name][kind]

@@ -101,7 +101,6 @@ SUMMARY_CSV = "summary.csv"
 CELL_FILE = "cell.json"
 FAILED_FILE = "failed.json"
 TIMING_FILE = "timing.json"
-RESULTS_FILE = "results.json"
 STAGES = ("pretrain", "linear_eval")
 
 
@@ -123,11 +122,11 @@ def _listdir(path: str) -> list[str]:
 def cell_status(workdir: str, name: str) -> str:
     """'done' | 'failed' | 'pretrained' | 'started' | 'pending', from the cell's files."""
     cell_dir = files.join(workdir, name)
-    if files.exists(files.join(cell_dir, "linear_eval", RESULTS_FILE)):
+    if files.exists(files.join(cell_dir, "linear_eval", files.RESULTS_FILE)):
         return "done"
     if files.exists(files.join(cell_dir, FAILED_FILE)):
         return "failed"
-    if files.exists(files.join(cell_dir, "pretrain", RESULTS_FILE)):
+    if files.exists(files.join(cell_dir, "pretrain", files.RESULTS_FILE)):
         return "pretrained"
     if files.exists(files.join(cell_dir, "pretrain")):
         return "started"
@@ -166,8 +165,8 @@ def collect_rows(workdir: str, cells) -> list[dict]:
     for cell in cells:
         cell_dir = files.join(workdir, cell.name)
         status = cell_status(workdir, cell.name)
-        pre = _read_if_exists(files.join(cell_dir, "pretrain", RESULTS_FILE))
-        lin = _read_if_exists(files.join(cell_dir, "linear_eval", RESULTS_FILE))
+        pre = _read_if_exists(files.join(cell_dir, "pretrain", files.RESULTS_FILE))
+        lin = _read_if_exists(files.join(cell_dir, "linear_eval", files.RESULTS_FILE))
         timing = _read_if_exists(files.join(cell_dir, TIMING_FILE))
         failed = _read_if_exists(files.join(cell_dir, FAILED_FILE)) if status == "failed" else {}
         rows.append(

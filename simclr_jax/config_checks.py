@@ -23,7 +23,8 @@ class ConfigError(ValueError):
     """A config field holds a value the run cannot use."""
 
 
-def _fail(field: str, value, fix: str):
+def fail(field: str, value, fix: str):
+    """Raises ConfigError: 'config.<field>=<value> is invalid: <fix>'."""
     raise ConfigError(f"config.{field}={value!r} is invalid: {fix}")
 
 
@@ -33,7 +34,7 @@ def _require_positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = 
         value = value[part]
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        _fail(field, value, f"it must be {bound}.")
+        fail(field, value, f"it must be {bound}.")
 
 
 def validate_pretrain_config(config: mlc.ConfigDict) -> None:
@@ -46,37 +47,37 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
       ConfigError: naming the first bad field, its value and the fix.
     """
     if config.data.source not in DATA_SOURCES:
-        _fail("data.source", config.data.source, f"use one of {DATA_SOURCES}.")
+        fail("data.source", config.data.source, f"use one of {DATA_SOURCES}.")
     if not config.data.name:
-        _fail("data.name", config.data.name, "name the tfds dataset or the image folder.")
+        fail("data.name", config.data.name, "name the tfds dataset or the image folder.")
     if config.model.depth not in MODEL_DEPTHS:
-        _fail("model.depth", config.model.depth, f"ResNet depths are {MODEL_DEPTHS}.")
+        fail("model.depth", config.model.depth, f"ResNet depths are {MODEL_DEPTHS}.")
     _require_positive(config, "model.width_multiplier")
     _require_positive(config, "model.base_width")
     _require_positive(config, "model.head_layers")
     _require_positive(config, "model.head_dim")
     _require_positive(config, "model.sk_ratio", allow_zero=True)
     if config.model.dtype not in DTYPES:
-        _fail("model.dtype", config.model.dtype, f"use one of {DTYPES}.")
+        fail("model.dtype", config.model.dtype, f"use one of {DTYPES}.")
     if config.model.get("conv_impl", "auto") not in CONV_IMPL_CHOICES:
-        _fail("model.conv_impl", config.model.conv_impl, f"use one of {CONV_IMPL_CHOICES}.")
+        fail("model.conv_impl", config.model.conv_impl, f"use one of {CONV_IMPL_CHOICES}.")
     if config.model.get("shortcut_fork", "auto") not in SHORTCUT_FORK_CHOICES:
-        _fail(
+        fail(
             "model.shortcut_fork",
             config.model.shortcut_fork,
             f"use one of {SHORTCUT_FORK_CHOICES}.",
         )
     if not config.loss.temperature or config.loss.temperature <= 0:
-        _fail(
+        fail(
             "loss.temperature",
             config.loss.temperature,
             "the NT-Xent temperature must be > 0 (the paper uses 0.1-0.5).",
         )
     _require_positive(config, "loss.loss_scale")
     if config.optim.name not in OPTIMIZERS:
-        _fail("optim.name", config.optim.name, f"use one of {OPTIMIZERS}.")
+        fail("optim.name", config.optim.name, f"use one of {OPTIMIZERS}.")
     if config.optim.lr_scaling not in LR_SCALINGS:
-        _fail("optim.lr_scaling", config.optim.lr_scaling, f"use one of {LR_SCALINGS}.")
+        fail("optim.lr_scaling", config.optim.lr_scaling, f"use one of {LR_SCALINGS}.")
     _require_positive(config, "optim.base_lr")
     _require_positive(config, "optim.weight_decay", allow_zero=True)
     _require_positive(config, "optim.warmup_epochs", allow_zero=True)
@@ -84,15 +85,15 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
     _require_positive(config, "train.epochs", allow_zero=True)
     _require_positive(config, "train.steps", allow_zero=True)
     if not config.train.epochs and not config.train.steps:
-        _fail("train.epochs", config.train.epochs, "set train.epochs or train.steps > 0.")
+        fail("train.epochs", config.train.epochs, "set train.epochs or train.steps > 0.")
     if config.train.parallelism not in PARALLELISM_MODES:
-        _fail("train.parallelism", config.train.parallelism, f"use one of {PARALLELISM_MODES}.")
+        fail("train.parallelism", config.train.parallelism, f"use one of {PARALLELISM_MODES}.")
     _require_positive(config, "train.num_devices", allow_zero=True)
     micro = config.train.get("micro_batch_size", 0)
     if micro is None or micro < 0:
-        _fail("train.micro_batch_size", micro, "it must be >= 0 (0 turns micro-batching off).")
+        fail("train.micro_batch_size", micro, "it must be >= 0 (0 turns micro-batching off).")
     if micro and config.train.batch_size % micro:
-        _fail(
+        fail(
             "train.micro_batch_size",
             micro,
             f"it must divide train.batch_size={config.train.batch_size} "
@@ -100,7 +101,7 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
         )
     bn_mode = config.train.get("micro_batch_bn", "micro")
     if bn_mode not in MICRO_BATCH_BN_MODES:
-        _fail("train.micro_batch_bn", bn_mode, f"use one of {MICRO_BATCH_BN_MODES}.")
+        fail("train.micro_batch_bn", bn_mode, f"use one of {MICRO_BATCH_BN_MODES}.")
     _require_positive(config, "train.log_every_steps")
     _require_positive(config, "train.stop_at_step", allow_zero=True)
     _require_positive(config, "checkpoint.every_steps")
@@ -114,14 +115,14 @@ def check_batch_split(batch_size: int, num_devices: int, process_count: int, fie
     """The global batch must split evenly over hosts and devices."""
     if batch_size % num_devices:
         lower = batch_size - batch_size % num_devices
-        _fail(
+        fail(
             field,
             batch_size,
             f"it must be divisible by the {num_devices} devices in use; "
             f"try {lower or num_devices} or {lower + num_devices}.",
         )
     if batch_size % process_count:
-        _fail(field, batch_size, f"it must be divisible by the {process_count} processes.")
+        fail(field, batch_size, f"it must be divisible by the {process_count} processes.")
 
 
 def micro_batch_per_device(micro_batch_size: int, batch_size: int, num_devices: int) -> int | None:
@@ -142,7 +143,7 @@ def micro_batch_per_device(micro_batch_size: int, batch_size: int, num_devices: 
     if not micro_batch_size or micro_batch_size == batch_size:
         return None
     if micro_batch_size % num_devices:
-        _fail(
+        fail(
             "train.micro_batch_size",
             micro_batch_size,
             f"each micro-batch is split over the {num_devices} devices: use a multiple of "
@@ -154,9 +155,9 @@ def micro_batch_per_device(micro_batch_size: int, batch_size: int, num_devices: 
 def check_schedule(warmup_steps: int, total_steps: int, warmup_epochs: float) -> None:
     """Warmup must end before training does."""
     if total_steps <= 0:
-        _fail("train.steps", total_steps, "the run has no steps; raise train.epochs/steps.")
+        fail("train.steps", total_steps, "the run has no steps; raise train.epochs/steps.")
     if warmup_steps > total_steps:
-        _fail(
+        fail(
             "optim.warmup_epochs",
             warmup_epochs,
             f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps); "

@@ -30,6 +30,9 @@ metrics.jsonl (a few hundred KB for a long run), not large files.
 import os
 import posixpath
 
+# Every run's final figures, in its workdir (pretraining and every evaluation protocol).
+RESULTS_FILE = "results.json"
+
 TMP_SUFFIX = ".tmp"
 
 

@@ -14,7 +14,6 @@ import numpy as np
 from simclr_jax import evaluate, files
 from simclr_jax.metrics import MetricLogger
 
-RESULTS_FILE = "results.json"
 CONFUSION_FILE = "confusion_matrix.png"
 
 
@@ -113,4 +112,4 @@ def write_results(workdir: str, results: dict, *, step: int = 0) -> None:
     logger.write_scalars(step, scalars)
     logger.close()
     text = json.dumps(results, indent=2, sort_keys=True)
-    files.write_text(files.join(workdir, RESULTS_FILE), text)
+    files.write_text(files.join(workdir, files.RESULTS_FILE), text)

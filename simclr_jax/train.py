@@ -33,7 +33,6 @@ from simclr_jax import (
 from simclr_jax.data import pipeline
 from simclr_jax.metrics import MetricLogger
 
-RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 
 
@@ -373,7 +372,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
             },
         )
     logger.close()
-    _write_json(files.join(workdir, RESULTS_FILE), results)
+    _write_json(files.join(workdir, files.RESULTS_FILE), results)
     print(_done_message(results, throughput, workdir))
     return results
 
@@ -381,7 +380,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
     """kNN (train split as memory, eval split as queries) and the probe's top-1.
 
-    With config.eval.random_init_baseline, the same kNN protocol also runs on
+    With config.eval.compare_random_init, the same kNN protocol also runs on
     the randomly initialised encoder this run started from (step 0), so the
     gain from pretraining is visible in one results file.
 
@@ -444,7 +443,7 @@ def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
 
     t0 = time.time()
     results = knn_and_probe(state.params, state.batch_stats, "")
-    if config.eval.get("random_init_baseline", False):
+    if config.eval.get("compare_random_init", False):
         initial = jax.jit(_init_fn(config, run))(jax.random.key(config.seed))
         results.update(knn_and_probe(initial.params, initial.batch_stats, "random_init_"))
     print(

@@ -3,9 +3,9 @@
 jaxlib 0.10's XLA:CPU routes convolutions through YNNPACK by default. On the 2-core AVX-512 CPU
 this project is developed on, that path ran a 3x3 convolution's forward + backward at 30-105
 GFLOP/s across the ResNet-18 CIFAR stages, XLA's own (Eigen) convolution with YNNPACK kept off
-convolutions at 89-142 GFLOP/s, and PyTorch's oneDNN at 93-150 (benchmarks/conv_layer.py; the
-README has the table). The whole width-64 train step went from 0.67x to 0.92x PyTorch's speed.
-The flags below:
+convolutions at 89-142 GFLOP/s, and PyTorch's oneDNN at 93-150 (benchmarks/conv_layer.py;
+docs/performance.md has the table). The whole width-64 train step went from 0.67x to 0.92x
+PyTorch's speed. The flags below:
 
 - `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+individual_dot`:
   convolutions back to XLA's own kernel; elementwise fusions to YNNPACK, whose kernels also make

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, TF kept off GPUs, a persistent compile cache.
+"""Test setup: 8 fake CPU devices, TF kept off GPUs, a persistent compile cache, and the
+session's one tiny pretraining run (fixture `tiny_pretrained_run`).
 
 The environment must be set before jax or tensorflow is imported anywhere, which
 is why it happens at the top of conftest rather than in a fixture.
@@ -22,3 +23,21 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_run(tmp_path_factory):
+    """The workdir of one tiny pretraining run (tiny_run.tiny_config()), shared by the session.
+
+    Read it; never write into it (copy what a test must change).
+    """
+    from tiny_run import tiny_config
+
+    from simclr_jax import train
+
+    workdir = str(tmp_path_factory.mktemp("tiny_pretrained_run"))
+    train.train_and_evaluate(tiny_config(), workdir)
+    return workdir

@@ -87,6 +87,7 @@ def test_other_padding_specs_match_nn_conv(padding):
     assert _rel_err(y_mm, y_ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_tiny_resnet18_same_outputs_and_gradients():
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
     ref = resnet(18, cifar_stem=True, base_width=8, conv_impl="xla")

@@ -192,7 +192,7 @@ def test_write_results_on_ram_workdir(ram_tensorboard):
     summary = reports.summarize(scores, labels, ["a", "b", "c"])
     results = {"protocol": "linear_eval", "summary": summary, "top1": summary["top1"]}
     reports.write_results(workdir, results, step=7)
-    assert json.loads(files.read_text(files.join(workdir, reports.RESULTS_FILE))) == results
+    assert json.loads(files.read_text(files.join(workdir, files.RESULTS_FILE))) == results
     png = files.read_bytes(files.join(workdir, reports.CONFUSION_FILE))
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     record = json.loads(files.read_text(files.join(workdir, "metrics.jsonl")))

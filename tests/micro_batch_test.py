@@ -145,6 +145,7 @@ def _assert_trees_close(a, b, scale_tol, atol=1e-7):
 RTOL, TREE_TOL = 1e-5, 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "num_devices,micro_per_device,resnet",
     # The small encoder keeps compiling cheap; a ResNet-18 micro-batched run is
@@ -164,6 +165,7 @@ def test_micro_batched_step_equals_full_batch_with_frozen_bn(num_devices, micro_
     assert optax.tree.norm(_grads(ref_state, old)["encoder"]) > 1e-2
 
 
+@pytest.mark.slow
 def test_micro_batched_eight_devices_equals_full_eight_devices_frozen_bn():
     full, full_metrics, old = _run(8, None, True, _batch(3))
     micro, micro_metrics, _ = _run(8, 1, True, _batch(3))
@@ -176,6 +178,7 @@ def _nt_xent_numpy(z1, z2, tau):
     return np_nt_xent(z1, z2, tau)[0]
 
 
+@pytest.mark.slow
 def test_bn_runs_per_micro_batch_and_running_stats_average_the_updates():
     """Documented BN behaviour in training mode, checked against a by-hand reference."""
     batch = _batch(5)
@@ -202,6 +205,7 @@ def test_bn_runs_per_micro_batch_and_running_stats_average_the_updates():
     assert abs(float(full_metrics["loss"]) - float(metrics["loss"])) > 1e-4
 
 
+@pytest.mark.slow
 def test_with_global_bn_a_micro_batch_spans_every_device():
     """8 devices x 1 example per micro-batch == 1 device with micro-batches of 8.
 

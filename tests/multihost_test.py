@@ -232,6 +232,7 @@ def _kill_all(procs):
             p.wait()
 
 
+@pytest.mark.slow
 def test_train_step_2x4_matches_1x8_and_nt_xent_sees_every_host(tmp_path):
     port = _free_port()
     procs = []
@@ -465,6 +466,7 @@ def test_wait_for_coordinator():
     assert 1.4 < time.time() - t0 < 10
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_within_timeout_naming_it(tmp_path):
     address = f"127.0.0.1:{_free_port()}"  # nobody listens here
     timeout = 3

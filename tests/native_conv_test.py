@@ -194,6 +194,7 @@ def test_native_flops_counts_the_calls():
     assert native.native_flops(g.trace(w).jaxpr) == 3 * 2 * 3 * 8 * 8 * 3 * 3 * 16 * 32
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_resnet_native_matches_xla():
     """Whole ResNet-18 (widths 16-128, projection shortcuts, CIFAR stem): same parameter tree,

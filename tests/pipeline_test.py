@@ -196,6 +196,7 @@ def test_pretrain_batches_embedded():
         assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", GLOBAL_KINDS)
 def test_global_batches_do_not_depend_on_the_process_count(sources, kind):
     """Hosts' batches laid out by row are bit-identical to one process's, resumed or not.
@@ -449,6 +450,7 @@ def test_errors(sources):
         )
 
 
+@pytest.mark.slow
 def test_configure_tensorflow_limits_threads_before_init():
     # A fresh process: the settings only take effect before TF initialises.
     code = (

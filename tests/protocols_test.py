@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from counting import correct_count
-from train_test import tiny_config
+from tiny_run import tiny_config
 
 from configs import cifar10
 from configs import finetune as finetune_config
@@ -18,6 +18,7 @@ from configs import linear_eval as linear_config
 from simclr_jax import (
     checkpoint,
     export,
+    files,
     finetune,
     linear_eval,
     models,
@@ -26,17 +27,7 @@ from simclr_jax import (
     reports,
     sharding,
     subsets,
-    train,
 )
-
-
-def tiny_pretrain_config():
-    """Embedded data, ResNet-18 at base width 4, batch 16, 4 steps: train_test's tiny run.
-
-    The same config as train_test.tiny_config, so the two files share compiled
-    programs through the persistent compilation cache.
-    """
-    return tiny_config()
 
 
 def tiny_protocol(config, init_from):
@@ -45,11 +36,10 @@ def tiny_protocol(config, init_from):
     return config
 
 
-@pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pretrain"))
-    train.train_and_evaluate(tiny_pretrain_config(), workdir)
-    return workdir
+@pytest.fixture
+def pretrained_run(tiny_pretrained_run):
+    """The session's tiny pretraining run (conftest.py)."""
+    return tiny_pretrained_run
 
 
 def restored_encoder(workdir):
@@ -165,12 +155,13 @@ def test_embedded_subset_matches_its_labels():
 # --- On a tiny pretraining run. ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_linear_eval_end_to_end_records_provenance(pretrained_run, tmp_path):
     config = tiny_protocol(linear_config.get_config(), pretrained_run)
     config.linear.epochs = 3.0
     config.eval.compare_random_init = True
     results = protocols.run("linear_eval", config, str(tmp_path))
-    with open(tmp_path / reports.RESULTS_FILE) as f:
+    with open(tmp_path / files.RESULTS_FILE) as f:
         saved = json.load(f)
     assert saved["protocol"] == "linear_eval"
     assert saved["checkpoint"]["step"] == 4
@@ -194,6 +185,7 @@ def test_linear_eval_end_to_end_records_provenance(pretrained_run, tmp_path):
     assert record["eval/top1"] == pytest.approx(saved["top1"])
 
 
+@pytest.mark.slow
 def test_knn_end_to_end_from_a_step_directory(pretrained_run, tmp_path, monkeypatch):
     step_dir = os.path.join(checkpoint.checkpoint_dir(pretrained_run), "2")
     config = tiny_protocol(knn_config.get_config(), step_dir)
@@ -225,6 +217,7 @@ def test_knn_end_to_end_from_a_step_directory(pretrained_run, tmp_path, monkeypa
     assert abs(correct_count(results["top1"], len(test_y)) - expected) <= 2
 
 
+@pytest.mark.slow
 def test_reference_linear_eval_leaves_the_encoder_unchanged(pretrained_run):
     config = tiny_protocol(linear_config.get_config("reference"), pretrained_run)
     config.linear.epochs = 0.01  # a few augmented steps
@@ -256,6 +249,7 @@ def test_finetune_starts_from_the_pretrained_weights(pretrained_run):
     assert set(state.params) == {"encoder", "head", "classifier"}
 
 
+@pytest.mark.slow
 def test_finetune_with_frozen_stages_end_to_end(pretrained_run, tmp_path, monkeypatch):
     config = tiny_protocol(finetune_config.get_config(), pretrained_run)
     config.finetune.label_fraction = 0.1  # 400 labelled examples
@@ -278,7 +272,7 @@ def test_finetune_with_frozen_stages_end_to_end(pretrained_run, tmp_path, monkey
     monkeypatch.setattr(finetune, "make_train_step", capturing)
     results = protocols.run("finetune", config, str(tmp_path))
     assert results["labelled_examples"] == 400 and results["steps"] == 1
-    assert os.path.exists(tmp_path / reports.RESULTS_FILE)
+    assert os.path.exists(tmp_path / files.RESULTS_FILE)
     final = jax.device_get(captured["state"])
     saved = restored_encoder(pretrained_run)
     enc, ref = final.params["encoder"], saved["params"]["encoder"]
@@ -366,7 +360,7 @@ def test_head_with_other_class_count_is_reported(pretrained_run, tmp_path):
 
 
 def test_finetune_selector_and_configs_are_checked():
-    model_cfg = tiny_pretrain_config().model
+    model_cfg = tiny_config().model
     with pytest.raises(ValueError, match="ft_proj_selector=5"):
         finetune.build_finetune_model(model_cfg, 10, ft_proj_selector=5)
     with pytest.raises(ValueError, match="linear.mode='fast'"):

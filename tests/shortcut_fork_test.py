@@ -47,6 +47,7 @@ def _nonzero_gammas(params):
     )
 
 
+@pytest.mark.slow
 def test_model_gradients_identical_with_and_without_fork():
     kwargs = dict(cifar_stem=True, base_width=8)
     plain = resnet.resnet(18, fork_shortcut=False, **kwargs)
@@ -71,6 +72,7 @@ def test_model_gradients_identical_with_and_without_fork():
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bottleneck_block_gradients_identical_with_and_without_fork():
     def block(fork):
         return resnet.BottleneckBlock(

@@ -8,27 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_run import tiny_config
 
 from configs import cifar10, quickstart
 from simclr_jax import checkpoint, config_checks, models, optim, sharding, steps, train
-
-
-def tiny_config(**overrides):
-    """The runlocal config: embedded data, ResNet-18 at base width 8, batch 16."""
-    config = cifar10.get_config("runlocal")
-    config.model.base_width = 4
-    config.model.head_hidden_dim = 16
-    config.model.head_dim = 16
-    config.train.batch_size = 16
-    config.train.steps = 4
-    config.train.log_every_steps = 2
-    config.checkpoint.every_steps = 2
-    config.checkpoint.asynchronous = False
-    config.eval.knn = False
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        config[section][field] = value
-    return config
 
 
 def load_params(workdir, step=None):
@@ -48,12 +31,10 @@ def assert_trees_close(a, b, rtol, atol):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """4 steps, 8 devices, shard_map: the run the others are compared with."""
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    train.train_and_evaluate(tiny_config(), workdir)
-    return workdir
+@pytest.fixture
+def reference_run(tiny_pretrained_run):
+    """4 steps, 8 devices, shard_map: the run the others are compared with (conftest.py)."""
+    return tiny_pretrained_run
 
 
 def test_run_writes_checkpoints_metrics_and_config(reference_run):
@@ -79,6 +60,7 @@ def test_run_writes_checkpoints_metrics_and_config(reference_run):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(reference_run))
 
 
+@pytest.mark.slow
 def test_pmap_matches_shard_map(reference_run, tmp_path):
     train.train_and_evaluate(tiny_config(train__parallelism="pmap"), str(tmp_path))
     # Same arithmetic, different partitioning of collectives: float32 round-off only.
@@ -87,6 +69,7 @@ def test_pmap_matches_shard_map(reference_run, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_one_device_matches_eight_with_global_bn(reference_run, tmp_path):
     train.train_and_evaluate(tiny_config(train__num_devices=1), str(tmp_path))
     params_1, state_1 = load_params(str(tmp_path))
@@ -98,6 +81,7 @@ def test_one_device_matches_eight_with_global_bn(reference_run, tmp_path):
     assert_trees_close(state_1["batch_stats"], state_8["batch_stats"], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_per_device_bn_differs_from_global(reference_run, tmp_path):
     # Without global BN the statistics are per device: the run must differ, which
     # shows the previous test can fail.
@@ -111,6 +95,7 @@ def test_per_device_bn_differs_from_global(reference_run, tmp_path):
     assert max(diffs) > 1e-4
 
 
+@pytest.mark.slow
 def test_resume_is_exact(reference_run, tmp_path):
     workdir = str(tmp_path)
     out = train.train_and_evaluate(tiny_config(train__stop_at_step=2), workdir)
@@ -122,6 +107,7 @@ def test_resume_is_exact(reference_run, tmp_path):
     assert_trees_close(load_params(workdir)[0], load_params(reference_run)[0], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_restore_eight_device_checkpoint_on_four(reference_run, tmp_path):
     # Resume the 8-device run's step-2 checkpoint on 4 devices and finish it.
     workdir = str(tmp_path)
@@ -134,6 +120,7 @@ def test_restore_eight_device_checkpoint_on_four(reference_run, tmp_path):
     assert_trees_close(load_params(workdir)[0], load_params(reference_run)[0], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_fixed_batch():
     # LARS moves each weight by ~lr * 0.001 * |w| per step: a large peak LR (5.0)
     # lets 30 steps overfit.
@@ -253,6 +240,7 @@ def test_metrics_first_nonfinite_step_keeps_the_earliest():
         train._check_finite(2)
 
 
+@pytest.mark.slow
 def test_micro_batched_run_matches_full_batch_run_with_frozen_bn(tmp_path):
     """Through the trainer: batch 16 as 2 micro-batches of 8 (1 per device) on 8 devices.
 

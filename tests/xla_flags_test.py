@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from simclr_jax import xla_flags
 
 _YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+individual_dot"
@@ -88,6 +90,7 @@ def _probe(xla_flags_env: str, apply_flags: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_auto_follows_the_flags_the_backend_started_with():
     """The probe reads what XLA compiled, so 'auto' is right with and without the flags."""
     with_flags = _probe("", apply_flags=True)

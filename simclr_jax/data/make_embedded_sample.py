@@ -1,12 +1,12 @@
 """Builds the embedded CIFAR-10 sample shipped inside the package.
 
 The sample is a class-balanced, seeded subset of the CIFAR-10 training images
-(JPEG class folders, see ../shared/data/README.md), stored as the original JPEG
+(a .tar.gz of JPEG class folders, <class>/<name>.jpg), stored as the original JPEG
 bytes so nothing is re-encoded. It is split into a 'train' and a disjoint 'test'
 part so the quickstart can report held-out accuracy with no network.
 
   python -m simclr_jax.data.make_embedded_sample \
-      --src=../shared/data/cifar10-jpeg/train.tar.gz \
+      --src=cifar10-jpeg/train.tar.gz \
       --out=simclr_jax/data/assets/cifar10_sample.npz
 """
 
@@ -75,7 +75,9 @@ def build_sample(src: str, train_per_class: int, test_per_class: int, seed: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", default="../shared/data/cifar10-jpeg/train.tar.gz")
+    parser.add_argument(
+        "--src", required=True, help="a .tar.gz of CIFAR-10 training JPEGs in class folders"
+    )
     parser.add_argument("--out", default="simclr_jax/data/assets/cifar10_sample.npz")
     parser.add_argument("--train_per_class", type=int, default=400)
     parser.add_argument("--test_per_class", type=int, default=100)
