@@ -13,9 +13,8 @@ BATCH="${1:-256}"
 ROUNDS="${2:-3}"
 CONV_IMPL="${3:-auto}"
 STEPS="${4:-5}"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x /work/venv/bin/python ]]; then PYTHON=/work/venv/bin/python; else PYTHON=python; fi
-fi
+# The Python of the active environment, or $PYTHON (e.g. PYTHON=venv/bin/python).
+PYTHON="${PYTHON:-python}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
