@@ -133,6 +133,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.eval.knn_k = 200
     config.eval.knn_temperature = 0.1
     config.eval.batch_size = 512
+    # kNN monitor: also evaluate kNN and the probe every this many epochs during training
+    # (logged as eval/* at that step; fractions allowed); 0: only at the end (eval.knn).
+    config.eval.every_epochs = 0.0
     # Also run kNN on the randomly initialised encoder the run started from (as the protocol
     # configs' eval.compare_random_init does).
     config.eval.compare_random_init = False

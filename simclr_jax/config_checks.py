@@ -109,6 +109,7 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
     _require_positive(config, "eval.knn_k")
     _require_positive(config, "eval.knn_temperature")
     _require_positive(config, "eval.batch_size")
+    _require_positive(config, "eval.every_epochs", allow_zero=True)
 
 
 def check_batch_split(batch_size: int, num_devices: int, process_count: int, field: str) -> None:

@@ -66,6 +66,8 @@ class Run:
     warmup_steps: int
     steps_per_epoch: int
     info: Any
+    # The kNN monitor runs every this many steps during training (0: only at the end).
+    monitor_every_steps: int = 0
 
 
 def _select_devices(config: mlc.ConfigDict) -> list:
@@ -77,7 +79,8 @@ def _select_devices(config: mlc.ConfigDict) -> list:
 
 
 def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
-    if config.eval.knn:
+    monitor_epochs = config.eval.get("every_epochs", 0.0)
+    if config.eval.knn or monitor_epochs:
         config_checks.check_batch_split(
             config.eval.batch_size, len(devices), jax.process_count(), "eval.batch_size"
         )
@@ -120,6 +123,9 @@ def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
         warmup_steps=warmup_steps,
         steps_per_epoch=steps_per_epoch,
         info=data_info,
+        monitor_every_steps=(
+            max(1, int(round(monitor_epochs * steps_per_epoch))) if monitor_epochs else 0
+        ),
     )
 
 
@@ -281,6 +287,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     step = start_step
     stopped_early = False
     multihost = jax.process_count() > 1
+    monitor = None  # the kNN monitor's evaluator, built at its first use
     try:
         while step < run.total_steps:
             batch = to_device(next(data_iter))
@@ -329,6 +336,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                 if save_now or stop_now:
                     checkpoint.save(manager, step, _to_host_state(state, parallelism))
                 interval_start, interval_steps = time.time(), 0
+            if run.monitor_every_steps and step % run.monitor_every_steps == 0 and not is_last:
+                # Every host reaches this step: the feature extraction's collectives match.
+                monitor = monitor or make_evaluator(config, run)
+                _run_monitor(monitor, _to_host_state(state, parallelism), step, logger)
+                interval_start, interval_steps = time.time(), 0  # throughput excludes it
             if stop_now and not is_last:
                 stopped_early = True
                 break
@@ -362,7 +374,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
 
     host_state = _to_host_state(state, parallelism)
     if config.eval.knn:
-        results.update(evaluate_pretrained(config, run, host_state))
+        results.update(evaluate_pretrained(config, run, host_state, monitor))
         logger.write_scalars(
             step,
             {
@@ -377,21 +389,34 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
-    """kNN (train split as memory, eval split as queries) and the probe's top-1.
+def _run_monitor(evaluator, state, step: int, logger: MetricLogger) -> None:
+    """The kNN monitor during training: kNN and probe on the eval split, logged at `step`."""
+    t0 = time.time()
+    results = evaluator(state.params, state.batch_stats)
+    keys = ("knn_top1", "knn_top5", "probe_top1", "probe_top5")
+    scalars = {f"eval/{k}": results[k] for k in keys}
+    logger.write_scalars(step, scalars)
+    print(
+        f"[step {step}] kNN monitor ({time.time() - t0:.1f}s): "
+        + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()),
+        flush=True,
+    )
 
-    With config.eval.compare_random_init, the same kNN protocol also runs on
-    the randomly initialised encoder this run started from (step 0), so the
-    gain from pretraining is visible in one results file.
 
-    Args:
-      config: the run's config.
-      run: the built run (model, mesh).
-      state: the train state (not pmap-replicated).
+def make_evaluator(config: mlc.ConfigDict, run: Run):
+    """The run's evaluator: (params, batch_stats, prefix='') -> kNN and probe accuracies.
+
+    kNN (config.eval.knn_k, knn_temperature) with the train split's features as
+    the memory and the eval split's as queries, and the online probe's top-1/5
+    on the eval split; features of the encoder in inference mode (BN running
+    statistics), extracted over every host's devices. Built once; the monitor
+    during training and the evaluation at its end share it (one compilation).
 
     Returns:
-      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples',
-      'knn_memory_examples'} and, with the baseline, 'random_init_knn_top1/5'.
+      evaluate(params, batch_stats, prefix='') -> {'<prefix>knn_top1',
+      '<prefix>knn_top5'} and, without a prefix, also 'probe_top1', 'probe_top5',
+      'eval_examples', 'knn_memory_examples'. Accuracies are fractions of the
+      eval split's examples, each scored once.
     """
     # Inference only: BN uses running statistics, no axis name is needed.
     model = models.build_model(config.model, num_classes=run.info.num_classes, bn_axis_name=None)
@@ -417,7 +442,7 @@ def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
             lambda images: apply(variables, images), pipeline.as_numpy_iterator(ds), run.mesh
         )
 
-    def knn_and_probe(params, batch_stats, prefix):
+    def knn_and_probe(params, batch_stats, prefix=""):
         variables = jax.device_put({"params": params, "batch_stats": batch_stats}, replicated)
         train_out, train_labels = features(variables, config.data.train_split)
         eval_out, eval_labels = features(variables, config.data.eval_split)
@@ -441,6 +466,27 @@ def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state) -> dict:
             out["knn_memory_examples"] = int(len(train_labels))
         return out
 
+    return knn_and_probe
+
+
+def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state, evaluator=None) -> dict:
+    """kNN (train split as memory, eval split as queries) and the probe's top-1.
+
+    With config.eval.compare_random_init, the same kNN protocol also runs on
+    the randomly initialised encoder this run started from (step 0), so the
+    gain from pretraining is visible in one results file.
+
+    Args:
+      config: the run's config.
+      run: the built run (model, mesh).
+      state: the train state (not pmap-replicated).
+      evaluator: make_evaluator(config, run), if already built.
+
+    Returns:
+      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples',
+      'knn_memory_examples'} and, with the baseline, 'random_init_knn_top1/5'.
+    """
+    knn_and_probe = evaluator or make_evaluator(config, run)
     t0 = time.time()
     results = knn_and_probe(state.params, state.batch_stats, "")
     if config.eval.get("compare_random_init", False):

@@ -181,6 +181,9 @@ def test_loss_decreases_on_a_fixed_batch():
         ({"train__micro_batch_size": 6}, "train.micro_batch_size"),  # does not divide 16
         ({"train__micro_batch_size": 4}, "train.micro_batch_size"),  # 4 over 8 devices
         ({"train__micro_batch_bn": "global"}, "train.micro_batch_bn"),
+        ({"eval__every_epochs": -1.0}, "eval.every_epochs"),
+        # The monitor's eval batch must split over the 8 devices, even with eval.knn off.
+        ({"eval__batch_size": 12, "eval__every_epochs": 1.0}, "eval.batch_size"),
     ],
 )
 def test_bad_config_fails_before_compiling(overrides, field, tmp_path, monkeypatch):
@@ -256,3 +259,32 @@ def test_micro_batched_run_matches_full_batch_run_with_frozen_bn(tmp_path):
     assert results["micro_batch_size"] == 8
     assert results["train_step_compilations"] == 1
     assert_trees_close(load_params(frozen_micro)[0], load_params(frozen_full)[0], 1e-4, 1e-5)
+
+
+@pytest.mark.slow
+def test_knn_monitor_during_training_equals_the_standalone_knn_protocol(tmp_path):
+    from counting import correct_count
+
+    from configs import knn as knn_config
+    from simclr_jax import protocols
+
+    workdir = str(tmp_path / "run")
+    # 250 steps per epoch (4,000 examples, batch 16): every 2 steps.
+    config = tiny_config(eval__every_epochs=2 / 250, eval__batch_size=256)
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    monitored = [r for r in records if "eval/knn_top1" in r]
+    # Step 2 only: the last step is the end-of-training evaluation's (eval.knn, off here).
+    assert [r["step"] for r in monitored] == [2]
+    assert {"eval/knn_top5", "eval/probe_top1", "eval/probe_top5"} <= set(monitored[0])
+    # The standalone kNN protocol on the step-2 checkpoint (same k, temperature and splits).
+    protocol = knn_config.get_config()
+    protocol.init_from = os.path.join(checkpoint.checkpoint_dir(workdir), "2")
+    protocol.eval.batch_size = 256
+    standalone = protocols.run("knn", protocol, str(tmp_path / "knn"))
+    n = standalone["summary"]["examples"]
+    assert n == 1000
+    # Same features up to float rounding: at most a near-tie may flip (measured: 0).
+    got = correct_count(monitored[0]["eval/knn_top1"], n)
+    assert abs(got - correct_count(standalone["top1"], n)) <= 2, (got, standalone["top1"])
