@@ -83,7 +83,7 @@ def main(argv):
 
         train.train_and_evaluate(config, _WORKDIR.value)
     else:
-        from simclr_jax import protocols
+        from simclr_jax.eval import protocols
 
         protocols.run(protocol, config, _WORKDIR.value)
 

@@ -17,6 +17,7 @@ finished steps through Orbax (latest_step) covers both conventions.
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from simclr_jax import files
@@ -81,6 +82,35 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_to_host(directory: str, step: int) -> Any:
+    """One saved step as NumPy arrays on this host, whatever devices and processes wrote it.
+
+    The restore targets this process's first local device (explicit shardings:
+    orbax would otherwise try to lay the arrays out as they were saved, which
+    fails on another device count), then copies to the host.
+
+    Args:
+      directory: a checkpoints directory (checkpoint_dir(workdir)).
+      step: the step to restore.
+
+    Returns:
+      The saved pytree (params, batch_stats, opt_state, step) with NumPy leaves.
+
+    Raises:
+      FileNotFoundError: if that step was not saved completely.
+    """
+    path = files.join(directory, str(step), "default")
+    if not files.exists(path):
+        raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}")
+    checkpointer = ocp.StandardCheckpointer()
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+        checkpointer.metadata(path).item_metadata,
+    )
+    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
 
 def latest_step(workdir: str) -> int | None:

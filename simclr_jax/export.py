@@ -19,7 +19,8 @@ import json
 import numpy as np
 from absl import app, flags
 
-from simclr_jax import files, protocols
+from simclr_jax import files
+from simclr_jax.eval import pretrained as pretrained_lib
 
 BATCH_STATS_PREFIX = "batch_stats/"
 MODEL_CONFIG_KEY = "__model_config__"
@@ -72,7 +73,7 @@ def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> st
     """
     if not out.endswith(".npz"):
         raise ValueError(f"out={out!r}: only .npz export is supported; name the file *.npz")
-    pretrained = protocols.load_pretrained(init_from)
+    pretrained = pretrained_lib.load_pretrained(init_from)
     names = ("encoder", "head") if include_head else ("encoder",)
     flat = flatten_variables(pretrained.variables(*names))
     flat[MODEL_CONFIG_KEY] = np.array(pretrained.model_config.to_json())

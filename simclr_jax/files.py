@@ -32,6 +32,8 @@ import posixpath
 
 # Every run's final figures, in its workdir (pretraining and every evaluation protocol).
 RESULTS_FILE = "results.json"
+# The full config of a pretraining run, in its workdir (evaluations rebuild the model from it).
+CONFIG_FILE = "config.json"
 
 TMP_SUFFIX = ".tmp"
 

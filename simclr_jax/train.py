@@ -23,7 +23,6 @@ from simclr_jax import (
     checkpoint,
     config_checks,
     distributed,
-    evaluate,
     files,
     models,
     optim,
@@ -31,9 +30,8 @@ from simclr_jax import (
     steps,
 )
 from simclr_jax.data import pipeline
+from simclr_jax.eval import features, knn, reports
 from simclr_jax.metrics import MetricLogger
-
-CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -210,7 +208,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
     config_checks.validate_pretrain_config(config)
     pipeline.configure_tensorflow()
     files.makedirs(workdir)
-    _write_json(files.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort()))
+    _write_json(files.join(workdir, files.CONFIG_FILE), json.loads(config.to_json_best_effort()))
 
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
@@ -429,7 +427,7 @@ def make_evaluator(config: mlc.ConfigDict, run: Run):
         out = model.apply(variables, images, train=False)
         return {"h": out["h"], "probe_logits": out["probe_logits"]}
 
-    def features(variables, split):
+    def split_features(variables, split):
         ds = pipeline.build_eval_dataset(
             config.data,
             config.augment,
@@ -438,15 +436,15 @@ def make_evaluator(config: mlc.ConfigDict, run: Run):
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        return evaluate.extract_features(
+        return features.extract_features(
             lambda images: apply(variables, images), pipeline.as_numpy_iterator(ds), run.mesh
         )
 
     def knn_and_probe(params, batch_stats, prefix=""):
         variables = jax.device_put({"params": params, "batch_stats": batch_stats}, replicated)
-        train_out, train_labels = features(variables, config.data.train_split)
-        eval_out, eval_labels = features(variables, config.data.eval_split)
-        scores = evaluate.knn_scores(
+        train_out, train_labels = split_features(variables, config.data.train_split)
+        eval_out, eval_labels = split_features(variables, config.data.eval_split)
+        scores = knn.knn_scores(
             train_out["h"],
             train_labels,
             eval_out["h"],
@@ -455,13 +453,13 @@ def make_evaluator(config: mlc.ConfigDict, run: Run):
             temperature=config.eval.knn_temperature,
         )
         out = {
-            f"{prefix}knn_top1": evaluate.topk_accuracy(scores, eval_labels, 1),
-            f"{prefix}knn_top5": evaluate.topk_accuracy(scores, eval_labels, 5),
+            f"{prefix}knn_top1": reports.topk_accuracy(scores, eval_labels, 1),
+            f"{prefix}knn_top5": reports.topk_accuracy(scores, eval_labels, 5),
         }
         if not prefix:
             probe = eval_out["probe_logits"]
-            out["probe_top1"] = evaluate.topk_accuracy(probe, eval_labels, 1)
-            out["probe_top5"] = evaluate.topk_accuracy(probe, eval_labels, 5)
+            out["probe_top1"] = reports.topk_accuracy(probe, eval_labels, 1)
+            out["probe_top5"] = reports.topk_accuracy(probe, eval_labels, 5)
             out["eval_examples"] = int(len(eval_labels))
             out["knn_memory_examples"] = int(len(train_labels))
         return out

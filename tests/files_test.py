@@ -22,10 +22,10 @@ from simclr_jax import (
     export,
     files,
     metrics,
-    protocols,
-    reports,
     train,
 )
+from simclr_jax.eval import pretrained as pretrained_lib
+from simclr_jax.eval import reports
 from simclr_jax.metrics import MetricLogger
 
 
@@ -171,7 +171,7 @@ def test_metric_logger_on_ram_workdir(ram_tensorboard):
 def test_train_write_json_on_ram_workdir():
     workdir = _ram_dir()
     payload = {"model": {"depth": 18, "base_width": 8}, "seed": 0}
-    path = files.join(workdir, train.CONFIG_FILE)
+    path = files.join(workdir, files.CONFIG_FILE)
     train._write_json(path, payload)
     assert json.loads(files.read_text(path)) == payload
     train._write_json(path, {"seed": 1})
@@ -202,11 +202,11 @@ def test_write_results_on_ram_workdir(ram_tensorboard):
 def test_resolve_checkpoint_step_dir_on_ram():
     workdir = _ram_dir()
     files.makedirs(files.join(workdir, "checkpoints", "12"))
-    ckpt_dir, step, config_path = protocols._resolve_checkpoint(workdir + "/checkpoints/12/")
+    ckpt_dir, step, config_path = pretrained_lib._resolve_checkpoint(workdir + "/checkpoints/12/")
     assert (ckpt_dir, step) == (workdir + "/checkpoints", 12)
     assert config_path == workdir + "/config.json"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        protocols._resolve_checkpoint(workdir + "/nothing")
+        pretrained_lib._resolve_checkpoint(workdir + "/nothing")
 
 
 def test_export_to_and_from_ram(monkeypatch):
@@ -218,7 +218,7 @@ def test_export_to_and_from_ram(monkeypatch):
         "head": {"dense_0": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}},
     }
     stats = {"encoder": {"bn": {"mean": rng.normal(size=(4,)).astype(np.float32)}}}
-    fake = protocols.Pretrained(
+    fake = pretrained_lib.Pretrained(
         path="x",
         step=3,
         model_config=mlc.ConfigDict({"depth": 18}),
@@ -226,7 +226,7 @@ def test_export_to_and_from_ram(monkeypatch):
         batch_stats=stats,
         probe_classes=2,
     )
-    monkeypatch.setattr(protocols, "load_pretrained", lambda init_from: fake)
+    monkeypatch.setattr(pretrained_lib, "load_pretrained", lambda init_from: fake)
     out = files.join(_ram_dir(), "encoder.npz")
     assert export.export_encoder("unused", out) == out
     loaded = export.load_exported(out)

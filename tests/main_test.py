@@ -159,3 +159,21 @@ def test_kill_9_loses_only_steps_since_last_checkpoint(tmp_path):
     if complete:
         assert f"resumed from step {complete}" in out
     assert checkpoint.latest_step(workdir) == (complete or 0) + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["knn", "linear_eval"])
+def test_a_checkpoint_of_8_devices_is_evaluated_on_1(tiny_pretrained_run, tmp_path, protocol):
+    """Written by 8 devices, restored in a 1-device process (explicit target shardings)."""
+    e = env()
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    cmd = [sys.executable, "main.py", f"--config=configs/{protocol}.py",
+           f"--config.init_from={tiny_pretrained_run}", f"--workdir={tmp_path}",
+           "--config.eval.batch_size=250", "--config.linear.epochs=1" if protocol != "knn" else
+           "--config.eval.knn_k=20",
+           f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert results["checkpoint"]["step"] == 4 and results["summary"]["examples"] == 1000

@@ -11,7 +11,7 @@ import pytest
 from tiny_run import tiny_config
 
 from configs import cifar10, quickstart
-from simclr_jax import checkpoint, config_checks, models, optim, sharding, steps, train
+from simclr_jax import checkpoint, config_checks, files, models, optim, sharding, steps, train
 
 
 def load_params(workdir, step=None):
@@ -40,7 +40,7 @@ def reference_run(tiny_pretrained_run):
 def test_run_writes_checkpoints_metrics_and_config(reference_run):
     assert checkpoint.latest_step(reference_run) == 4
     assert sorted(os.listdir(checkpoint.checkpoint_dir(reference_run))) == ["2", "4"]
-    with open(os.path.join(reference_run, train.CONFIG_FILE)) as f:
+    with open(os.path.join(reference_run, files.CONFIG_FILE)) as f:
         assert json.load(f)["train"]["batch_size"] == 16
     with open(os.path.join(reference_run, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -266,7 +266,7 @@ def test_knn_monitor_during_training_equals_the_standalone_knn_protocol(tmp_path
     from counting import correct_count
 
     from configs import knn as knn_config
-    from simclr_jax import protocols
+    from simclr_jax.eval import protocols
 
     workdir = str(tmp_path / "run")
     # 250 steps per epoch (4,000 examples, batch 16): every 2 steps.

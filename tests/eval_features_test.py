@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from simclr_jax import evaluate, sharding
+from simclr_jax import sharding
+from simclr_jax.eval import features, knn, reports
 
 
 def numpy_knn(train, train_labels, test, num_classes, k, temperature):
@@ -29,7 +30,7 @@ def test_knn_matches_numpy(k, temperature):
     expected = numpy_knn(
         train.astype(np.float64), labels, test.astype(np.float64), 7, min(k, 120), temperature
     )
-    got = evaluate.knn_scores(
+    got = knn.knn_scores(
         train, labels, test, num_classes=7, k=k, temperature=temperature, chunk_size=16
     )
     np.testing.assert_allclose(got, expected, rtol=1e-4)
@@ -41,29 +42,29 @@ def test_knn_on_clustered_features_is_accurate_and_random_is_chance():
     centers = rng.normal(size=(5, 32)) * 5
     labels = rng.integers(0, 5, 500)
     feats = centers[labels] + rng.normal(size=(500, 32))
-    scores = evaluate.knn_scores(feats[:400], labels[:400], feats[400:], num_classes=5, k=20)
-    assert evaluate.topk_accuracy(scores, labels[400:], 1) > 0.97
+    scores = knn.knn_scores(feats[:400], labels[:400], feats[400:], num_classes=5, k=20)
+    assert reports.topk_accuracy(scores, labels[400:], 1) > 0.97
     noise = rng.normal(size=(500, 32))
-    scores = evaluate.knn_scores(noise[:400], labels[:400], noise[400:], num_classes=5, k=20)
-    assert evaluate.topk_accuracy(scores, labels[400:], 1) < 0.4
+    scores = knn.knn_scores(noise[:400], labels[:400], noise[400:], num_classes=5, k=20)
+    assert reports.topk_accuracy(scores, labels[400:], 1) < 0.4
 
 
 def test_topk_accuracy():
     scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
     labels = np.array([2, 0, 0])
-    assert evaluate.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
-    assert evaluate.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
-    assert evaluate.topk_accuracy(scores, labels, 3) == pytest.approx(1.0)
+    assert reports.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
+    assert reports.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
+    assert reports.topk_accuracy(scores, labels, 3) == pytest.approx(1.0)
 
 
 def test_knn_rejects_bad_arguments():
     x = np.ones((4, 3), np.float32)
     with pytest.raises(ValueError, match="k=0"):
-        evaluate.knn_scores(x, np.zeros(4, int), x, num_classes=2, k=0)
+        knn.knn_scores(x, np.zeros(4, int), x, num_classes=2, k=0)
     with pytest.raises(ValueError, match="temperature=-1"):
-        evaluate.knn_scores(x, np.zeros(4, int), x, num_classes=2, temperature=-1)
+        knn.knn_scores(x, np.zeros(4, int), x, num_classes=2, temperature=-1)
     with pytest.raises(ValueError, match="4 train features but 3 labels"):
-        evaluate.knn_scores(x, np.zeros(3, int), x, num_classes=2)
+        knn.knn_scores(x, np.zeros(3, int), x, num_classes=2)
 
 
 def test_extract_features_drops_padding_on_eight_devices():
@@ -81,7 +82,7 @@ def test_extract_features_drops_padding_on_eight_devices():
                 "mask": np.arange(16) < len(chunk),
             }
         )
-    out, labels = evaluate.extract_features(
+    out, labels = features.extract_features(
         jax.jit(lambda x: {"h": x.reshape(x.shape[0], -1).sum(-1, keepdims=True)}), batches, mesh
     )
     np.testing.assert_array_equal(labels, np.arange(21))

@@ -1,7 +1,6 @@
-"""Evaluation protocols on a pretrained checkpoint: dispatcher and shared helpers.
+"""A restored pretraining checkpoint, the starting point of every evaluation protocol.
 
-`run(protocol, config, workdir)` is what main.py calls for any config whose
-`protocol` is not 'pretrain'. Every protocol starts from `config.init_from`,
+Every protocol (simclr_jax.eval.protocols) starts from `config.init_from`,
 which is either a pretraining workdir (its latest checkpoint is used) or one
 checkpoint step directory (workdir/checkpoints/<step>). The architecture is
 never taken from the protocol's config: it is rebuilt from the pretraining
@@ -11,20 +10,14 @@ init_from may be local or on cloud storage (gs://...).
 """
 
 import dataclasses
-import functools
 import json
 from typing import Any
 
 import jax
 import ml_collections as mlc
 import numpy as np
-import orbax.checkpoint as ocp
 
-from simclr_jax import checkpoint, evaluate, files, models, sharding
-from simclr_jax.data import pipeline
-
-PROTOCOLS = ("linear_eval", "knn", "finetune")
-CONFIG_FILE = "config.json"
+from simclr_jax import checkpoint, files, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +61,14 @@ def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
     name = files.basename(path)
     if name.isdigit() and files.isdir(path):
         ckpt_dir = files.dirname(path)
-        return ckpt_dir, int(name), files.join(files.dirname(ckpt_dir), CONFIG_FILE)
+        return ckpt_dir, int(name), files.join(files.dirname(ckpt_dir), files.CONFIG_FILE)
     step = checkpoint.latest_step(path)
     if step is None:
         raise FileNotFoundError(
             f"config.init_from={init_from!r} holds no checkpoint: expected a pretraining workdir "
             f"with {checkpoint.CHECKPOINT_SUBDIR}/<step>/ inside, or a step directory itself"
         )
-    return checkpoint.checkpoint_dir(path), step, files.join(path, CONFIG_FILE)
+    return checkpoint.checkpoint_dir(path), step, files.join(path, files.CONFIG_FILE)
 
 
 def _check_shapes(expected: Any, restored: Any, where: str) -> None:
@@ -116,13 +109,9 @@ def load_pretrained(init_from: str) -> Pretrained:
             f"config.init_from={init_from!r} is read from its pretraining run's config.json"
         )
     model_config = mlc.ConfigDict(json.loads(files.read_text(config_path))["model"])
-    manager = ocp.CheckpointManager(ckpt_dir)
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-    finally:
-        manager.close()
-    params = jax.tree_util.tree_map(np.asarray, dict(restored["params"]))
-    batch_stats = jax.tree_util.tree_map(np.asarray, dict(restored["batch_stats"]))
+    restored = checkpoint.restore_to_host(ckpt_dir, step)
+    params = dict(restored["params"])
+    batch_stats = dict(restored["batch_stats"])
     probe_classes = int(np.shape(params["probe"]["dense"]["kernel"])[-1])
     model = models.build_model(model_config, num_classes=probe_classes)
     shape = (2, 32, 32, 3)
@@ -170,47 +159,6 @@ def check_num_classes(head_classes: int, data_classes: int, *, head: str, fix: s
         )
 
 
-def extract_encoder_features(
-    pretrained: Pretrained, config: mlc.ConfigDict, split: str, mesh
-) -> tuple[np.ndarray, np.ndarray]:
-    """h (inference-mode BN) and labels for a whole split, with eval preprocessing.
-
-    Args:
-      pretrained: the network to encode with.
-      config: the protocol config (data, augment, eval.batch_size).
-      split: the split to encode.
-      mesh: the device mesh.
-
-    Returns:
-      (features [N, C] float32, labels [N] int32).
-    """
-    encoder = models.build_encoder(pretrained.model_config)
-    variables = jax.device_put(
-        {"params": pretrained.params["encoder"], "batch_stats": pretrained.batch_stats["encoder"]},
-        sharding.replicated_sharding(mesh),
-    )
-
-    ds = pipeline.build_eval_dataset(
-        config.data,
-        config.augment,
-        split=split,
-        global_batch_size=config.eval.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    out, labels = evaluate.extract_features(
-        lambda images: _encode(encoder, variables, images), pipeline.as_numpy_iterator(ds), mesh
-    )
-    return out["h"], labels
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(encoder, variables, images):
-    # Module-level and keyed on the (hashable) module: every split, and the
-    # random-init baseline of the same architecture, reuse one executable.
-    return {"h": encoder.apply(variables, images, train=False)}
-
-
 def provenance(protocol: str, config: mlc.ConfigDict, pretrained: Pretrained) -> dict:
     """What results.json records about where the numbers come from."""
     return {
@@ -220,30 +168,3 @@ def provenance(protocol: str, config: mlc.ConfigDict, pretrained: Pretrained) ->
         "train_split": config.data.train_split,
         "eval_split": config.data.eval_split,
     }
-
-
-def run(protocol: str, config: mlc.ConfigDict, workdir: str) -> dict:
-    """Runs one evaluation protocol and writes workdir/results.json.
-
-    Args:
-      protocol: 'linear_eval', 'knn' or 'finetune'.
-      config: the protocol's config (configs/linear_eval.py, knn.py, finetune.py).
-      workdir: output directory (results.json, metrics, confusion matrix).
-
-    Returns:
-      The results dict.
-    """
-    # Imported here: each protocol module imports this one for its helpers.
-    if protocol == "linear_eval":
-        from simclr_jax import linear_eval as module
-    elif protocol == "knn":
-        from simclr_jax import linear_eval as module  # kNN shares the feature path
-
-        return module.run_knn(config, workdir)
-    elif protocol == "finetune":
-        from simclr_jax import finetune as module
-    else:
-        raise ValueError(
-            f"config.protocol={protocol!r} is not a protocol; use 'pretrain' or one of {PROTOCOLS}"
-        )
-    return module.run(config, workdir)

@@ -1,4 +1,4 @@
-"""Linear evaluation and kNN evaluation of a frozen pretrained encoder.
+"""Linear evaluation of a frozen pretrained encoder (config.protocol='linear_eval').
 
 Linear evaluation trains a linear classifier (dense + bias) on h, the
 encoder's pooled representation; the encoder is frozen: BatchNorm uses its
@@ -10,8 +10,7 @@ running statistics and no encoder variable is ever updated. Two modes
 - 'reference': the reference recipe, crop + flip augmentation on every step
   (pipeline.build_finetune_dataset), h computed by the frozen encoder inside
   the step; momentum SGD (Nesterov) with cosine decay.
-kNN (config.protocol='knn'): k = config.eval.knn_k cosine neighbours of the
-train features, votes weighted by exp(cos / T).
+The kNN protocol is simclr_jax.eval.knn.
 
 With config.eval.compare_random_init the same protocol also runs on a
 randomly initialised encoder of the same architecture and results.json holds
@@ -30,8 +29,10 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from simclr_jax import evaluate, models, optim, protocols, reports, sharding
-from simclr_jax.data import datasets, pipeline
+from simclr_jax import models, optim, sharding
+from simclr_jax.data import pipeline
+from simclr_jax.eval import features, reports
+from simclr_jax.eval import pretrained as pretrained_lib
 
 MODES = ("cached", "reference")
 
@@ -151,7 +152,7 @@ class _FrozenEncoderClassifier(nn.Module):
 
 
 def train_linear_reference(
-    pretrained: protocols.Pretrained,
+    pretrained: pretrained_lib.Pretrained,
     config: mlc.ConfigDict,
     num_classes: int,
     mesh,
@@ -225,23 +226,18 @@ def train_linear_reference(
     return state
 
 
-def _class_names(config) -> tuple[tuple[str, ...], int]:
-    source = datasets.load_source(config.data, config.data.eval_split)
-    return source.class_names, source.num_classes
-
-
 def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed):
     """Trains the classifier for `pretrained`; returns eval-split logits and labels."""
     init = None
     if config.linear.init_from_probe:
-        protocols.check_num_classes(
+        pretrained_lib.check_num_classes(
             pretrained.probe_classes,
             num_classes,
             head="checkpoint's online probe",
             fix="set --config.linear.init_from_probe=False to train a new classifier.",
         )
         init = {"dense": pretrained.params["probe"]["dense"]}
-    eval_feats, eval_labels = protocols.extract_encoder_features(
+    eval_feats, eval_labels = features.extract_encoder_features(
         pretrained, config, config.data.eval_split, mesh
     )
     if config.linear.mode == "cached":
@@ -268,80 +264,29 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     """
     _check_linear_config(config.linear)
     pipeline.configure_tensorflow()
-    pretrained = protocols.load_pretrained(config.init_from)
+    pretrained = pretrained_lib.load_pretrained(config.init_from)
     mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
-    class_names, num_classes = _class_names(config)
+    class_names, num_classes = reports.class_names(config.data)
 
     def train_feats(p):
-        return protocols.extract_encoder_features(p, config, config.data.train_split, mesh)
+        return features.extract_encoder_features(p, config, config.data.train_split, mesh)
 
     t0 = time.time()
     logits, eval_labels = _linear_once(
         pretrained, config, mesh, num_classes, train_feats, config.seed
     )
-    results = protocols.provenance("linear_eval", config, pretrained)
+    results = pretrained_lib.provenance("linear_eval", config, pretrained)
     results["mode"] = config.linear.mode
     results["summary"] = reports.summarize(logits, eval_labels, class_names)
     results["top1"], results["top5"] = results["summary"]["top1"], results["summary"]["top5"]
     if config.eval.compare_random_init:
-        baseline = protocols.random_init_like(pretrained, config.seed)
+        baseline = pretrained_lib.random_init_like(pretrained, config.seed)
         base_logits, _ = _linear_once(baseline, config, mesh, num_classes, train_feats, config.seed)
         results["random_init"] = {
-            "top1": evaluate.topk_accuracy(base_logits, eval_labels, 1),
-            "top5": evaluate.topk_accuracy(base_logits, eval_labels, 5),
+            "top1": reports.topk_accuracy(base_logits, eval_labels, 1),
+            "top5": reports.topk_accuracy(base_logits, eval_labels, 5),
         }
     results["seconds"] = time.time() - t0
     reports.write_results(workdir, results, step=pretrained.step)
     print(f"linear eval ({config.linear.mode}): top-1 {results['top1']:.4f}; results in {workdir}")
-    return results
-
-
-def knn_logits(pretrained, config, mesh, num_classes) -> tuple[np.ndarray, np.ndarray]:
-    """kNN class scores of the eval split with the train split as memory, and eval labels."""
-    train_h, train_y = protocols.extract_encoder_features(
-        pretrained, config, config.data.train_split, mesh
-    )
-    eval_h, eval_y = protocols.extract_encoder_features(
-        pretrained, config, config.data.eval_split, mesh
-    )
-    scores = evaluate.knn_scores(
-        train_h,
-        train_y,
-        eval_h,
-        num_classes=num_classes,
-        k=config.eval.knn_k,
-        temperature=config.eval.knn_temperature,
-    )
-    return scores, eval_y
-
-
-def run_knn(config: mlc.ConfigDict, workdir: str) -> dict:
-    """kNN evaluation of config.init_from; writes workdir/results.json.
-
-    Args:
-      config: configs/knn.py.
-      workdir: output directory.
-
-    Returns:
-      The results dict (provenance, 'summary', 'top1', 'top5', 'k',
-      'temperature', and 'random_init' when compared).
-    """
-    pipeline.configure_tensorflow()
-    pretrained = protocols.load_pretrained(config.init_from)
-    mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
-    class_names, num_classes = _class_names(config)
-    scores, labels = knn_logits(pretrained, config, mesh, num_classes)
-    results = protocols.provenance("knn", config, pretrained)
-    results.update(k=int(config.eval.knn_k), temperature=float(config.eval.knn_temperature))
-    results["summary"] = reports.summarize(scores, labels, class_names)
-    results["top1"], results["top5"] = results["summary"]["top1"], results["summary"]["top5"]
-    if config.eval.compare_random_init:
-        baseline = protocols.random_init_like(pretrained, config.seed)
-        base_scores, _ = knn_logits(baseline, config, mesh, num_classes)
-        results["random_init"] = {
-            "top1": evaluate.topk_accuracy(base_scores, labels, 1),
-            "top5": evaluate.topk_accuracy(base_scores, labels, 5),
-        }
-    reports.write_results(workdir, results, step=pretrained.step)
-    print(f"kNN (k={config.eval.knn_k}): top-1 {results['top1']:.4f}; results in {workdir}")
     return results

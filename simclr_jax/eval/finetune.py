@@ -23,8 +23,10 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from simclr_jax import evaluate, models, optim, protocols, reports, sharding, steps, subsets
+from simclr_jax import models, optim, sharding, steps
 from simclr_jax.data import datasets, pipeline
+from simclr_jax.eval import features, reports, subsets
+from simclr_jax.eval import pretrained as pretrained_lib
 
 
 class FinetuneModel(nn.Module):
@@ -97,7 +99,7 @@ def frozen_mask(tree, from_block: int):
 
 
 def create_finetune_state(
-    pretrained: protocols.Pretrained, model: FinetuneModel, tx, image_size: int, seed: int
+    pretrained: pretrained_lib.Pretrained, model: FinetuneModel, tx, image_size: int, seed: int
 ) -> steps.TrainState:
     """A TrainState holding exactly the pretrained encoder/head and a new classifier.
 
@@ -176,7 +178,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     ft = config.finetune
     fraction = subsets.check_fraction(ft.label_fraction)
     pipeline.configure_tensorflow()
-    pretrained = protocols.load_pretrained(config.init_from)
+    pretrained = pretrained_lib.load_pretrained(config.init_from)
     mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
     data_cfg, subset = subsets.resolve_finetune_data(
         config.data, fraction, ft.subset_seed, official_imagenet=ft.official_imagenet_subsets
@@ -221,11 +223,11 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    out, labels = evaluate.extract_features(
+    out, labels = features.extract_features(
         lambda images: predict(variables, images), pipeline.as_numpy_iterator(eval_ds), mesh
     )
     class_names = datasets.load_source(config.data, config.data.eval_split).class_names
-    results = protocols.provenance("finetune", config, pretrained)
+    results = pretrained_lib.provenance("finetune", config, pretrained)
     results.update(
         label_fraction=fraction,
         labelled_examples=int(info.num_examples),

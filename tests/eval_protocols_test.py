@@ -15,19 +15,9 @@ from configs import cifar10
 from configs import finetune as finetune_config
 from configs import knn as knn_config
 from configs import linear_eval as linear_config
-from simclr_jax import (
-    checkpoint,
-    export,
-    files,
-    finetune,
-    linear_eval,
-    models,
-    optim,
-    protocols,
-    reports,
-    sharding,
-    subsets,
-)
+from simclr_jax import checkpoint, export, files, models, optim, sharding
+from simclr_jax.eval import features, finetune, linear, protocols, reports, subsets
+from simclr_jax.eval import pretrained as pretrained_lib
 
 
 def tiny_protocol(config, init_from):
@@ -81,19 +71,19 @@ def test_linear_eval_on_separable_features_reaches_100_percent():
     x, y, centers = separable_data(rng, 2000)
     labels_test = rng.integers(0, 10, 500)
     x_test = (centers[labels_test] + 0.3 * rng.normal(size=(500, 32))).astype(np.float32)
-    params = linear_eval.train_linear_on_features(x, y, 10, linear_cfg())
-    assert accuracy(linear_eval.classify(params, x_test, 10), labels_test) >= 0.99
+    params = linear.train_linear_on_features(x, y, 10, linear_cfg())
+    assert accuracy(linear.classify(params, x_test, 10), labels_test) >= 0.99
 
 
 def test_linear_eval_on_random_features_stays_at_chance():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2000, 32)).astype(np.float32)
     y = rng.integers(0, 10, 2000)
-    params = linear_eval.train_linear_on_features(x, y, 10, linear_cfg())
+    params = linear.train_linear_on_features(x, y, 10, linear_cfg())
     x_test = rng.normal(size=(3000, 32)).astype(np.float32)
     y_test = rng.integers(0, 10, 3000)
     # Chance is 0.1; the binomial std over 3000 examples is 0.0055.
-    assert abs(accuracy(linear_eval.classify(params, x_test, 10), y_test) - 0.1) < 0.03
+    assert abs(accuracy(linear.classify(params, x_test, 10), y_test) - 0.1) < 0.03
 
 
 def test_pretrained_like_features_beat_random_ones():
@@ -102,10 +92,10 @@ def test_pretrained_like_features_beat_random_ones():
     rng = np.random.default_rng(2)
     x, y, _ = separable_data(rng, 1500)
     noise = rng.normal(size=x.shape).astype(np.float32)
-    good = linear_eval.train_linear_on_features(x[:1000], y[:1000], 10, linear_cfg())
-    bad = linear_eval.train_linear_on_features(noise[:1000], y[:1000], 10, linear_cfg())
-    acc_good = accuracy(linear_eval.classify(good, x[1000:], 10), y[1000:])
-    acc_bad = accuracy(linear_eval.classify(bad, noise[1000:], 10), y[1000:])
+    good = linear.train_linear_on_features(x[:1000], y[:1000], 10, linear_cfg())
+    bad = linear.train_linear_on_features(noise[:1000], y[:1000], 10, linear_cfg())
+    acc_good = accuracy(linear.classify(good, x[1000:], 10), y[1000:])
+    acc_bad = accuracy(linear.classify(bad, noise[1000:], 10), y[1000:])
     assert acc_good > acc_bad + 0.5
 
 
@@ -191,13 +181,13 @@ def test_knn_end_to_end_from_a_step_directory(pretrained_run, tmp_path, monkeypa
     config = tiny_protocol(knn_config.get_config(), step_dir)
     config.eval.knn_k = 20
     seen = {}
-    real_extract = protocols.extract_encoder_features
+    real_extract = features.extract_encoder_features
 
     def recording(pretrained, config, split, mesh):
         seen[split] = real_extract(pretrained, config, split, mesh)
         return seen[split]
 
-    monkeypatch.setattr(protocols, "extract_encoder_features", recording)
+    monkeypatch.setattr(features, "extract_encoder_features", recording)
     results = protocols.run("knn", config, str(tmp_path))
     assert results["checkpoint"] == {"path": step_dir, "step": 2}
     assert results["k"] == 20
@@ -222,9 +212,9 @@ def test_reference_linear_eval_leaves_the_encoder_unchanged(pretrained_run):
     config = tiny_protocol(linear_config.get_config("reference"), pretrained_run)
     config.linear.epochs = 0.01  # a few augmented steps
     config.linear.batch_size = 64
-    pretrained = protocols.load_pretrained(pretrained_run)
+    pretrained = pretrained_lib.load_pretrained(pretrained_run)
     mesh = sharding.create_mesh(jax.devices())
-    state = linear_eval.train_linear_reference(pretrained, config, 10, mesh)
+    state = linear.train_linear_reference(pretrained, config, 10, mesh)
     assert int(state.step) >= 1
     saved = restored_encoder(pretrained_run)
     frozen = jax.device_get(state.frozen)
@@ -235,7 +225,7 @@ def test_reference_linear_eval_leaves_the_encoder_unchanged(pretrained_run):
 
 
 def test_finetune_starts_from_the_pretrained_weights(pretrained_run):
-    pretrained = protocols.load_pretrained(pretrained_run)
+    pretrained = pretrained_lib.load_pretrained(pretrained_run)
     model = finetune.build_finetune_model(pretrained.model_config, 10, ft_proj_selector=1)
     config = finetune_config.get_config()
     tx, _ = optim.create_optimizer(
@@ -297,7 +287,7 @@ def test_export_round_trip_gives_identical_features(pretrained_run, tmp_path):
     variables = export.load_exported(path)
     model_cfg = export.load_exported_model_config(path)
     assert model_cfg["base_width"] == 4
-    encoder = models.build_encoder(protocols.load_pretrained(pretrained_run).model_config)
+    encoder = models.build_encoder(pretrained_lib.load_pretrained(pretrained_run).model_config)
     saved = restored_encoder(pretrained_run)
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)), jnp.float32)
     apply = jax.jit(encoder.apply, static_argnames="train")
@@ -324,11 +314,11 @@ def test_export_round_trip_gives_identical_features(pretrained_run, tmp_path):
 
 def test_missing_or_empty_init_from_is_reported(tmp_path):
     with pytest.raises(ValueError, match="init_from"):
-        protocols.load_pretrained("")
+        pretrained_lib.load_pretrained("")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        protocols.load_pretrained(str(tmp_path / "nope"))
+        pretrained_lib.load_pretrained(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        protocols.load_pretrained(str(tmp_path))
+        pretrained_lib.load_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match="protocol='pretrained'"):
         protocols.run("pretrained", linear_config.get_config(), str(tmp_path))
 
@@ -342,16 +332,16 @@ def test_different_architecture_is_reported(pretrained_run, tmp_path):
     with open(copy / "config.json", "w") as f:
         json.dump(saved, f)
     with pytest.raises(ValueError, match="does not match the architecture"):
-        protocols.load_pretrained(str(copy))
+        pretrained_lib.load_pretrained(str(copy))
     os.remove(copy / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        protocols.load_pretrained(str(copy))
+        pretrained_lib.load_pretrained(str(copy))
 
 
 def test_head_with_other_class_count_is_reported(pretrained_run, tmp_path):
-    pretrained = protocols.load_pretrained(pretrained_run)
+    pretrained = pretrained_lib.load_pretrained(pretrained_run)
     with pytest.raises(ValueError, match="has 10 classes but the dataset has 100.*init_from_probe"):
-        protocols.check_num_classes(
+        pretrained_lib.check_num_classes(
             pretrained.probe_classes,
             100,
             head="checkpoint's online probe",
@@ -366,7 +356,7 @@ def test_finetune_selector_and_configs_are_checked():
     with pytest.raises(ValueError, match="linear.mode='fast'"):
         cfg = linear_cfg()
         cfg.mode = "fast"
-        linear_eval.train_linear_on_features(np.zeros((4, 2)), np.zeros(4, int), 2, cfg)
+        linear.train_linear_on_features(np.zeros((4, 2)), np.zeros(4, int), 2, cfg)
     for get in (linear_config.get_config, knn_config.get_config, finetune_config.get_config):
         assert get().protocol in protocols.PROTOCOLS
     assert finetune_config.get_config("1pct").finetune.label_fraction == 0.01

@@ -11,10 +11,26 @@ import json
 import jax
 import numpy as np
 
-from simclr_jax import evaluate, files
+from simclr_jax import files
+from simclr_jax.data import datasets
 from simclr_jax.metrics import MetricLogger
 
 CONFUSION_FILE = "confusion_matrix.png"
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Fraction of rows whose label is among the k highest scores."""
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, scores.shape[1])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=1)))
+
+
+def class_names(data_cfg) -> tuple[tuple[str, ...], int]:
+    """(class names, class count) of the data's eval split (data_cfg: config.data)."""
+    source = datasets.load_source(data_cfg, data_cfg.eval_split)
+    return source.class_names, source.num_classes
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -42,8 +58,8 @@ def summarize(scores: np.ndarray, labels: np.ndarray, class_names) -> dict:
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.diag(matrix) / counts
     return {
-        "top1": evaluate.topk_accuracy(scores, labels, 1),
-        "top5": evaluate.topk_accuracy(scores, labels, 5),
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, 5),
         "per_class": {str(n): float(a) for n, a in zip(class_names, per_class, strict=True)},
         "confusion": matrix.tolist(),
         "examples": int(len(labels)),

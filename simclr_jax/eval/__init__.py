@@ -1,0 +1,8 @@
+"""Evaluation of pretrained encoders: features, kNN, linear evaluation, fine-tuning, reports.
+
+protocols.py: the registry (PROTOCOLS) and dispatcher; pretrained.py: restoring a
+checkpoint with its architecture; features.py: the one feature-extraction path;
+knn.py: weighted kNN and the kNN protocol; linear.py: linear evaluation;
+finetune.py and subsets.py: semi-supervised fine-tuning; reports.py: accuracies,
+confusion matrix, results.json.
+"""
