@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -153,19 +154,12 @@ def psum_order(out_dir: str) -> dict:
 
 def _restore_params(workdir: str, step: int) -> dict[str, np.ndarray]:
     import jax
-    import orbax.checkpoint as ocp
 
     from simclr_jax import checkpoint
 
-    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
-    ckptr = ocp.StandardCheckpointer()
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        ckptr.metadata(path).item_metadata,
-    )
-    flat = jax.tree_util.tree_flatten_with_path(ckptr.restore(path, target)["params"])[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+    state = checkpoint.restore_to_host(checkpoint.checkpoint_dir(workdir), step)
+    flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {jax.tree_util.keystr(k): v for k, v in flat}
 
 
 def training(config: str, steps: int, out_dir: str, extra: list[str]) -> list[dict]:
@@ -212,11 +206,14 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/cifar10.py:runlocal")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--out", default="/tmp/multihost_parity")
+    parser.add_argument("--out", default=None, help="a new directory (default: a fresh temp dir)")
     args = parser.parse_args(own)
     if args.steps < 2 or args.steps % 2:
         parser.error(f"--steps={args.steps} must be even and >= 2 (checkpoints every 2 steps)")
-    os.makedirs(args.out, exist_ok=False)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="multihost_parity_")
+    else:
+        os.makedirs(args.out)  # a new directory: the runs must not resume older ones
     print(json.dumps({"psum_order": psum_order(args.out)}), flush=True)
     for line in training(args.config, args.steps, args.out, extra):
         print(json.dumps(line), flush=True)

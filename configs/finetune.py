@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     ft.optim.lr_scaling = "linear"
     ft.optim.weight_decay = 0.0
     ft.optim.momentum = 0.9
+    ft.optim.trust_coefficient = 0.001  # name='lars'
+    ft.optim.nesterov = False  # name='sgd' only
+    ft.optim.probe_weight_decay = False  # the new classifier: no decay, no LARS adaptation
     ft.optim.warmup_epochs = 0.0
     if arg in FRACTIONS:
         ft.label_fraction, ft.epochs = FRACTIONS[arg]

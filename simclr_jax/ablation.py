@@ -80,6 +80,7 @@ _RUN_ONLY_FIELDS = (
     "train.stop_at_step",
     "train.num_devices",
     "eval.num_devices",
+    "eval.every_epochs",
     "checkpoint.",
     "init_from",
 )

@@ -101,16 +101,17 @@ def restore_to_host(directory: str, step: int) -> Any:
     Raises:
       FileNotFoundError: if that step was not saved completely.
     """
-    path = files.join(directory, str(step), "default")
-    if not files.exists(path):
+    # Orbax's own test of completeness (a finished rename locally, commit_success.txt on GCS).
+    if not files.isdir(directory) or step not in ocp.utils.checkpoint_steps(directory):
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}")
-    checkpointer = ocp.StandardCheckpointer()
+    path = files.join(directory, str(step), "default")
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        checkpointer.metadata(path).item_metadata,
-    )
-    return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
+    with ocp.StandardCheckpointer() as checkpointer:
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+            checkpointer.metadata(path).item_metadata,
+        )
+        return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
 
 
 def latest_step(workdir: str) -> int | None:

@@ -334,7 +334,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
                 if save_now or stop_now:
                     checkpoint.save(manager, step, _to_host_state(state, parallelism))
                 interval_start, interval_steps = time.time(), 0
-            if run.monitor_every_steps and step % run.monitor_every_steps == 0 and not is_last:
+            monitor_now = (
+                run.monitor_every_steps
+                and step % run.monitor_every_steps == 0
+                and not (is_last and config.eval.knn)  # the evaluation at the end covers it
+                and not stop_now  # preempted: save and leave within the grace period
+            )
+            if monitor_now:
                 # Every host reaches this step: the feature extraction's collectives match.
                 monitor = monitor or make_evaluator(config, run)
                 _run_monitor(monitor, _to_host_state(state, parallelism), step, logger)

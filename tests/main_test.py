@@ -177,3 +177,4 @@ def test_a_checkpoint_of_8_devices_is_evaluated_on_1(tiny_pretrained_run, tmp_pa
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     assert results["checkpoint"]["step"] == 4 and results["summary"]["examples"] == 1000
+    assert results["num_devices"] == 1

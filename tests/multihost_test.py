@@ -314,21 +314,11 @@ def _finish_pair(procs, log_prefix, timeout=400):
 
 
 def _restore_params(workdir, step):
-    import jax
-    import orbax.checkpoint as ocp
-
     from simclr_jax import checkpoint
 
-    path = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), "default")
-    ckptr = ocp.StandardCheckpointer()
-    # Saved by 2 processes x 4 devices: restore onto this process's first device.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-        ckptr.metadata(path).item_metadata,
-    )
-    restored = ckptr.restore(path, target)
-    return {k: np.asarray(v) for k, v in _flatten(restored["params"]).items()}
+    # Saved by 2 processes x 4 devices (or 1 x 8): restored onto this process's first device.
+    restored = checkpoint.restore_to_host(checkpoint.checkpoint_dir(str(workdir)), step)
+    return _flatten(restored["params"])
 
 
 def _flatten(tree, prefix=""):

@@ -1,6 +1,7 @@
 """The tiny pretraining run that tests share: its config, and the run itself (conftest.py).
 
-One session-scoped run (4 steps of ResNet-18 at base width 4 on the embedded
+One run per pytest process (session-scoped: with `-n 2` each xdist worker that
+needs it makes its own; 4 steps of ResNet-18 at base width 4 on the embedded
 sample, 8 devices, shard_map) serves every test that needs a pretraining
 checkpoint; tests read it and never write into its workdir.
 """

@@ -275,8 +275,8 @@ def test_knn_monitor_during_training_equals_the_standalone_knn_protocol(tmp_path
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     monitored = [r for r in records if "eval/knn_top1" in r]
-    # Step 2 only: the last step is the end-of-training evaluation's (eval.knn, off here).
-    assert [r["step"] for r in monitored] == [2]
+    # Steps 2 and 4: with eval.knn off the monitor also evaluates the last step.
+    assert [r["step"] for r in monitored] == [2, 4]
     assert {"eval/knn_top5", "eval/probe_top1", "eval/probe_top5"} <= set(monitored[0])
     # The standalone kNN protocol on the step-2 checkpoint (same k, temperature and splits).
     protocol = knn_config.get_config()

@@ -1,7 +1,7 @@
 """Builds the embedded CIFAR-10 sample shipped inside the package.
 
 The sample is a class-balanced, seeded subset of the CIFAR-10 training images
-(a .tar.gz of JPEG class folders, <class>/<name>.jpg), stored as the original JPEG
+(a .tar.gz of JPEG class folders, <top>/<class>/<name>.jpg), stored as the original JPEG
 bytes so nothing is re-encoded. It is split into a 'train' and a disjoint 'test'
 part so the quickstart can report held-out accuracy with no network.
 

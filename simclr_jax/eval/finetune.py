@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from simclr_jax import models, optim, sharding, steps
-from simclr_jax.data import datasets, pipeline
+from simclr_jax.data import pipeline
 from simclr_jax.eval import features, reports, subsets
 from simclr_jax.eval import pretrained as pretrained_lib
 
@@ -226,7 +226,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     out, labels = features.extract_features(
         lambda images: predict(variables, images), pipeline.as_numpy_iterator(eval_ds), mesh
     )
-    class_names = datasets.load_source(config.data, config.data.eval_split).class_names
+    class_names, _ = reports.class_names(config.data)
     results = pretrained_lib.provenance("finetune", config, pretrained)
     results.update(
         label_fraction=fraction,

@@ -167,4 +167,6 @@ def provenance(protocol: str, config: mlc.ConfigDict, pretrained: Pretrained) ->
         "dataset": f"{config.data.source}:{config.data.name}",
         "train_split": config.data.train_split,
         "eval_split": config.data.eval_split,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
     }
