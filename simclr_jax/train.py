@@ -434,16 +434,8 @@ def make_evaluator(config: mlc.ConfigDict, run: Run):
         return {"h": out["h"], "probe_logits": out["probe_logits"]}
 
     def split_features(variables, split):
-        ds = pipeline.build_eval_dataset(
-            config.data,
-            config.augment,
-            split=split,
-            global_batch_size=config.eval.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
         return features.extract_features(
-            lambda images: apply(variables, images), pipeline.as_numpy_iterator(ds), run.mesh
+            lambda images: apply(variables, images), features.eval_batches(config, split), run.mesh
         )
 
     def knn_and_probe(params, batch_stats, prefix=""):

@@ -83,6 +83,22 @@ def extract_encoder_features(
         sharding.replicated_sharding(mesh),
     )
 
+    out, labels = extract_features(
+        lambda images: _encode(encoder, variables, images), eval_batches(config, split), mesh
+    )
+    return out["h"], labels
+
+
+def eval_batches(config: mlc.ConfigDict, split: str):
+    """This host's batches of `split` with the eval preprocessing (padded, masked).
+
+    Args:
+      config: a config with data, augment and eval.batch_size (the global batch).
+      split: the split to read.
+
+    Returns:
+      An iterator of {'image', 'label', 'mask'} NumPy batches, for extract_features.
+    """
     ds = pipeline.build_eval_dataset(
         config.data,
         config.augment,
@@ -91,10 +107,7 @@ def extract_encoder_features(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    out, labels = extract_features(
-        lambda images: _encode(encoder, variables, images), pipeline.as_numpy_iterator(ds), mesh
-    )
-    return out["h"], labels
+    return pipeline.as_numpy_iterator(ds)
 
 
 @functools.partial(jax.jit, static_argnums=0)
