@@ -25,8 +25,9 @@ import optax
 
 from simclr_jax import models, optim, sharding, steps
 from simclr_jax.data import pipeline
-from simclr_jax.eval import features, reports, subsets
+from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import pretrained as pretrained_lib
+from simclr_jax.eval import reports, subsets
 
 
 class FinetuneModel(nn.Module):
@@ -223,7 +224,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    out, labels = features.extract_features(
+    out, labels = features_lib.extract_features(
         lambda images: predict(variables, images), pipeline.as_numpy_iterator(eval_ds), mesh
     )
     class_names, _ = reports.class_names(config.data)

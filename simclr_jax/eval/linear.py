@@ -31,8 +31,9 @@ import optax
 
 from simclr_jax import models, optim, sharding
 from simclr_jax.data import pipeline
-from simclr_jax.eval import features, reports
+from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import pretrained as pretrained_lib
+from simclr_jax.eval import reports
 
 MODES = ("cached", "reference")
 
@@ -237,7 +238,7 @@ def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed):
             fix="set --config.linear.init_from_probe=False to train a new classifier.",
         )
         init = {"dense": pretrained.params["probe"]["dense"]}
-    eval_feats, eval_labels = features.extract_encoder_features(
+    eval_feats, eval_labels = features_lib.extract_encoder_features(
         pretrained, config, config.data.eval_split, mesh
     )
     if config.linear.mode == "cached":
@@ -269,7 +270,7 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     class_names, num_classes = reports.class_names(config.data)
 
     def train_feats(p):
-        return features.extract_encoder_features(p, config, config.data.train_split, mesh)
+        return features_lib.extract_encoder_features(p, config, config.data.train_split, mesh)
 
     t0 = time.time()
     logits, eval_labels = _linear_once(
