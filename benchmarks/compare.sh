@@ -6,7 +6,7 @@
 # Runs the two back to back, alternating, ROUNDS times (so background load hits both alike),
 # both pinned to 2 CPUs (train_step.py --threads=2 sets the affinity before jax starts;
 # torch.set_num_threads(2)), and prints the median images/s of each and the ratio JAX/torch.
-# Environment: PYTHON (default /work/venv/bin/python if present, else python), OUT (JSON dir).
+# Environment: PYTHON (default: the python on PATH, i.e. the active environment), OUT (JSON dir).
 set -euo pipefail
 
 BATCH="${1:-256}"
