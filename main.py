@@ -14,12 +14,18 @@ import os
 # quiet. This must happen before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# XLA:CPU flags (YNNPACK off convolutions, ...): XLA reads them when the backend starts, so they
-# go into the environment before jax is imported. See simclr_jax/xla_flags.py.
-from simclr_jax import xla_flags  # noqa: E402
+# The CPU boundary (simclr_jax/cpu), optional: without it every run uses XLA's convolutions.
+# Its XLA:CPU flags (YNNPACK off convolutions, ...) are read when the backend starts, so they go
+# into the environment before jax is imported. See simclr_jax/cpu/xla_flags.py.
+try:
+    from simclr_jax.cpu import xla_flags  # noqa: E402  (imports no jax)
+except ImportError:
+    xla_flags = None
+else:
+    xla_flags.apply()
+    from simclr_jax.cpu import conv_class  # noqa: E402
 
-xla_flags.apply()
-
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -34,6 +40,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
     os.path.join(os.path.expanduser("~"), ".cache", "simclr_jax", "jax"),
     "JAX persistent compilation cache directory ('' disables it).",
+)
+_CPU_CONV = flags.DEFINE_enum(
+    "cpu_conv",
+    "auto",
+    conv_class.CONV_CHOICES if xla_flags is not None else ("auto", "xla"),
+    "Convolution implementation (an execution choice, not stored with the run; checkpoints "
+    "load with any): 'auto' = XLA's on GPU/TPU, the fastest measured on CPU (see "
+    "simclr_jax/cpu/conv_class.py).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -78,14 +92,16 @@ def main(argv):
     # ('pretrain' when absent). Imported here so flags are parsed before TF/JAX
     # start work.
     protocol = config.get("protocol", "pretrain")
+    # The CPU boundary hands the models their convolution class (XLA's without it).
+    conv = conv_class.conv_class(_CPU_CONV.value) if xla_flags is not None else nn.Conv
     if protocol == "pretrain":
         from simclr_jax import train
 
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, _WORKDIR.value, conv=conv)
     else:
         from simclr_jax.eval import protocols
 
-        protocols.run(protocol, config, _WORKDIR.value)
+        protocols.run(protocol, config, _WORKDIR.value, conv=conv)
 
 
 if __name__ == "__main__":

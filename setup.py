@@ -32,7 +32,7 @@ setuptools.setup(
     description="SimCLR self-supervised pretraining of image encoders in JAX/Flax.",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["simclr_jax", "simclr_jax.*"]),
-    package_data={"simclr_jax": ["data/assets/*.npz", "kernels/*.cc"]},
+    package_data={"simclr_jax": ["data/assets/*.npz", "cpu/kernels/*.cc"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

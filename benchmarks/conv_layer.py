@@ -12,7 +12,7 @@ convolutions at the shapes of ResNet-18's CIFAR stages (32x32x64, 16x16x128, 8x8
 N = --views images, float32, and prints the median time and GFLOP/s of each. --parts times the
 forward, input-gradient and kernel-gradient convolutions separately instead (2 x N x H x W x 9
 x C x C FLOPs each), to show which of the three is slow. --xla_flags picks
-whether simclr_jax.xla_flags is applied before jax starts (as main.py does) or not, which is
+whether simclr_jax.cpu.xla_flags is applied before jax starts (as main.py does) or not, which is
 what decides between XLA's own convolution and the YNNPACK one in jaxlib 0.10 (see that
 module). --threads pins the process to T CPUs, as benchmarks/train_step.py does.
 """
@@ -57,12 +57,12 @@ def _jax_timer(impl: str):
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax.models import convs
+    from simclr_jax.cpu import conv_layers as convs
 
     def conv(x, w):
         if impl == "matmul":
             return convs.matmul_conv(x, w, 1, "SAME")
-        if impl == "native":  # the choices of conv_impl='native' (convs.native_conv)
+        if impl == "native":  # the choices of --cpu_conv=native (conv_layers.native_conv)
             return convs.native_conv(x, w, 1, "SAME")
         return jax.lax.conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> dict:
     if args.threads > 0:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     if args.impl != "torch" and args.xla_flags == "recommended":
-        from simclr_jax import xla_flags
+        from simclr_jax.cpu import xla_flags
 
         xla_flags.apply()
     if args.impl == "torch":

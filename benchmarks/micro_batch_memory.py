@@ -52,6 +52,7 @@ def measure(batch: int, micro: int, args, run: bool) -> dict:
 
     from configs import cifar10
     from simclr_jax import models, sharding, steps
+    from simclr_jax.cpu import conv_class
 
     config = cifar10.get_config()
     config.model.base_width = args.base_width
@@ -59,7 +60,10 @@ def measure(batch: int, micro: int, args, run: bool) -> dict:
     config.model.dtype = args.dtype
     mesh = sharding.create_mesh(jax.devices()[:1])
     model = models.build_model(
-        config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS, per_device=True
+        config.model,
+        num_classes=10,
+        bn_axis_name=sharding.DATA_AXIS,
+        conv=conv_class.conv_class("auto"),
     )
     tx = optax.sgd(0.1, momentum=0.9)
     size = args.image_size

@@ -1,6 +1,6 @@
 """Throughput, FLOPs and memory of the real SimCLR train step on random on-device data.
 
-  python benchmarks/train_step.py --config=configs/cifar10.py --batch=64 --conv_impl=matmul \
+  python benchmarks/train_step.py --config=configs/cifar10.py --batch=64 --cpu_conv=matmul \
       --steps=10 --warmup=2 --json=/tmp/jax_b64.json
 
 Builds the model, LARS optimizer and steps.train_step exactly as training does, wraps it with
@@ -58,19 +58,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
     parser.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
     parser.add_argument(
-        "--conv_impl", default=None, choices=[None, "auto", "xla", "matmul", "native"]
+        "--cpu_conv",
+        default="auto",
+        help="the convolution class, as main.py's --cpu_conv (simclr_jax.cpu.conv_class)",
     )
     parser.add_argument(
         "--shortcut_fork",
-        default=None,
-        choices=[None, "auto", "on", "off"],
-        help="model.shortcut_fork (see simclr_jax.models.resnet.shortcut_fork)",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="fork identity shortcuts (simclr_jax.cpu.shortcut_fork); auto: on CPU only",
     )
     parser.add_argument(
         "--xla_flags",
         default="recommended",
         choices=["recommended", "none"],
-        help="'recommended': add simclr_jax.xla_flags to XLA_FLAGS (as main.py does)",
+        help="'recommended': add simclr_jax.cpu.xla_flags to XLA_FLAGS (as main.py does)",
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -215,7 +217,7 @@ def main(argv: list[str]) -> dict:
     if args.threads > 0:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[: args.threads])
-    from simclr_jax import xla_flags
+    from simclr_jax.cpu import xla_flags
 
     if args.devices > 1:
         xla_flags.add_flag("xla_force_host_platform_device_count", str(args.devices))
@@ -230,6 +232,7 @@ def main(argv: list[str]) -> dict:
     import jax.numpy as jnp
 
     from simclr_jax import models, optim, sharding, steps
+    from simclr_jax.cpu import conv_class, kernels
 
     config = load_config(args.config)
     for field, value in [
@@ -237,8 +240,6 @@ def main(argv: list[str]) -> dict:
         ("base_width", args.base_width),
         ("depth", args.depth),
         ("dtype", args.dtype),
-        ("conv_impl", args.conv_impl),
-        ("shortcut_fork", args.shortcut_fork),
     ]:
         if value is not None:
             config.model[field] = value
@@ -250,7 +251,9 @@ def main(argv: list[str]) -> dict:
     devices = sharding.select_devices(args.devices)
     mesh = sharding.create_mesh(devices)
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis, per_device=True)
+    fork = {"auto": None, "on": True, "off": False}[args.shortcut_fork]
+    conv = conv_class.conv_class(args.cpu_conv, shortcut_fork=fork)
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis, conv=conv)
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=args.batch, total_steps=1000, warmup_steps=10
     )
@@ -288,10 +291,8 @@ def main(argv: list[str]) -> dict:
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     # The SPMD module is one device's program: scale to the whole step. XLA's cost analysis
-    # does not see inside the native kernel calls (conv_impl='native'): they are
+    # does not see inside the native kernel calls (--cpu_conv=native): they are
     # counted from the traced program and added.
-    from simclr_jax import kernels
-
     native_flops = kernels.native_flops(traced.jaxpr) * args.devices
     xla_flops = float((cost or {}).get("flops", float("nan"))) * args.devices + native_flops
 
@@ -306,9 +307,6 @@ def main(argv: list[str]) -> dict:
     profile = (
         profile_step(jax, compiled, state, batch, args.profile_dir) if args.profile_dir else {}
     )
-
-    from simclr_jax.models.convs import resolve_conv_impl
-    from simclr_jax.models.resnet import resolve_shortcut_fork
 
     macs = analytic_encoder_macs(
         config.model.depth,
@@ -337,8 +335,7 @@ def main(argv: list[str]) -> dict:
         "width": config.model.get("base_width", 64) * config.model.width_multiplier,
         "image_size": size,
         "dtype": dtype,
-        "conv_impl": resolve_conv_impl(config.model.get("conv_impl", "auto")),
-        "shortcut_fork": resolve_shortcut_fork(config.model.get("shortcut_fork", "auto")),
+        "cpu_conv": conv_class.describe(conv),
         "batch": args.batch,
         "compile_s": compile_s,
         "step_s_median": step_s,

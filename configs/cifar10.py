@@ -63,16 +63,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.cifar_stem = True
     config.model.sk_ratio = 0.0
     config.model.dtype = "float32"  # 'bfloat16' computes in bf16, params stay f32
-    # 'auto': nn.Conv ('xla') on GPU/TPU. On CPU, when simclr_jax.xla_flags gave XLA its own
-    # conv kernel back (main.py applies them): the native kernels of simclr_jax.kernels where
-    # they are faster ('native', compiled with g++ on first use) where they build, else 'xla';
-    # without the flags im2col + GEMM convs ('matmul'). Parameters are identical, so
-    # checkpoints move freely.
-    config.model.conv_impl = "auto"
-    # 'auto': on for the CPU backend, where routing identity shortcuts through
-    # resnet.shortcut_fork keeps XLA's own kernel on those blocks' input-gradient convs (same
-    # values and gradients); off on GPU/TPU. 'on' / 'off' force it.
-    config.model.shortcut_fork = "auto"
     config.model.head_layers = 3
     config.model.head_dim = 128
     config.model.head_hidden_dim = 0  # 0: as wide as the representation h

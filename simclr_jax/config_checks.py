@@ -13,10 +13,6 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
 PARALLELISM_MODES = ("shard_map", "pmap")
 MICRO_BATCH_BN_MODES = ("micro", "frozen")
-# Twins of models.convs.CONV_IMPL_CHOICES and models.resnet.SHORTCUT_FORK_CHOICES (this module
-# stays free of jax for the ablation launcher; tests/train_test.py keeps the pairs equal).
-CONV_IMPL_CHOICES = ("auto", "xla", "matmul", "native")
-SHORTCUT_FORK_CHOICES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -59,14 +55,6 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
     _require_positive(config, "model.sk_ratio", allow_zero=True)
     if config.model.dtype not in DTYPES:
         fail("model.dtype", config.model.dtype, f"use one of {DTYPES}.")
-    if config.model.get("conv_impl", "auto") not in CONV_IMPL_CHOICES:
-        fail("model.conv_impl", config.model.conv_impl, f"use one of {CONV_IMPL_CHOICES}.")
-    if config.model.get("shortcut_fork", "auto") not in SHORTCUT_FORK_CHOICES:
-        fail(
-            "model.shortcut_fork",
-            config.model.shortcut_fork,
-            f"use one of {SHORTCUT_FORK_CHOICES}.",
-        )
     if not config.loss.temperature or config.loss.temperature <= 0:
         fail(
             "loss.temperature",

@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -64,6 +65,8 @@ class Run:
     warmup_steps: int
     steps_per_epoch: int
     info: Any
+    # The encoder's convolution class (models.build_model's `conv`).
+    conv: Any = nn.Conv
     # The kNN monitor runs every this many steps during training (0: only at the end).
     monitor_every_steps: int = 0
 
@@ -76,7 +79,7 @@ def _select_devices(config: mlc.ConfigDict) -> list:
     return devices
 
 
-def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
+def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh, conv) -> Run:
     monitor_epochs = config.eval.get("every_epochs", 0.0)
     if config.eval.knn or monitor_epochs:
         config_checks.check_batch_split(
@@ -100,9 +103,8 @@ def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
     config_checks.check_schedule(warmup_steps, total_steps, config.optim.warmup_epochs)
 
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
-    # The train step runs under shard_map / pmap: per-device shards (native CPU kernels OK).
     model = models.build_model(
-        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis, per_device=True
+        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis, conv=conv
     )
     tx, schedule = optim.create_optimizer(
         config.optim,
@@ -121,6 +123,7 @@ def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh) -> Run:
         warmup_steps=warmup_steps,
         steps_per_epoch=steps_per_epoch,
         info=data_info,
+        conv=conv,
         monitor_every_steps=(
             max(1, int(round(monitor_epochs * steps_per_epoch))) if monitor_epochs else 0
         ),
@@ -194,13 +197,16 @@ def _done_message(results: dict, throughput: float, workdir: str) -> str:
     return "; ".join([*parts, f"results in {workdir}"])
 
 
-def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) -> dict:
     """Pretrains SimCLR as configured, then evaluates kNN and the online probe.
 
     Args:
       config: a pretraining config (configs/*.py).
       workdir: checkpoints, TensorBoard events, metrics.jsonl, results.json and
         config.json go here; an existing checkpoint is resumed from.
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass; main.py
+        passes simclr_jax.cpu.conv_class's choice). Not part of the config: any run's
+        checkpoint loads with any conv class.
 
     Returns:
       The results dict also written to workdir/results.json.
@@ -230,7 +236,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict:
         start_step=start_step_hint,
         batch_rows=batch_rows,
     )
-    run = _build_run(config, info, devices, mesh)
+    run = _build_run(config, info, devices, mesh, conv)
     state, start_step = _init_state(config, run, manager)
     assert start_step == start_step_hint, (start_step, start_step_hint)
 
@@ -423,7 +429,9 @@ def make_evaluator(config: mlc.ConfigDict, run: Run):
       eval split's examples, each scored once.
     """
     # Inference only: BN uses running statistics, no axis name is needed.
-    model = models.build_model(config.model, num_classes=run.info.num_classes, bn_axis_name=None)
+    model = models.build_model(
+        config.model, num_classes=run.info.num_classes, bn_axis_name=None, conv=run.conv
+    )
     replicated = sharding.replicated_sharding(run.mesh)
 
     # Variables are an argument, not a closure: closed-over arrays would be

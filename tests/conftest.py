@@ -7,10 +7,11 @@ is why it happens at the top of conftest rather than in a fixture.
 
 import os
 
-from simclr_jax import xla_flags  # noqa: E402  (imports no jax)
+from simclr_jax.cpu import xla_flags  # noqa: E402  (imports no jax)
 
 xla_flags.add_flag("xla_force_host_platform_device_count", "8")
-# The same XLA:CPU flags as main.py (conv_impl='auto' then resolves to XLA's convolution).
+# The same XLA:CPU flags as main.py (tests that build models in-process use nn.Conv, the
+# library default; main.py subprocess tests use simclr_jax.cpu.conv_class like users do).
 xla_flags.apply()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -45,7 +45,7 @@ from counting import correct_count  # noqa: E402
 from losses_test import np_nt_xent  # noqa: E402
 from main_test import TINY  # noqa: E402
 
-from simclr_jax import xla_flags  # noqa: E402
+from simclr_jax.cpu import xla_flags  # noqa: E402
 
 GLOBAL_BATCH = 16
 PARAM_TOL = 1e-5
@@ -75,7 +75,7 @@ def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     # The same XLA:CPU flags as conftest/main.py, so workers and the in-process reference resolve
-    # conv_impl='auto' alike.
+    # the CPU convolution alike.
     xla_flags.apply(env)
     env["JAX_PLATFORMS"] = "cpu"
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -117,9 +117,7 @@ def step_outputs() -> dict[str, np.ndarray]:
     config.model.head_hidden_dim = 16
     config.model.head_dim = 16
     mesh = sharding.create_mesh(jax.devices())
-    model = models.build_model(
-        config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS, per_device=True
-    )
+    model = models.build_model(config.model, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
     )

@@ -10,6 +10,7 @@ BatchNorm) with the eval preprocessing.
 import functools
 from collections.abc import Callable, Iterable
 
+import flax.linen as nn
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -64,7 +65,12 @@ def extract_features(
 
 
 def extract_encoder_features(
-    pretrained: pretrained_lib.Pretrained, config: mlc.ConfigDict, split: str, mesh
+    pretrained: pretrained_lib.Pretrained,
+    config: mlc.ConfigDict,
+    split: str,
+    mesh,
+    *,
+    conv: models.ModuleDef = nn.Conv,
 ) -> tuple[np.ndarray, np.ndarray]:
     """h (inference-mode BN) and labels for a whole split, with eval preprocessing.
 
@@ -73,11 +79,13 @@ def extract_encoder_features(
       config: the protocol config (data, augment, eval.batch_size).
       split: the split to encode.
       mesh: the device mesh.
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       (features [N, C] float32, labels [N] int32).
     """
-    encoder = models.build_encoder(pretrained.model_config)
+    encoder = models.build_encoder(pretrained.model_config, conv=conv)
     variables = jax.device_put(
         {"params": pretrained.params["encoder"], "batch_stats": pretrained.batch_stats["encoder"]},
         sharding.replicated_sharding(mesh),

@@ -56,18 +56,22 @@ class FinetuneModel(nn.Module):
         return self.classifier(features)
 
 
-def build_finetune_model(model_cfg, num_classes: int, ft_proj_selector: int) -> FinetuneModel:
+def build_finetune_model(
+    model_cfg, num_classes: int, ft_proj_selector: int, *, conv: models.ModuleDef = nn.Conv
+) -> FinetuneModel:
     """The fine-tuning network for a pretraining model config.
 
     Args:
       model_cfg: the pretraining run's config.model.
       num_classes: classes of the fine-tuning dataset.
       ft_proj_selector: 0 = h, k = k-th head layer (in [-(L+1), L]).
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       A FinetuneModel whose 'encoder' and 'head' match the pretraining model's.
     """
-    pretrain = models.build_model(model_cfg, num_classes=num_classes)
+    pretrain = models.build_model(model_cfg, num_classes=num_classes, conv=conv)
     num = model_cfg.head_layers + 1
     if isinstance(ft_proj_selector, bool) or not isinstance(ft_proj_selector, int):
         raise ValueError(f"finetune.ft_proj_selector={ft_proj_selector!r}: must be an int")
@@ -165,12 +169,14 @@ def make_train_step(model: FinetuneModel, tx, from_block: int):
     return train_step
 
 
-def run(config: mlc.ConfigDict, workdir: str) -> dict:
+def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Conv) -> dict:
     """Fine-tunes config.init_from on a label fraction and evaluates it.
 
     Args:
       config: configs/finetune.py.
       workdir: output directory (results.json, metrics, confusion matrix).
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       The results dict (provenance, label_fraction, labelled_examples,
@@ -194,7 +200,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
         subset_indices=subset,
     )
     total_steps = int(math.ceil(ft.epochs * info.steps_per_epoch))
-    model = build_finetune_model(pretrained.model_config, info.num_classes, ft.ft_proj_selector)
+    model = build_finetune_model(
+        pretrained.model_config, info.num_classes, ft.ft_proj_selector, conv=conv
+    )
     tx, _ = optim.create_optimizer(
         ft.optim,
         batch_size=ft.batch_size,

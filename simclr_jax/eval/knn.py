@@ -8,12 +8,13 @@ the end of pretraining) and the standalone protocol (config.protocol='knn',
 `run`), which evaluates a restored checkpoint.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from simclr_jax import sharding
+from simclr_jax import models, sharding
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features, reports
 from simclr_jax.eval import pretrained as pretrained_lib
@@ -78,13 +79,15 @@ def knn_scores(
     return np.concatenate(scores) if scores else np.zeros((0, num_classes), np.float32)
 
 
-def knn_logits(pretrained, config, mesh, num_classes) -> tuple[np.ndarray, np.ndarray]:
+def knn_logits(
+    pretrained, config, mesh, num_classes, *, conv: models.ModuleDef = nn.Conv
+) -> tuple[np.ndarray, np.ndarray]:
     """kNN class scores of the eval split with the train split as memory, and eval labels."""
     train_h, train_y = features.extract_encoder_features(
-        pretrained, config, config.data.train_split, mesh
+        pretrained, config, config.data.train_split, mesh, conv=conv
     )
     eval_h, eval_y = features.extract_encoder_features(
-        pretrained, config, config.data.eval_split, mesh
+        pretrained, config, config.data.eval_split, mesh, conv=conv
     )
     scores = knn_scores(
         train_h,
@@ -97,12 +100,14 @@ def knn_logits(pretrained, config, mesh, num_classes) -> tuple[np.ndarray, np.nd
     return scores, eval_y
 
 
-def run(config: mlc.ConfigDict, workdir: str) -> dict:
+def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Conv) -> dict:
     """kNN evaluation of config.init_from; writes workdir/results.json.
 
     Args:
       config: configs/knn.py.
       workdir: output directory.
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       The results dict (provenance, 'summary', 'top1', 'top5', 'k',
@@ -112,14 +117,14 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     pretrained = pretrained_lib.load_pretrained(config.init_from)
     mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
     class_names, num_classes = reports.class_names(config.data)
-    scores, labels = knn_logits(pretrained, config, mesh, num_classes)
+    scores, labels = knn_logits(pretrained, config, mesh, num_classes, conv=conv)
     results = pretrained_lib.provenance("knn", config, pretrained)
     results.update(k=int(config.eval.knn_k), temperature=float(config.eval.knn_temperature))
     results["summary"] = reports.summarize(scores, labels, class_names)
     results["top1"], results["top5"] = results["summary"]["top1"], results["summary"]["top5"]
     if config.eval.compare_random_init:
         baseline = pretrained_lib.random_init_like(pretrained, config.seed)
-        base_scores, _ = knn_logits(baseline, config, mesh, num_classes)
+        base_scores, _ = knn_logits(baseline, config, mesh, num_classes, conv=conv)
         results["random_init"] = {
             "top1": reports.topk_accuracy(base_scores, labels, 1),
             "top5": reports.topk_accuracy(base_scores, labels, 5),

@@ -159,6 +159,7 @@ def train_linear_reference(
     mesh,
     *,
     init_params: Any = None,
+    conv: models.ModuleDef = nn.Conv,
 ) -> LinearState:
     """Trains the classifier on augmented images through the frozen encoder ('reference').
 
@@ -168,6 +169,8 @@ def train_linear_reference(
       num_classes: classes of the dataset.
       mesh: the device mesh; batches are sharded over it.
       init_params: optional initial classifier parameters.
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       The final LinearState; `frozen` is the encoder's variables as used.
@@ -184,7 +187,7 @@ def train_linear_reference(
     )
     total_steps = int(math.ceil(linear_cfg.epochs * info.steps_per_epoch))
     model = _FrozenEncoderClassifier(
-        encoder=models.build_encoder(pretrained.model_config),
+        encoder=models.build_encoder(pretrained.model_config, conv=conv),
         classifier=models.LinearHead(num_classes=num_classes, name="classifier"),
     )
     tx, _ = _classifier_optimizer(linear_cfg, linear_cfg.batch_size, total_steps)
@@ -227,7 +230,7 @@ def train_linear_reference(
     return state
 
 
-def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed):
+def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed, conv):
     """Trains the classifier for `pretrained`; returns eval-split logits and labels."""
     init = None
     if config.linear.init_from_probe:
@@ -239,7 +242,7 @@ def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed):
         )
         init = {"dense": pretrained.params["probe"]["dense"]}
     eval_feats, eval_labels = features_lib.extract_encoder_features(
-        pretrained, config, config.data.eval_split, mesh
+        pretrained, config, config.data.eval_split, mesh, conv=conv
     )
     if config.linear.mode == "cached":
         feats, labels = train_feats(pretrained)
@@ -247,17 +250,21 @@ def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed):
             feats, labels, num_classes, config.linear, seed=seed, init_params=init
         )
     else:
-        state = train_linear_reference(pretrained, config, num_classes, mesh, init_params=init)
+        state = train_linear_reference(
+            pretrained, config, num_classes, mesh, init_params=init, conv=conv
+        )
         params = {"dense": jax.device_get(state.params)["classifier"]["dense"]}
     return classify(params, eval_feats, num_classes), eval_labels
 
 
-def run(config: mlc.ConfigDict, workdir: str) -> dict:
+def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Conv) -> dict:
     """Linear evaluation of config.init_from; writes workdir/results.json.
 
     Args:
       config: configs/linear_eval.py.
       workdir: output directory.
+      conv: the encoder's convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. simclr_jax.cpu.conv_class's choice).
 
     Returns:
       The results dict (provenance, 'summary' with top1/top5/per_class/confusion,
@@ -270,11 +277,13 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     class_names, num_classes = reports.class_names(config.data)
 
     def train_feats(p):
-        return features_lib.extract_encoder_features(p, config, config.data.train_split, mesh)
+        return features_lib.extract_encoder_features(
+            p, config, config.data.train_split, mesh, conv=conv
+        )
 
     t0 = time.time()
     logits, eval_labels = _linear_once(
-        pretrained, config, mesh, num_classes, train_feats, config.seed
+        pretrained, config, mesh, num_classes, train_feats, config.seed, conv
     )
     results = pretrained_lib.provenance("linear_eval", config, pretrained)
     results["mode"] = config.linear.mode
@@ -282,7 +291,9 @@ def run(config: mlc.ConfigDict, workdir: str) -> dict:
     results["top1"], results["top5"] = results["summary"]["top1"], results["summary"]["top5"]
     if config.eval.compare_random_init:
         baseline = pretrained_lib.random_init_like(pretrained, config.seed)
-        base_logits, _ = _linear_once(baseline, config, mesh, num_classes, train_feats, config.seed)
+        base_logits, _ = _linear_once(
+            baseline, config, mesh, num_classes, train_feats, config.seed, conv
+        )
         results["random_init"] = {
             "top1": reports.topk_accuracy(base_logits, eval_labels, 1),
             "top5": reports.topk_accuracy(base_logits, eval_labels, 5),

@@ -1,26 +1,21 @@
 """SimCLR models: ResNet encoders, heads, and the factories that map a config to modules.
 
 build_model / build_encoder are the only places that read a config; the modules themselves
-take plain arguments.
+take plain arguments. The convolution class is injected (`conv`, default flax.linen.Conv): the
+model section of a config, and so a run's config.json, holds only the architecture.
 
 Config fields read (config.model):
   depth (18|34|50|101|152|200), width_multiplier (int >= 1), cifar_stem (bool),
   sk_ratio (float >= 0), dtype ('float32'|'bfloat16'), head_layers (int >= 1),
   head_dim (int, 128), head_hidden_dim (int; 0 or None = width of h), bn_momentum,
-  bn_epsilon, and optionally base_width (int, default 64; smaller only for tests) and
-  conv_impl ('auto'|'xla'|'matmul'|'native', default 'auto': 'xla' on GPU/TPU; on CPU, when
-  XLA runs convolutions with its own kernel (simclr_jax.xla_flags applied), 'native' (the
-  native kernels of simclr_jax.kernels where they are faster, XLA's convolution elsewhere)
-  where those kernels build, else 'xla'; without the flags 'matmul'; resolved by
-  convs.resolve_conv_impl when the encoder is built) and shortcut_fork
-  ('auto'|'on'|'off', default 'auto': on for the CPU backend; resnet.resolve_shortcut_fork).
+  bn_epsilon, and optionally base_width (int, default 64; smaller only for tests).
 """
 
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 
-from simclr_jax.models.convs import MatmulConv, resolve_conv_impl
 from simclr_jax.models.heads import (
     LinearHead,
     ProjectionHead,
@@ -31,10 +26,10 @@ from simclr_jax.models.resnet import (
     BASE_WIDTH,
     BLOCK_COUNTS,
     SUPPORTED_DEPTHS,
+    ModuleDef,
     ResNet,
     representation_dim,
     resnet,
-    resolve_shortcut_fork,
 )
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,7 +39,7 @@ __all__ = [
     "DTYPES",
     "SUPPORTED_DEPTHS",
     "LinearHead",
-    "MatmulConv",
+    "ModuleDef",
     "ProjectionHead",
     "ResNet",
     "SimCLRModel",
@@ -75,7 +70,7 @@ def get_dtype(name: str) -> Any:
 
 
 def build_encoder(
-    model_cfg: Any, bn_axis_name: str | None = None, *, per_device: bool = False
+    model_cfg: Any, bn_axis_name: str | None = None, *, conv: ModuleDef = nn.Conv
 ) -> ResNet:
     """Builds the ResNet encoder described by model_cfg.
 
@@ -83,16 +78,14 @@ def build_encoder(
       model_cfg: the config.model ConfigDict (fields in the module docstring).
       bn_axis_name: mapped axis name for global BatchNorm (e.g. the data axis under
         shard_map/pmap); None for per-device statistics.
-      per_device: the model runs on per-device shards inside shard_map/pmap (the train step).
-        False (jit over global arrays): conv_impl='auto' keeps the native CPU kernels for a
-        single device only (convs.resolve_conv_impl, global_arrays).
+      conv: the convolution class (flax.linen.Conv or a drop-in subclass with its
+        parameters, e.g. from simclr_jax.cpu.conv_class).
 
     Returns:
       A ResNet module returning h [n, C] float32.
 
     Raises:
-      ValueError: for invalid depth, width, sk_ratio, base_width, dtype, conv_impl or
-        shortcut_fork.
+      ValueError: for invalid depth, width, sk_ratio, base_width or dtype.
     """
     return resnet(
         model_cfg.depth,
@@ -104,15 +97,16 @@ def build_encoder(
         bn_momentum=model_cfg.bn_momentum,
         bn_epsilon=model_cfg.bn_epsilon,
         base_width=model_cfg.get("base_width", BASE_WIDTH),
-        conv_impl=resolve_conv_impl(
-            model_cfg.get("conv_impl", "auto"), global_arrays=not per_device
-        ),
-        fork_shortcut=resolve_shortcut_fork(model_cfg.get("shortcut_fork", "auto")),
+        conv=conv,
     )
 
 
 def build_model(
-    model_cfg: Any, *, num_classes: int, bn_axis_name: str | None = None, per_device: bool = False
+    model_cfg: Any,
+    *,
+    num_classes: int,
+    bn_axis_name: str | None = None,
+    conv: ModuleDef = nn.Conv,
 ) -> SimCLRModel:
     """Builds the SimCLR pretraining model (encoder + projection head + linear probe).
 
@@ -121,8 +115,7 @@ def build_model(
       num_classes: number of classes of the online linear probe.
       bn_axis_name: mapped axis name for global BatchNorm in encoder and head; None for
         per-device statistics.
-      per_device: the model runs inside shard_map/pmap on per-device shards (see
-        build_encoder).
+      conv: the convolution class of the encoder (see build_encoder).
 
     Returns:
       A SimCLRModel with submodules 'encoder', 'head' and 'probe'.
@@ -130,7 +123,7 @@ def build_model(
     Raises:
       ValueError: for invalid model fields or num_classes.
     """
-    encoder = build_encoder(model_cfg, bn_axis_name=bn_axis_name, per_device=per_device)
+    encoder = build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv)
     dtype = get_dtype(model_cfg.dtype)
     head = ProjectionHead(
         num_layers=model_cfg.head_layers,

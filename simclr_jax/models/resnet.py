@@ -20,19 +20,22 @@ Structure, following the SimCLR reference code (google-research/simclr, tf2/resn
   their 1x1 conv (ResNet-D). Basic blocks (18/34) keep plain 3x3 convs, as in the reference.
   The CIFAR stem takes precedence over the ResNet-D stem, as in the reference.
 
-Conv and norm layers are injected into blocks as functools.partial (Flax examples style).
+The conv layer is injected (`conv`, a flax.linen.Conv-like class, as in Flax's
+examples/imagenet) and passed to blocks as a functools.partial, like the norm layer; the model
+never knows which machine it runs on. A conv class may carry `fork_shortcut`, a function
+x -> (x, x) that identity blocks then use to split their input between the residual branch
+and the shortcut (simclr_jax.cpu's classes use it to shape XLA:CPU's backward pass).
 Every BatchNorm's name contains 'bn', so optimisers can find BN parameters by path.
 """
 
 import functools
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from simclr_jax.models import convs
 
 ModuleDef = Any
 
@@ -104,65 +107,6 @@ def representation_dim(depth: int, width_multiplier: int = 1, base_width: int = 
     kind, _ = BLOCK_COUNTS[depth]
     expansion = 1 if kind == "basic" else BOTTLENECK_EXPANSION
     return 8 * base_width * width_multiplier * expansion
-
-
-SHORTCUT_FORK_CHOICES: tuple[str, ...] = ("auto", "on", "off")
-
-
-@jax.custom_vjp
-def shortcut_fork(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Returns (x, x): a block input for the residual branch and for the identity shortcut.
-
-    The identity in the forward pass. Its backward pass adds the two cotangents like JAX's own
-    fan-out rule, but keeps XLA:CPU from fusing the convolution that produced the branch
-    cotangent (the input gradient of the block's first conv) into that add. XLA:CPU's library
-    rewriter (jaxlib 0.10) grows a YNNPACK elementwise fusion from the add up into a producer
-    whose only user it is, and then runs the convolution with YNNPACK's kernel, which is far
-    slower here than XLA's own (benchmarks/conv_layer.py). A second, tiny user of the branch
-    cotangent (a one-element-per-example slice, which YNNPACK fusions do not take) stops that.
-    The term it adds is exactly zero, NaN and inf included: float(v != v) * 0 = 0.
-    """
-    return x, x
-
-
-def _shortcut_fork_fwd(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
-    return (x, x), None
-
-
-def _shortcut_fork_bwd(_, cotangents: tuple[jax.Array, jax.Array]) -> tuple[jax.Array]:
-    branch, shortcut = cotangents
-    # One element per example ([n, 1, 1, 1]), so a batch-sharded cotangent needs no collective.
-    probe = branch[(slice(None),) + (slice(0, 1),) * (branch.ndim - 1)]
-    zero = (probe != probe).astype(branch.dtype) * jnp.zeros((), branch.dtype)
-    return (branch + shortcut + zero,)
-
-
-shortcut_fork.defvjp(_shortcut_fork_fwd, _shortcut_fork_bwd)
-
-
-def resolve_shortcut_fork(value: str, backend: str | None = None) -> bool:
-    """Resolves model.shortcut_fork ('auto' | 'on' | 'off') to whether blocks use shortcut_fork.
-
-    Args:
-      value: 'on', 'off', or 'auto' (on for the CPU backend, where it keeps XLA's convolution
-        kernel on the input gradients of identity blocks; off elsewhere, where it would only add
-        a scalar to an add XLA fuses anyway).
-      backend: jax backend name; None asks jax.default_backend(). Only consulted for 'auto'.
-
-    Returns:
-      True to route identity shortcuts through shortcut_fork.
-
-    Raises:
-      ValueError: for any other value.
-    """
-    if value not in SHORTCUT_FORK_CHOICES:
-        raise ValueError(
-            f"model.shortcut_fork must be one of {SHORTCUT_FORK_CHOICES}, got {value!r}."
-        )
-    if value != "auto":
-        return value == "on"
-    backend = jax.default_backend() if backend is None else backend
-    return backend == "cpu"
 
 
 def _fixed_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -252,7 +196,7 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     resnet_d: bool = False
     sk_ratio: float = 0.0  # Unused: the reference has no SK in basic blocks.
-    fork_shortcut: bool = False
+    fork: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -261,8 +205,8 @@ class BasicBlock(nn.Module):
             shortcut = _projection_shortcut(
                 x, self.features, self.strides, self.conv, self.norm, self.resnet_d
             )
-        elif self.fork_shortcut:
-            x, shortcut = shortcut_fork(x)
+        elif self.fork is not None:
+            x, shortcut = self.fork(x)
         y = _conv(self.conv, self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = _conv(self.conv, self.features, 3, 1, "conv2")(y)
@@ -279,7 +223,7 @@ class BottleneckBlock(nn.Module):
     norm: ModuleDef
     resnet_d: bool = False
     sk_ratio: float = 0.0
-    fork_shortcut: bool = False
+    fork: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -289,8 +233,8 @@ class BottleneckBlock(nn.Module):
             shortcut = _projection_shortcut(
                 x, out_features, self.strides, self.conv, self.norm, self.resnet_d
             )
-        elif self.fork_shortcut:
-            x, shortcut = shortcut_fork(x)
+        elif self.fork is not None:
+            x, shortcut = self.fork(x)
         y = _conv(self.conv, self.features, 1, 1, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         if self.sk_ratio > 0:
@@ -320,12 +264,9 @@ class ResNet(nn.Module):
       bn_epsilon: BN variance epsilon.
       base_width: width of the first stage before the multiplier. 64 for real ResNets; smaller
         values exist only to make tests fast.
-      conv_impl: 'xla' (flax.linen.Conv), 'matmul' (convs.MatmulConv, im2col + one GEMM;
-        faster on CPU when simclr_jax.xla_flags was not applied) or 'native'
-        (convs.NativeConv: the native CPU kernels where faster, XLA's elsewhere). All have
-        identical parameter trees.
-      fork_shortcut: route identity shortcuts through `shortcut_fork` (same values and
-        gradients; on CPU it keeps XLA's own kernel on those blocks' input-gradient convs).
+      conv: the convolution class (flax.linen.Conv or a drop-in subclass with the same
+        parameters). If it has a `fork_shortcut` attribute (x -> (x, x)), identity blocks
+        split their input with it.
     """
 
     depth: int
@@ -337,13 +278,11 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     base_width: int = BASE_WIDTH
-    conv_impl: str = "xla"
-    fork_shortcut: bool = False
+    conv: ModuleDef = nn.Conv
 
     def __post_init__(self) -> None:
         # Fail at construction rather than at the first trace.
         check_resnet_args(self.depth, self.width_multiplier, self.sk_ratio, self.base_width)
-        convs.get_conv_cls(self.conv_impl)  # validates conv_impl
         super().__post_init__()
 
     @property
@@ -364,7 +303,7 @@ class ResNet(nn.Module):
           h: float32 [n, C] pooled representation.
         """
         conv = functools.partial(
-            convs.get_conv_cls(self.conv_impl),
+            self.conv,
             use_bias=False,
             dtype=self.dtype,
             param_dtype=jnp.float32,
@@ -411,7 +350,7 @@ class ResNet(nn.Module):
                     norm=norm,
                     resnet_d=resnet_d,
                     sk_ratio=self.sk_ratio,
-                    fork_shortcut=self.fork_shortcut,
+                    fork=getattr(self.conv, "fork_shortcut", None),
                     name=f"block{stage + 1}_{index}",
                 )(x)
         # Pool in float32 so the bf16 path loses nothing in the final reduction.
@@ -429,8 +368,7 @@ def resnet(
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-5,
     base_width: int = BASE_WIDTH,
-    conv_impl: str = "xla",
-    fork_shortcut: bool = False,
+    conv: ModuleDef = nn.Conv,
 ) -> ResNet:
     """Builds a ResNet encoder module.
 
@@ -444,10 +382,8 @@ def resnet(
       bn_momentum: BN running-average momentum.
       bn_epsilon: BN epsilon.
       base_width: first-stage width before the multiplier (64; smaller only for tests).
-      conv_impl: 'xla' (nn.Conv), 'native' (native CPU kernels where faster) or
-        'matmul' (im2col + GEMM; faster on XLA:CPU without simclr_jax.xla_flags).
-      fork_shortcut: route identity shortcuts through `shortcut_fork` (identical values and
-        gradients; faster on XLA:CPU, see resolve_shortcut_fork).
+      conv: the convolution class (nn.Conv; simclr_jax.cpu.conv_class gives faster ones on
+        CPU, with identical parameters).
 
     Returns:
       A ResNet module; `apply(variables, images, train=...)` returns h [n, C] float32.
@@ -465,6 +401,5 @@ def resnet(
         bn_momentum=bn_momentum,
         bn_epsilon=bn_epsilon,
         base_width=base_width,
-        conv_impl=conv_impl,
-        fork_shortcut=fork_shortcut,
+        conv=conv,
     )

@@ -1,4 +1,4 @@
-"""simclr_jax.xla_flags and the CPU conv_impl='auto' choice that depends on it."""
+"""simclr_jax.cpu.xla_flags and the 'auto' CPU convolution that depends on it."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from simclr_jax import xla_flags
+from simclr_jax.cpu import xla_flags
 
 _YNN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,+eltwise,+individual_dot"
 _WIDTH = "--xla_cpu_prefer_vector_width=512"
@@ -72,9 +72,9 @@ def test_cpuinfo_detection(tmp_path):
 _PROBE = """
 import json, os
 import jax
-from simclr_jax.models import convs
-print(json.dumps({"native": convs.cpu_conv_is_native(),
-                  "auto": convs.resolve_conv_impl("auto"),
+from simclr_jax.cpu import conv_class
+print(json.dumps({"native": conv_class.cpu_conv_is_native(),
+                  "auto": conv_class.resolve_choice("auto"),
                   "flags": os.environ.get("XLA_FLAGS", "")}))
 """
 
@@ -82,7 +82,8 @@ print(json.dumps({"native": convs.cpu_conv_is_native(),
 def _probe(xla_flags_env: str, apply_flags: bool) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_env)
     env.pop("SIMCLR_XLA_CPU_FLAGS", None)
-    code = ("from simclr_jax import xla_flags; xla_flags.apply()\n" if apply_flags else "") + _PROBE
+    code = "from simclr_jax.cpu import xla_flags; xla_flags.apply()\n" if apply_flags else ""
+    code += _PROBE
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
@@ -96,7 +97,7 @@ def test_auto_follows_the_flags_the_backend_started_with():
     with_flags = _probe("", apply_flags=True)
     assert _YNN in with_flags["flags"]
     # With XLA's own convolution, 'auto' adds the native kernels where they build here.
-    from simclr_jax import kernels
+    from simclr_jax.cpu import kernels
 
     expected = "native" if kernels.available() else "xla"
     assert with_flags == {**with_flags, "native": True, "auto": expected}

@@ -9,8 +9,8 @@ and rename it into place, so they cannot corrupt each other.
 
 It needs Linux on x86-64 with AVX-512F, a C++17 compiler and jaxlib's FFI headers
 (jax.ffi.include_dir()). Where anything is missing, `available()` is False and
-`unavailable_reason()` says what; the models then keep XLA's own kernel gradient
-(models.convs.resolve_conv_impl).
+`unavailable_reason()` says what; the 'auto' CPU convolution then keeps XLA's own kernel
+gradient (simclr_jax.cpu.conv_class).
 """
 
 import ctypes

@@ -1,6 +1,6 @@
 """Native CPU kernels for XLA, compiled from source on first use (see `native`)."""
 
-from simclr_jax.kernels.native import (
+from simclr_jax.cpu.kernels.native import (
     KernelUnavailableError,
     available,
     conv_forward,

@@ -1,4 +1,5 @@
-"""resnet.shortcut_fork: same values and gradients as a plain fan-out, without the conv fusion."""
+"""simclr_jax.cpu.shortcut_fork: same values and gradients as a plain fan-out, without the conv
+fusion; offered to the ResNet by a conv class (simclr_jax.cpu.conv_class)."""
 
 import functools
 import importlib
@@ -10,13 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from simclr_jax.cpu import conv_class
+from simclr_jax.cpu.shortcut_fork import shortcut_fork
+
 # The module, not the `resnet` factory that simclr_jax.models re-exports under the same name.
 resnet = importlib.import_module("simclr_jax.models.resnet")
 
 
+def _conv(fork: bool):
+    """XLA's convolution, with or without `fork_shortcut`."""
+    return conv_class.conv_class("xla", shortcut_fork=fork)
+
+
 def test_fork_backward_is_the_sum_of_the_cotangents_nan_and_inf_included():
     x = jnp.zeros((3, 4, 5, 6))
-    _, vjp = jax.vjp(resnet.shortcut_fork, x)
+    _, vjp = jax.vjp(shortcut_fork, x)
     rng = np.random.default_rng(0)
     a = rng.normal(size=x.shape).astype(np.float32)
     b = rng.normal(size=x.shape).astype(np.float32)
@@ -29,14 +38,15 @@ def test_fork_backward_is_the_sum_of_the_cotangents_nan_and_inf_included():
     assert np.isfinite(np.asarray(got)).sum() == a.size - 3
 
 
-def test_resolve_shortcut_fork():
-    assert resnet.resolve_shortcut_fork("auto", backend="cpu") is True
-    assert resnet.resolve_shortcut_fork("auto", backend="gpu") is False
-    assert resnet.resolve_shortcut_fork("auto", backend="tpu") is False
-    assert resnet.resolve_shortcut_fork("on", backend="tpu") is True
-    assert resnet.resolve_shortcut_fork("off", backend="cpu") is False
-    with pytest.raises(ValueError, match="shortcut_fork"):
-        resnet.resolve_shortcut_fork(True)
+def test_conv_class_carries_the_fork_on_cpu_only():
+    assert _conv(True).fork_shortcut is shortcut_fork
+    assert getattr(_conv(False), "fork_shortcut", None) is None
+    assert _conv(False) is nn.Conv
+    assert conv_class.conv_class("xla", backend="cpu").fork_shortcut is shortcut_fork
+    assert conv_class.conv_class("auto", backend="gpu") is nn.Conv
+    assert conv_class.conv_class("auto", backend="tpu") is nn.Conv
+    assert conv_class.conv_class("xla", shortcut_fork=True, backend="tpu") is _conv(True)
+    assert conv_class.describe(_conv(True)) == "xla+fork"
 
 
 def _nonzero_gammas(params):
@@ -50,8 +60,8 @@ def _nonzero_gammas(params):
 @pytest.mark.slow
 def test_model_gradients_identical_with_and_without_fork():
     kwargs = dict(cifar_stem=True, base_width=8)
-    plain = resnet.resnet(18, fork_shortcut=False, **kwargs)
-    forked = resnet.resnet(18, fork_shortcut=True, **kwargs)
+    plain = resnet.resnet(18, conv=_conv(False), **kwargs)
+    forked = resnet.resnet(18, conv=_conv(True), **kwargs)
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
     variables = plain.init(jax.random.key(1), x, train=True)
     params = _nonzero_gammas(variables["params"])
@@ -80,7 +90,7 @@ def test_bottleneck_block_gradients_identical_with_and_without_fork():
             strides=1,
             conv=functools.partial(nn.Conv, use_bias=False),
             norm=functools.partial(nn.BatchNorm, use_running_average=False),
-            fork_shortcut=fork,
+            fork=shortcut_fork if fork else None,
         )
 
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16))
@@ -117,7 +127,7 @@ def _ynn_fusions_with_a_convolution(hlo: str) -> int:
 
 
 def test_fork_keeps_the_input_gradient_convs_out_of_ynnpack_fusions():
-    """On XLA:CPU (jaxlib 0.10 + simclr_jax.xla_flags, as conftest applies them), the input
+    """On XLA:CPU (jaxlib 0.10 + simclr_jax.cpu.xla_flags, as conftest applies them), the input
     gradient conv of an identity block fuses with the residual add into a YNNPACK fusion; the
     fork keeps every convolution of the train gradient a plain XLA convolution."""
     if jax.default_backend() != "cpu":
@@ -125,7 +135,7 @@ def test_fork_keeps_the_input_gradient_convs_out_of_ynnpack_fusions():
     x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
 
     def count(fork: bool) -> int:
-        model = resnet.resnet(18, cifar_stem=True, base_width=16, fork_shortcut=fork)
+        model = resnet.resnet(18, cifar_stem=True, base_width=16, conv=_conv(fork))
         variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
 
         def loss(params, batch_stats, x):

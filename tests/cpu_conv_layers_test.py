@@ -1,6 +1,4 @@
-"""Tests for simclr_jax.models.convs: MatmulConv must equal flax.linen.Conv to float32 noise."""
-
-import os
+"""Tests for simclr_jax.cpu.conv_layers: MatmulConv must equal flax.linen.Conv to float32 noise."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclr_jax.models import convs, resnet
+from simclr_jax.cpu import conv_layers as convs
+from simclr_jax.models import resnet
 
 
 def _fixed(k):
@@ -90,8 +89,8 @@ def test_other_padding_specs_match_nn_conv(padding):
 @pytest.mark.slow
 def test_tiny_resnet18_same_outputs_and_gradients():
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
-    ref = resnet(18, cifar_stem=True, base_width=8, conv_impl="xla")
-    mm = resnet(18, cifar_stem=True, base_width=8, conv_impl="matmul")
+    ref = resnet(18, cifar_stem=True, base_width=8, conv=nn.Conv)
+    mm = resnet(18, cifar_stem=True, base_width=8, conv=convs.MatmulConv)
     variables = ref.init(jax.random.key(1), x, train=False)
     mm_vars = mm.init(jax.random.key(1), x, train=False)
     # Checkpoints are interchangeable: identical trees and shapes, identical init.
@@ -140,24 +139,7 @@ def test_bfloat16_runs_and_is_close():
     assert np.all(np.isfinite(np.asarray(g["params"]["kernel"], np.float32)))
 
 
-def test_conv_impl_validation_and_auto():
-    with pytest.raises(ValueError, match="conv_impl"):
-        resnet(18, conv_impl="cudnn")
-    with pytest.raises(ValueError, match="conv_impl"):
-        convs.resolve_conv_impl("fast")
-    # conftest applies simclr_jax.xla_flags (unless SIMCLR_XLA_CPU_FLAGS=0 or another jaxlib),
-    # which keeps convolutions on XLA's own kernel; tests/xla_flags_test.py checks that a
-    # process with YNNPACK convolutions resolves 'auto' to 'matmul'.
-    native = convs.cpu_conv_is_native()
-    if "-individual_convolution" in os.environ.get("XLA_FLAGS", ""):
-        assert native
-    from simclr_jax import kernels
-
-    on_native = "native" if kernels.available() else "xla"
-    assert convs.resolve_conv_impl("auto", backend="cpu") == (on_native if native else "matmul")
-    assert convs.resolve_conv_impl("auto", backend="gpu") == "xla"
-    assert convs.resolve_conv_impl("auto", backend="tpu") == "xla"
-    assert convs.resolve_conv_impl("xla", backend="cpu") == "xla"
+def test_matmul_conv_rejects_unsupported_padding():
     with pytest.raises(ValueError, match="padding"):
         convs.MatmulConv(4, (3, 3), padding="CIRCULAR").init(
             jax.random.key(0), jnp.zeros((1, 4, 4, 2))

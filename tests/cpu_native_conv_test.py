@@ -1,13 +1,13 @@
-"""Tests for the native conv kernels (simclr_jax.kernels) and conv_impl='native'.
+"""Tests for the native conv kernels (simclr_jax.cpu.kernels) and NativeConv.
 
 The kernels are checked against float64 NumPy formulas of the convolution and of its kernel
-gradient and against XLA's own; the model, multi-device and fallback paths against
-conv_impl='xla'.
+gradient and against XLA's own; the model, multi-device and fallback paths against nn.Conv.
 """
 
 import os
 import stat
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +15,10 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import kernels
-from simclr_jax.kernels import native
-from simclr_jax.models import convs, resnet
+from simclr_jax.cpu import conv_class, kernels
+from simclr_jax.cpu import conv_layers as convs
+from simclr_jax.cpu.kernels import native
+from simclr_jax.models import resnet
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason=f"native kernel unavailable: {kernels.unavailable_reason()}"
@@ -198,10 +199,11 @@ def test_native_flops_counts_the_calls():
 @needs_kernel
 def test_resnet_native_matches_xla():
     """Whole ResNet-18 (widths 16-128, projection shortcuts, CIFAR stem): same parameter tree,
-    same outputs, gradients equal to float32 noise."""
+    same outputs, gradients equal to float32 noise. Per device (shard_map on one device), as
+    in the train step, so NativeConv takes the native kernels."""
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
-    ref = resnet(18, cifar_stem=True, base_width=16, conv_impl="xla")
-    ours = resnet(18, cifar_stem=True, base_width=16, conv_impl="native")
+    ref = resnet(18, cifar_stem=True, base_width=16, conv=nn.Conv)
+    ours = resnet(18, cifar_stem=True, base_width=16, conv=convs.NativeConv)
     variables = ref.init(jax.random.key(1), x, train=False)
     ours_vars = ours.init(jax.random.key(1), x, train=False)
     assert jax.tree.structure(variables) == jax.tree.structure(ours_vars)
@@ -220,9 +222,14 @@ def test_resnet_native_matches_xla():
             )
             return jnp.sum(jnp.sin(h))
 
-        return jax.jit(jax.value_and_grad(loss))(params)
+        mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+        return jax.shard_map(
+            jax.value_and_grad(loss), mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False
+        )
 
-    (v_ref, g_ref), (v, g) = grads(ref), grads(ours)
+    assert _native_calls(grads(ours), params) > 0
+    assert _native_calls(grads(ref), params) == 0
+    (v_ref, g_ref), (v, g) = jax.jit(grads(ref))(params), jax.jit(grads(ours))(params)
     np.testing.assert_allclose(v, v_ref, rtol=1e-5)
     scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(g_ref))
     for (path, a), b in zip(
@@ -270,12 +277,14 @@ def test_resolve_falls_back_with_a_reason(monkeypatch):
     monkeypatch.setattr(native, "_load", lambda: "no C++ compiler found (test)")
     assert not kernels.available()
     with pytest.raises(ValueError, match="no C.. compiler found"):
-        convs.resolve_conv_impl("native", backend="cpu")
+        conv_class.resolve_choice("native", backend="cpu")
     with pytest.raises(ValueError, match="CPU kernel"):
-        convs.resolve_conv_impl("native", backend="gpu")
-    if convs.cpu_conv_is_native():
+        conv_class.resolve_choice("native", backend="gpu")
+    if conv_class.cpu_conv_is_native():
         with pytest.warns(UserWarning, match="no C.. compiler found"):
-            assert convs.resolve_conv_impl("auto", backend="cpu") == "xla"
+            assert conv_class.resolve_choice("auto", backend="cpu") == "xla"
+        with pytest.warns(UserWarning, match="no C.. compiler found"):
+            assert conv_class.conv_class("auto", backend="cpu").__mro__[1] is nn.Conv
     with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
         kernels.conv_kernel_grad(
             jnp.ones((1, 4, 4, 2)), jnp.ones((1, 4, 4, 16)), (3, 3), (1, 1), (1, 1)
@@ -307,16 +316,38 @@ def test_kernels_build_where_they_can():
         assert kernels.unavailable_reason() is None
 
 
-def test_global_arrays_over_several_devices_keep_xla():
+def _native_calls(fn, *args) -> int:
+    """Native FFI calls in the compiled program of fn(*args)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return text.count(native.FORWARD_TARGET) + text.count(native.GRAD_TARGET)
+
+
+@needs_kernel
+def test_native_conv_is_xla_under_jit_over_several_devices():
     """Under plain jit over arrays sharded on several devices (evaluation, fine-tuning) the
-    FFI calls would gather the batch onto every device: 'auto' picks XLA's convolution."""
+    FFI calls would gather the batch onto every device, so NativeConv is XLA's convolution
+    there; per device (shard_map) it uses the native kernels."""
     assert jax.device_count() > 1  # conftest's 8 CPU devices
-    if convs.cpu_conv_is_native():
-        assert convs.resolve_conv_impl("auto", backend="cpu", global_arrays=True) == "xla"
-        on_device = "native" if kernels.available() else "xla"
-        assert convs.resolve_conv_impl("auto", backend="cpu") == on_device
-    if kernels.available():  # an explicit choice is kept
-        assert convs.resolve_conv_impl("native", backend="cpu", global_arrays=True) == "native"
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.device_put(jnp.ones((8, 8, 8, 16)), jax.sharding.NamedSharding(mesh, P("data")))
+    w = jnp.full((3, 3, 16, 16), 0.1)
+
+    layer = convs.NativeConv(16, (3, 3), use_bias=False)
+
+    def loss(w, x):
+        return jnp.sum(layer.apply({"params": {"kernel": w}}, x))
+
+    grad = jax.grad(loss)
+    assert _native_calls(grad, w, x) == 0
+    per_device = jax.shard_map(
+        lambda w, x: jax.lax.psum(grad(w, x), "data"),
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P(),
+        check_vma=False,
+    )
+    assert _native_calls(per_device, w, x) > 0
+    assert np.allclose(jax.jit(per_device)(w, x), jax.jit(grad)(w, x), rtol=1e-5)
 
 
 def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):

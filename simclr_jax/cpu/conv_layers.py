@@ -1,10 +1,9 @@
-"""ResNet conv layers: XLA's, or one matrix multiplication (shifted-slice im2col) for CPU.
+"""Convolution layers for XLA:CPU: one matrix multiplication (im2col), or native kernels.
 
 jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default, which runs them, above all the
 backward (input- and kernel-gradient) convolutions, far below the machine's matmul peak. With
-`simclr_jax.xla_flags` applied before jax starts (main.py does), XLA's own convolution is used
-instead and is the fastest choice, so conv_impl='auto' picks 'xla' (flax.linen.Conv). Without
-those flags 'auto' picks `MatmulConv`, which is faster than the YNNPACK path there
+`simclr_jax.cpu.xla_flags` applied before jax starts (main.py does), XLA's own convolution is
+used instead. Without those flags `MatmulConv` is faster than the YNNPACK path
 (benchmarks/conv_layer.py). `MatmulConv` rewrites a k x k convolution as: pad once, take the
 kh * kw strided slices of the padded input, concatenate them on the channel axis to patches
 [n, ho, wo, kh * kw * cin], and multiply by the kernel reshaped to [kh * kw * cin, cout].
@@ -16,15 +15,17 @@ jax.checkpoint: the backward pass recomputes the slices from the input instead o
 patches alive from forward to backward (keeps peak memory close to nn.Conv's).
 
 `NativeConv` ('native', the CPU default when the kernels build) computes convolutions with the
-native kernels of `simclr_jax.kernels` (XLA FFI calls) where they are faster than XLA's own,
-and with XLA's elsewhere. XLA:CPU computes the kernel gradient as an Eigen convolution with an
-image-sized window over the transposed input, at about half its forward rate in the first
-ResNet stage; the native kernel ran it at 1.2-2.5x XLA's rate at the four ResNet-18 stages
-(benchmarks/conv_layer.py --parts --impl=native; at 4 x 4 x 512 the two were within noise in
-other runs), so it always takes the kernel gradient. The native forward kernel
+native kernels of `simclr_jax.cpu.kernels` (XLA FFI calls) where they are faster than XLA's
+own, and with XLA's elsewhere. XLA:CPU computes the kernel gradient as an Eigen convolution
+with an image-sized window over the transposed input, at about half its forward rate in the
+first ResNet stage; the native kernel ran it at 1.2-2.5x XLA's rate at the four ResNet-18
+stages (benchmarks/conv_layer.py --parts --impl=native; at 4 x 4 x 512 the two were within
+noise in other runs), so it always takes the kernel gradient. The native forward kernel
 (also the input gradient of a stride-1 convolution) is faster for stride-1 convolutions up
 to 256 output channels and is used there (`native_forward_supported`). Convolutions it cannot
-take at all (not float32, output channels not a multiple of 16) stay on XLA.
+take at all (not float32, output channels not a multiple of 16) stay on XLA, and NativeConv
+uses XLA's convolution wherever it is traced under jit over arrays that may be spread across
+several devices (`runs_per_device`): the FFI calls have no partitioning rule.
 
 All modules are drop-in replacements for flax.linen.Conv as the ResNet uses it: same 'kernel'
 parameter [kh, kw, cin, cout] (and optional 'bias'), same default initialiser, same padding
@@ -33,7 +34,6 @@ parameter trees, and checkpoints, are interchangeable between the implementation
 """
 
 import functools
-import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -42,11 +42,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from simclr_jax import kernels
-
-CONV_IMPLS: tuple[str, ...] = ("xla", "matmul", "native")
-# 'auto' is resolved by the model factory at build time (resolve_conv_impl).
-CONV_IMPL_CHOICES: tuple[str, ...] = ("auto",) + CONV_IMPLS
+from simclr_jax.cpu import kernels
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
 
@@ -307,6 +303,17 @@ def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
 _conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
 
 
+def runs_per_device() -> bool:
+    """Whether the code being traced sees one device's data only.
+
+    True inside jax.shard_map / jax.pmap (the current abstract mesh has manual axes) and in a
+    process with a single device. False under jax.jit over arrays that may be spread across
+    several devices (evaluation, fine-tuning): the native kernels are FFI calls without a
+    partitioning rule, for which XLA would gather the whole batch onto every device.
+    """
+    return jax.device_count() == 1 or bool(jax.sharding.get_abstract_mesh().manual_axes)
+
+
 def native_supported(x_dtype, kernel_dtype, cout: int) -> bool:
     """Whether `native_conv` uses the native kernels at all (else it is XLA's convolution)."""
     return (
@@ -344,123 +351,23 @@ def native_conv(
     return _conv_native(x, kernel, strides, pads)
 
 
+def _xla_conv_padded(x, kernel, strides, padding):
+    strides = _pair(strides, "strides")
+    pads = resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
+    return _xla_conv(x, kernel, strides, pads)
+
+
 class NativeConv(nn.Conv):
     """flax.linen.Conv computed with the native CPU kernels where they are faster.
 
     Same fields and parameters as nn.Conv, same values up to float32 summation order (see
     `native_conv`); supports what the ResNet uses (no dilation, no feature groups, no mask).
+    Where the traced code sees several devices' data (`runs_per_device` is False: jit over
+    global arrays in a multi-device process), it is XLA's convolution.
     """
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """Applies the convolution to inputs [n, h, w, cin]; returns [n, ho, wo, features]."""
-        return _apply_plain_conv(self, inputs, native_conv)
-
-
-def get_conv_cls(conv_impl: str) -> type[nn.Module]:
-    """Maps a conv implementation name to its Flax module class.
-
-    Args:
-      conv_impl: 'xla' (flax.linen.Conv), 'matmul' (MatmulConv) or 'native' (NativeConv).
-
-    Returns:
-      The module class.
-
-    Raises:
-      ValueError: for any other name (including the unresolved 'auto').
-    """
-    if conv_impl == "xla":
-        return nn.Conv
-    if conv_impl == "matmul":
-        return MatmulConv
-    if conv_impl == "native":
-        return NativeConv
-    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
-
-
-@functools.cache
-def cpu_conv_is_native() -> bool:
-    """Whether XLA:CPU runs convolutions with its own kernel rather than through YNNPACK.
-
-    jaxlib 0.10 sends convolutions to YNNPACK unless XLA_FLAGS says otherwise
-    (`simclr_jax.xla_flags`); that path is several times slower than XLA's own kernel here. The
-    answer comes from compiling a tiny convolution and reading the optimised HLO, so it reflects
-    the flags the running backend actually started with. Cached per process.
-
-    Returns:
-      True if the compiled convolution is a plain XLA convolution (no YNNPACK fusion).
-    """
-    # Only compiled, never run. XLA keeps very small convolutions (e.g. 1x8x8x8) off YNNPACK
-    # either way, so the probe has a ResNet-like shape.
-    # A device of this process: after jax.distributed.initialize, jax.devices() lists all hosts'.
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    x = jax.ShapeDtypeStruct((8, 16, 16, 64), jnp.float32, sharding=cpu)
-    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32, sharding=cpu)
-
-    def conv(x, w):
-        return lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-
-    hlo = jax.jit(conv).lower(x, w).compile().as_text()
-    return "ynn_fusion" not in hlo and "convolution(" in hlo
-
-
-def resolve_conv_impl(
-    conv_impl: str, backend: str | None = None, *, global_arrays: bool = False
-) -> str:
-    """Resolves 'auto' to a concrete implementation for a backend, and checks 'native'.
-
-    Args:
-      conv_impl: 'auto', 'xla', 'matmul' or 'native'.
-      backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend().
-      global_arrays: the model will be applied under plain jit to arrays sharded over several
-        devices (evaluation, fine-tuning), not per device inside shard_map/pmap (the train
-        step). The native kernels' FFI calls have no partitioning rule, so XLA would gather
-        the whole batch onto every device for them: 'auto' then picks 'xla' when
-        jax.device_count() > 1.
-
-    Returns:
-      For 'auto': 'xla' on GPU/TPU. On CPU, when XLA runs convolutions with its own kernel
-      (`cpu_conv_is_native`, true once `simclr_jax.xla_flags.apply()` ran before jax started):
-      'native' if the native kernels build here (`simclr_jax.kernels.available`; else 'xla',
-      with a warning that says why) unless `global_arrays` over several devices; without the
-      flags, 'matmul'. Other names unchanged.
-
-    Raises:
-      ValueError: for an unknown name, or 'native' off the CPU backend or where the native
-        kernels cannot be built (the message says why).
-    """
-    if conv_impl not in CONV_IMPL_CHOICES:
-        raise ValueError(f"model.conv_impl must be one of {CONV_IMPL_CHOICES}, got {conv_impl!r}.")
-    backend = jax.default_backend() if backend is None else backend
-    if conv_impl == "native":
-        if backend != "cpu":
-            raise ValueError(
-                f"model.conv_impl='native' is a CPU kernel; the backend is {backend!r}. "
-                "Use 'auto' or 'xla'."
-            )
-        reason = kernels.unavailable_reason()
-        if reason is not None:
-            raise ValueError(
-                f"model.conv_impl='native': the native kernels are unavailable here ({reason}). "
-                "Use 'auto' or 'xla'."
-            )
-        return conv_impl
-    if conv_impl != "auto":
-        return conv_impl
-    if backend != "cpu":
-        return "xla"
-    if not cpu_conv_is_native():
-        return "matmul"
-    if global_arrays and jax.device_count() > 1:
-        return "xla"
-    reason = kernels.unavailable_reason()
-    if reason is None:
-        return "native"
-    warnings.warn(
-        f"model.conv_impl='auto': using XLA's convolution kernel gradient, which is slower on "
-        f"CPU, because the native kernels are unavailable ({reason}).",
-        stacklevel=2,
-    )
-    return "xla"
+        conv_fn = native_conv if runs_per_device() else _xla_conv_padded
+        return _apply_plain_conv(self, inputs, conv_fn)

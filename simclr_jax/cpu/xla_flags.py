@@ -22,9 +22,9 @@ nothing is added under a jaxlib other than 0.10.x (XLA aborts on unknown flags; 
 VALIDATED_JAXLIB_PREFIX). The flags only concern the CPU backend; on GPU/TPU hosts they touch
 nothing but host-side CPU computations.
 
-`models.convs.resolve_conv_impl('auto')` does not trust the environment: it compiles a small
-convolution and looks at what XLA did with it, so a process that started its backend without
-these flags falls back to the im2col convolution, which is the faster one there.
+`simclr_jax.cpu.conv_class.resolve_choice('auto')` does not trust the environment: it compiles
+a small convolution and looks at what XLA did with it, so a process that started its backend
+without these flags falls back to the im2col convolution, which is the faster one there.
 """
 
 import importlib.metadata

@@ -1,0 +1,13 @@
+"""CPU speed machinery, behind one boundary: nothing in the library imports this package.
+
+main.py, the benchmarks and the test setup use it; with it deleted, every run works on XLA's
+own convolutions (flax.linen.Conv) and gives checkpoints that load anywhere.
+
+  xla_flags     XLA:CPU compiler flags, applied before jax starts its backend (imports no jax).
+  kernels/      native C++ convolution kernels (XLA FFI), compiled with g++ on first use.
+  conv_layers   MatmulConv (im2col + GEMM) and NativeConv (the native kernels where faster).
+  shortcut_fork the identity fan-out that keeps XLA's own kernel on residual blocks' convs.
+  conv_class    the one choice handed to the models: conv_class('auto') -> a conv class.
+
+This file imports nothing, so `from simclr_jax.cpu import xla_flags` does not start jax.
+"""
