@@ -14,7 +14,8 @@ LR_SCALINGS = ("linear", "sqrt")
 PARALLELISM_MODES = ("shard_map", "pmap")
 MICRO_BATCH_BN_MODES = ("micro", "frozen")
 # Twins of models.convs.CONV_IMPL_CHOICES and models.resnet.SHORTCUT_FORK_CHOICES (this module
-# stays free of jax for the ablation launcher; tests/train_test.py keeps the pairs equal).
+# stays free of jax for the ablation tool, simclr_jax.sweep; tests/train_test.py keeps the
+# pairs equal).
 CONV_IMPL_CHOICES = ("auto", "xla", "matmul", "native")
 SHORTCUT_FORK_CHOICES = ("auto", "on", "off")
 

@@ -17,7 +17,6 @@ import pytest
 from clu import metric_writers
 
 from simclr_jax import (
-    ablation_report,
     checkpoint,
     export,
     files,
@@ -27,6 +26,7 @@ from simclr_jax import (
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports
 from simclr_jax.metrics import MetricLogger
+from simclr_jax.sweep import results as sweep_results
 
 
 @pytest.fixture(params=["local", "ram"])
@@ -244,19 +244,19 @@ def test_export_to_and_from_ram(monkeypatch):
         assert int(data[export.STEP_KEY]) == 3
 
 
-def test_ablation_cell_files_on_ram(ram_tensorboard):
+def test_sweep_cell_files_on_ram(ram_tensorboard):
     sweep = _ram_dir()
     cell = "b32_e1_sqrt_t0.2"
-    assert ablation_report.cell_status(sweep, cell) == "pending"
+    assert sweep_results.cell_status(sweep, cell) == "pending"
     files.makedirs(files.join(sweep, cell, "pretrain"))
-    assert ablation_report.cell_status(sweep, cell) == "started"
+    assert sweep_results.cell_status(sweep, cell) == "started"
     # What a TPU cell's train.py and linear eval write into the bucket.
     train._write_json(files.join(sweep, cell, "pretrain", "results.json"), {"knn_top1": 0.3})
-    assert ablation_report.cell_status(sweep, cell) == "pretrained"
+    assert sweep_results.cell_status(sweep, cell) == "pretrained"
     linear = files.join(sweep, cell, "linear_eval")
     reports.write_results(linear, {"top1": 0.4, "top5": 0.9}, step=1)
-    assert ablation_report.cell_status(sweep, cell) == "done"
-    ablation_report.write_json(files.join(sweep, cell, "cell.json"), {"name": cell})
-    assert ablation_report.read_json(files.join(sweep, cell, "cell.json")) == {"name": cell}
-    assert ablation_report.old_cells(sweep, []) == [cell]
-    assert ablation_report.old_cells(sweep, [cell]) == []
+    assert sweep_results.cell_status(sweep, cell) == "done"
+    sweep_results.write_json(files.join(sweep, cell, "cell.json"), {"name": cell})
+    assert sweep_results.read_json(files.join(sweep, cell, "cell.json")) == {"name": cell}
+    assert sweep_results.old_cells(sweep, []) == [cell]
+    assert sweep_results.old_cells(sweep, [cell]) == []
