@@ -20,7 +20,6 @@ from simclr_jax import (
     checkpoint,
     export,
     files,
-    metrics,
     train,
 )
 from simclr_jax.eval import pretrained as pretrained_lib
@@ -47,7 +46,7 @@ def ram_tensorboard(monkeypatch):
     ram://; the TensorBoard writer itself (tf.summary) handles both. So for
     ram:// the same writers are built without that step.
     """
-    original = metrics.metric_writers.create_default_writer
+    original = metric_writers.create_default_writer
 
     def create(logdir, *, just_logging=False, asynchronous=True):
         if just_logging or not files.is_remote(logdir):
@@ -55,7 +54,7 @@ def ram_tensorboard(monkeypatch):
         writers = [metric_writers.LoggingWriter(), metric_writers.SummaryWriter(logdir)]
         return metric_writers.MultiWriter(writers)
 
-    monkeypatch.setattr(metrics.metric_writers, "create_default_writer", create)
+    monkeypatch.setattr(metric_writers, "create_default_writer", create)
 
 
 def _ram_dir() -> str:
