@@ -355,6 +355,22 @@ def test_cli_prints_commands_and_writes_the_report(tmp_path):
     assert missing.returncode != 0 and "does not exist" in missing.stderr
 
 
+def test_the_sweep_process_imports_neither_jax_nor_tensorflow():
+    # The parent process only keeps the books; each stage's main.py child pays for
+    # jax and TensorFlow, and their memory goes back to the system when it ends.
+    code = (
+        "import sys\n"
+        "from simclr_jax.sweep import __main__, runner, report\n"
+        "assert runner.metrics.format_duration(3725) == '1h02m'\n"
+        "print(sorted(m for m in ('jax', 'tensorflow', 'clu') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 # ------------------------------------------------------------------ report
 
 

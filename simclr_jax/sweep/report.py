@@ -23,7 +23,7 @@ import os
 
 import ml_collections as mlc
 
-from simclr_jax import files
+from simclr_jax import files, metrics
 from simclr_jax.sweep import grid, results
 from simclr_jax.sweep import reference as reference_lib
 
@@ -136,12 +136,6 @@ def _reference_section(reference: str) -> list[str]:
     return []
 
 
-def _minutes(seconds) -> str:
-    if seconds is None:
-        return ""
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 def _details_table(rows) -> list[str]:
     lines = [
         "| cell | status | linear top-1 | kNN top-1 | probe top-1 | pretrain img/s "
@@ -153,11 +147,14 @@ def _details_table(rows) -> list[str]:
         def pct(key, r=r):
             return "" if r.get(key) is None else f"{100.0 * r[key]:.1f}"
 
+        def took(key, r=r):
+            return "" if r.get(key) is None else metrics.format_duration(r[key])
+
         ips = r.get("images_per_sec")
         lines.append(
             f"| {r['name']} | {r['status']} | {pct('linear_top1')} | {pct('knn_top1')} "
             f"| {pct('probe_top1')} | {'' if ips is None else f'{ips:.1f}'} "
-            f"| {_minutes(r.get('pretrain_seconds'))} | {_minutes(r.get('linear_eval_seconds'))} |"
+            f"| {took('pretrain_seconds')} | {took('linear_eval_seconds')} |"
         )
     return lines
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import ml_collections as mlc
 
-from simclr_jax import files
+from simclr_jax import files, metrics
 from simclr_jax.sweep import commands, grid, report, results
 
 
@@ -91,12 +91,6 @@ class SubprocessStageRunner:
             proc.send_signal(signal.SIGTERM)
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return (f"{h}h" if h else "") + f"{rest // 60}m{rest % 60:02d}s"
-
-
 def _log_tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -131,13 +125,13 @@ def _run_stage(runner: Callable[[Stage], int], stage: Stage, head: str, start: f
     key = f"{stage.kind}_seconds"
     timing[key] = timing.get(key, 0.0) + seconds
     results.write_json(timing_path, timing)
-    took = _duration(seconds)
+    took = metrics.format_duration(seconds)
     if rc == 0 and os.path.exists(results_path):
         if os.path.exists(failed):
             os.remove(failed)
         top1 = results.read_json(results_path).get("top1") if stage.kind == "linear_eval" else None
         extra = "" if top1 is None else f": linear top-1 {100 * top1:.1f}%"
-        sweep = _duration(time.time() - start)
+        sweep = metrics.format_duration(time.time() - start)
         print(f"{head}: {what} done in {took}{extra} (sweep {sweep})", flush=True)
         return True
     if rc == 0:  # stopped early (SIGTERM, train.stop_at_step): resumable, not a failure
@@ -237,6 +231,6 @@ def run_sweep(
         f"sweep: {done}/{len(cells)} cells finished, {len(failed)} failed"
         + (f" ({', '.join(failed)})" if failed else "")
         + f", {len(cells) - done - len(failed)} unfinished; "
-        + f"this run took {_duration(time.time() - start)}"
+        + f"this run took {metrics.format_duration(time.time() - start)}"
     )
     return 0 if done == len(cells) else 1
