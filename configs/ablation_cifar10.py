@@ -1,12 +1,12 @@
 r"""Batch-size x epochs x LR-scaling ablation on CIFAR-10 (SimCLR paper, appendix B.9).
 
-  python -m simclr_jax.ablation --config=configs/ablation_cifar10.py \
+  python -m simclr_jax.sweep --config=configs/ablation_cifar10.py \
       --workdir=workdirs/ablation_cifar10
   # on a cluster: one pretraining and one linear-eval job per unfinished cell
-  python -m simclr_jax.ablation --config=configs/ablation_cifar10.py \
+  python -m simclr_jax.sweep --config=configs/ablation_cifar10.py \
       --workdir=/shared/ablation_cifar10 --print_commands=slurm
   # tables and plot from whatever has finished
-  python -m simclr_jax.ablation --config=configs/ablation_cifar10.py \
+  python -m simclr_jax.sweep --config=configs/ablation_cifar10.py \
       --workdir=workdirs/ablation_cifar10 --report_only
 
 Grid: batch 256, 512, 1024, 2048, 4096 (appendix B.9's batch sizes) x 100,

@@ -1,8 +1,8 @@
 r"""The paper's batch-size x epochs x LR-scaling ablation on ImageNet (SimCLR Table B.1).
 
-  python -m simclr_jax.ablation --config=configs/ablation_imagenet.py \
+  python -m simclr_jax.sweep --config=configs/ablation_imagenet.py \
       --workdir=gs://bucket/simclr/ablation --print_commands=tpu
-  python -m simclr_jax.ablation --config=configs/ablation_imagenet.py \
+  python -m simclr_jax.sweep --config=configs/ablation_imagenet.py \
       --workdir=gs://bucket/simclr/ablation --report_only
 
 Grid (Table B.1): batch 256, 512, 1024, 2048, 4096, 8192 x 100, 200, 400, 800

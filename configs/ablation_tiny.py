@@ -1,6 +1,6 @@
 r"""A tiny batch-size ablation on the embedded CIFAR-10 sample: a smoke test of the tool.
 
-  python -m simclr_jax.ablation --config=configs/ablation_tiny.py --workdir=/tmp/ablation_tiny
+  python -m simclr_jax.sweep --config=configs/ablation_tiny.py --workdir=/tmp/ablation_tiny
 
 Base recipe: configs/quickstart.py (4,000 embedded training images, ResNet-18
 CIFAR stem at base width 8, 2-layer head to 64-d, square-root LR scaling with

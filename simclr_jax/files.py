@@ -9,7 +9,8 @@ themselves.)
 Local paths use os and open() directly: no TensorFlow import, and behaviour is
 exactly that of plain files. Paths with a scheme ('gs://', 'ram://', ...) go
 through tf.io.gfile, imported on first use, so processes that only touch local
-files (the ablation's parent process) never pay for importing TensorFlow.
+files (the ablation tool's parent process, simclr_jax.sweep) never pay for
+importing TensorFlow.
 
 Atomic writes: write_text/write_bytes never leave a half-written file at the
 destination. Locally they write a temporary file beside it and os.replace() it.

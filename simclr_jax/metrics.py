@@ -3,6 +3,10 @@
 Only process 0 writes files; every process may print. Scalars are namespaced
 ('train/loss', 'eval/knn_top1', ...). The workdir may be local or gs://
 (metrics.jsonl is written through simclr_jax.files).
+
+jax and clu (which imports TensorFlow) are imported by MetricLogger, not at
+module import: format_duration also serves the ablation tool's parent process
+(simclr_jax.sweep), which stays free of both.
 """
 
 import json
@@ -11,9 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 
-import jax
 import numpy as np
-from clu import metric_writers
 
 from simclr_jax import files
 
@@ -34,6 +36,9 @@ class MetricLogger:
     """
 
     def __init__(self, workdir: str, total_steps: int, *, is_main: bool | None = None):
+        import jax
+        from clu import metric_writers
+
         self.is_main = jax.process_index() == 0 if is_main is None else is_main
         self.total_steps = total_steps
         self._writer = metric_writers.create_default_writer(

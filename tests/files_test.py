@@ -17,16 +17,15 @@ import pytest
 from clu import metric_writers
 
 from simclr_jax import (
-    ablation_report,
     checkpoint,
     export,
     files,
-    metrics,
     train,
 )
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports
 from simclr_jax.metrics import MetricLogger
+from simclr_jax.sweep import results as sweep_results
 
 
 @pytest.fixture(params=["local", "ram"])
@@ -47,7 +46,7 @@ def ram_tensorboard(monkeypatch):
     ram://; the TensorBoard writer itself (tf.summary) handles both. So for
     ram:// the same writers are built without that step.
     """
-    original = metrics.metric_writers.create_default_writer
+    original = metric_writers.create_default_writer
 
     def create(logdir, *, just_logging=False, asynchronous=True):
         if just_logging or not files.is_remote(logdir):
@@ -55,7 +54,7 @@ def ram_tensorboard(monkeypatch):
         writers = [metric_writers.LoggingWriter(), metric_writers.SummaryWriter(logdir)]
         return metric_writers.MultiWriter(writers)
 
-    monkeypatch.setattr(metrics.metric_writers, "create_default_writer", create)
+    monkeypatch.setattr(metric_writers, "create_default_writer", create)
 
 
 def _ram_dir() -> str:
@@ -244,19 +243,19 @@ def test_export_to_and_from_ram(monkeypatch):
         assert int(data[export.STEP_KEY]) == 3
 
 
-def test_ablation_cell_files_on_ram(ram_tensorboard):
+def test_sweep_cell_files_on_ram(ram_tensorboard):
     sweep = _ram_dir()
     cell = "b32_e1_sqrt_t0.2"
-    assert ablation_report.cell_status(sweep, cell) == "pending"
+    assert sweep_results.cell_status(sweep, cell) == "pending"
     files.makedirs(files.join(sweep, cell, "pretrain"))
-    assert ablation_report.cell_status(sweep, cell) == "started"
+    assert sweep_results.cell_status(sweep, cell) == "started"
     # What a TPU cell's train.py and linear eval write into the bucket.
     train._write_json(files.join(sweep, cell, "pretrain", "results.json"), {"knn_top1": 0.3})
-    assert ablation_report.cell_status(sweep, cell) == "pretrained"
+    assert sweep_results.cell_status(sweep, cell) == "pretrained"
     linear = files.join(sweep, cell, "linear_eval")
     reports.write_results(linear, {"top1": 0.4, "top5": 0.9}, step=1)
-    assert ablation_report.cell_status(sweep, cell) == "done"
-    ablation_report.write_json(files.join(sweep, cell, "cell.json"), {"name": cell})
-    assert ablation_report.read_json(files.join(sweep, cell, "cell.json")) == {"name": cell}
-    assert ablation_report.old_cells(sweep, []) == [cell]
-    assert ablation_report.old_cells(sweep, [cell]) == []
+    assert sweep_results.cell_status(sweep, cell) == "done"
+    sweep_results.write_json(files.join(sweep, cell, "cell.json"), {"name": cell})
+    assert sweep_results.read_json(files.join(sweep, cell, "cell.json")) == {"name": cell}
+    assert sweep_results.old_cells(sweep, []) == [cell]
+    assert sweep_results.old_cells(sweep, [cell]) == []

@@ -1,4 +1,4 @@
-"""The batch-size ablation: config validation, cell configs and commands, resume, report.
+"""simclr_jax.sweep, the ablation tool: config validation, cells, commands, resume, report.
 
 Runner-logic tests use a fake stage runner that writes results.json files; one
 slow test runs a real tiny cell (two main.py child processes) end to end.
@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from configs import ablation_cifar10, ablation_imagenet, ablation_tiny
-from simclr_jax import ablation, ablation_report
+from simclr_jax.sweep import commands, grid, launch, report, results, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,11 +84,11 @@ class FakeRunner:
         if key in self.fail:
             return 1
         if stage.kind == "pretrain":
-            results = {"step": 10, "knn_top1": 0.2, "probe_top1": 0.15, "images_per_sec": 99.0}
+            payload = {"step": 10, "knn_top1": 0.2, "probe_top1": 0.15, "images_per_sec": 99.0}
         else:
-            results = {"top1": fake_top1(stage.cell), "top5": 0.9}
+            payload = {"top1": fake_top1(stage.cell), "top5": 0.9}
         with open(os.path.join(stage.workdir, "results.json"), "w") as f:
-            json.dump(results, f)
+            json.dump(payload, f)
         return 0
 
 
@@ -117,12 +117,12 @@ def test_bad_ablation_configs_raise_naming_the_field(edit, field):
     config.grid.batch_sizes = (64, 128)
     edit(config)
     with pytest.raises(ValueError, match=f"config.{field}="):
-        ablation.validate_ablation_config(config)
+        grid.validate_ablation_config(config)
 
 
 def test_shipped_ablation_configs_validate():
     for module in (ablation_cifar10, ablation_imagenet, ablation_tiny):
-        ablation.validate_ablation_config(module.get_config())
+        grid.validate_ablation_config(module.get_config())
     assert len(ablation_imagenet.get_config().grid.batch_sizes) == 6
 
 
@@ -131,13 +131,13 @@ def test_shipped_ablation_configs_validate():
 
 def test_cells_set_the_grid_and_commands_rebuild_each_cell(tmp_path):
     config = ablation_imagenet.get_config()
-    cells = ablation.build_cells(config, str(tmp_path))
+    cells = grid.build_cells(config, str(tmp_path))
     assert len(cells) == 6 * 4 * 2 * 1
     assert len({c.name for c in cells}) == len(cells)
     by_name = {c.name: c for c in cells}
     for name in ("b256_e100_linear_t0.1", "b8192_e800_sqrt_t0.1", "b4096_e400_sqrt_t0.1"):
         cell = by_name[name]
-        args = ablation.stage_args(config, cell, str(tmp_path))
+        args = commands.stage_args(config, cell, str(tmp_path))
         pre = parse_main_args(args["pretrain"])
         assert pre.train.batch_size == cell.batch_size
         assert pre.train.epochs == cell.epochs
@@ -164,7 +164,7 @@ def test_micro_batches_only_for_batches_above_the_threshold(tmp_path):
     if "micro_batch_size" not in config.pretrain.train:  # a tree from before micro-batching
         with config.pretrain.train.unlocked():
             config.pretrain.train.micro_batch_size = 0
-    cells = ablation.build_cells(config, str(tmp_path))
+    cells = grid.build_cells(config, str(tmp_path))
     assert {c.batch_size: c.pretrain.train.micro_batch_size for c in cells} == {
         64: 0,
         128: 0,
@@ -177,7 +177,7 @@ def test_micro_batches_only_for_batches_above_the_threshold(tmp_path):
     with config.pretrain.train.unlocked():
         if "micro_batch_size" in config.pretrain.train:
             del config.pretrain.train["micro_batch_size"]
-    cells = ablation.build_cells(config, str(tmp_path))
+    cells = grid.build_cells(config, str(tmp_path))
     assert [c.micro_batch_size for c in cells] == [0, 0]
     assert "micro_batch_size" not in cells[1].pretrain.train
 
@@ -186,17 +186,17 @@ def test_a_field_main_py_cannot_set_is_an_error(tmp_path):
     config = tiny()
     with config.pretrain.data.unlocked():
         config.pretrain.data.not_a_field = 1  # absent from the base config file
-    cell = ablation.build_cells(config, str(tmp_path))[0]
+    cell = grid.build_cells(config, str(tmp_path))[0]
     with pytest.raises(ValueError, match="data.not_a_field"):
-        ablation.stage_args(config, cell, str(tmp_path))
+        commands.stage_args(config, cell, str(tmp_path))
 
 
 def test_data_dir_reaches_both_stages(tmp_path):
     # None in the base file, but typed (a FieldReference), so main.py can set it.
     config = tiny()
     config.pretrain.data.data_dir = "/somewhere"
-    cell = ablation.build_cells(config, str(tmp_path))[0]
-    args = ablation.stage_args(config, cell, str(tmp_path))
+    cell = grid.build_cells(config, str(tmp_path))[0]
+    args = commands.stage_args(config, cell, str(tmp_path))
     for stage in ("pretrain", "linear_eval"):
         assert "--config.data.data_dir=/somewhere" in args[stage]
 
@@ -204,13 +204,13 @@ def test_data_dir_reaches_both_stages(tmp_path):
 def test_print_commands_cover_unfinished_cells_only(tmp_path, capsys):
     config = tiny()
     workdir = str(tmp_path)
-    cells = ablation.build_cells(config, workdir)
+    cells = grid.build_cells(config, workdir)
     # Cell 0 finished; cell 1 only pretrained; cells 2 and 3 untouched.
     for cell, stages in ((cells[0], ("pretrain", "linear_eval")), (cells[1], ("pretrain",))):
         for kind in stages:
             os.makedirs(tmp_path / cell.name / kind)
             (tmp_path / cell.name / kind / "results.json").write_text('{"top1": 0.5}')
-    out = ablation.launch_commands(config, workdir, "slurm")
+    out = launch.launch_commands(config, workdir, "slurm")
     commands = [line for line in out.splitlines() if not line.startswith("#")]
     assert not [c for c in commands if cells[0].name in c]
     assert [c for c in commands if cells[1].name in c] == [
@@ -223,7 +223,7 @@ def test_print_commands_cover_unfinished_cells_only(tmp_path, capsys):
         words = shlex.split(mine[0].removeprefix("jid=$(").removesuffix(")"))
         parsed = parse_main_args(words[words.index("launch/slurm.sbatch") + 1 :])
         assert parsed.train.batch_size == cell.batch_size and parsed.train.epochs == cell.epochs
-    tpu = ablation.launch_commands(config, workdir, "tpu", launcher_args="--name=x --zone=z")
+    tpu = launch.launch_commands(config, workdir, "tpu", launcher_args="--name=x --zone=z")
     tpu_cmds = [line for line in tpu.splitlines() if line.startswith("launch/tpu.sh")]
     assert len(tpu_cmds) == 1 + 2 * 2
     words = shlex.split(tpu_cmds[-2])
@@ -239,11 +239,11 @@ def test_print_commands_cover_unfinished_cells_only(tmp_path, capsys):
 def test_killed_sweep_reruns_only_the_missing_stages(tmp_path, capsys):
     config = tiny()
     workdir = str(tmp_path)
-    names = [c.name for c in ablation.build_cells(config, workdir)]
+    names = [c.name for c in grid.build_cells(config, workdir)]
     assert names == ["b32_e1_sqrt_t0.2", "b32_e2_sqrt_t0.2", "b64_e1_sqrt_t0.2", "b64_e2_sqrt_t0.2"]
     first = FakeRunner(interrupt=(names[2], "linear_eval"))
     with pytest.raises(KeyboardInterrupt):
-        ablation.run_sweep(config, workdir, stage_runner=first)
+        runner.run_sweep(config, workdir, stage_runner=first)
     assert first.calls == [
         (names[0], "pretrain"),
         (names[0], "linear_eval"),
@@ -252,14 +252,14 @@ def test_killed_sweep_reruns_only_the_missing_stages(tmp_path, capsys):
         (names[2], "pretrain"),
         (names[2], "linear_eval"),
     ]
-    assert [ablation_report.cell_status(workdir, n) for n in names] == [
+    assert [results.cell_status(workdir, n) for n in names] == [
         "done",
         "done",
         "pretrained",
         "pending",
     ]
     second = FakeRunner()
-    assert ablation.run_sweep(config, workdir, stage_runner=second) == 0
+    assert runner.run_sweep(config, workdir, stage_runner=second) == 0
     assert second.calls == [
         (names[2], "linear_eval"),
         (names[3], "pretrain"),
@@ -269,20 +269,20 @@ def test_killed_sweep_reruns_only_the_missing_stages(tmp_path, capsys):
     assert f"cell 1/4 {names[0]}: finished earlier" in out
     assert f"cell 4/4 {names[3]}: pretraining ..." in out
     third = FakeRunner()
-    assert ablation.run_sweep(config, workdir, stage_runner=third) == 0
+    assert runner.run_sweep(config, workdir, stage_runner=third) == 0
     assert third.calls == []
 
 
 def test_a_failed_cell_does_not_stop_the_sweep_and_is_retried(tmp_path):
     config = tiny()
     workdir = str(tmp_path)
-    names = [c.name for c in ablation.build_cells(config, workdir)]
-    runner = FakeRunner(fail=[(names[0], "pretrain")], crash=[(names[2], "linear_eval")])
-    assert ablation.run_sweep(config, workdir, stage_runner=runner) == 1
+    names = [c.name for c in grid.build_cells(config, workdir)]
+    fake = FakeRunner(fail=[(names[0], "pretrain")], crash=[(names[2], "linear_eval")])
+    assert runner.run_sweep(config, workdir, stage_runner=fake) == 1
     # The failed pretraining skips its linear eval; every other cell still ran.
-    assert (names[0], "linear_eval") not in runner.calls
-    assert (names[3], "linear_eval") in runner.calls
-    rows = ablation.write_summary_and_report(config, workdir)
+    assert (names[0], "linear_eval") not in fake.calls
+    assert (names[3], "linear_eval") in fake.calls
+    rows = report.write_summary_and_report(config, workdir)
     statuses = {r["name"]: r["status"] for r in rows}
     assert statuses == {names[0]: "failed", names[1]: "done", names[2]: "failed", names[3]: "done"}
     with open(tmp_path / names[0] / "failed.json") as f:
@@ -290,7 +290,7 @@ def test_a_failed_cell_does_not_stop_the_sweep_and_is_retried(tmp_path):
     md = (tmp_path / "report" / "ablation.md").read_text()
     assert "failed" in md
     retry = FakeRunner()
-    assert ablation.run_sweep(config, workdir, stage_runner=retry) == 0
+    assert runner.run_sweep(config, workdir, stage_runner=retry) == 0
     assert retry.calls == [
         (names[0], "pretrain"),
         (names[0], "linear_eval"),
@@ -301,22 +301,22 @@ def test_a_failed_cell_does_not_stop_the_sweep_and_is_retried(tmp_path):
 
 def test_grid_changes_run_new_cells_note_old_ones_and_refuse_a_changed_recipe(tmp_path):
     workdir = str(tmp_path)
-    ablation.run_sweep(tiny(batch_sizes=(32,), epochs=(1.0,)), workdir, stage_runner=FakeRunner())
+    runner.run_sweep(tiny(batch_sizes=(32,), epochs=(1.0,)), workdir, stage_runner=FakeRunner())
     grown = FakeRunner()
-    ablation.run_sweep(tiny(batch_sizes=(32, 64), epochs=(1.0,)), workdir, stage_runner=grown)
+    runner.run_sweep(tiny(batch_sizes=(32, 64), epochs=(1.0,)), workdir, stage_runner=grown)
     assert grown.calls == [("b64_e1_sqrt_t0.2", "pretrain"), ("b64_e1_sqrt_t0.2", "linear_eval")]
     shrunk = tiny(batch_sizes=(64,), epochs=(1.0,))
-    rows = ablation.write_summary_and_report(shrunk, workdir)
+    rows = report.write_summary_and_report(shrunk, workdir)
     assert [r["name"] for r in rows] == ["b64_e1_sqrt_t0.2"]
     md = (tmp_path / "report" / "ablation.md").read_text()
     assert "earlier grid" in md and "b32_e1_sqrt_t0.2" in md
     changed = tiny(batch_sizes=(64,), epochs=(1.0,))
     changed.base_lr.sqrt = 0.3
     with pytest.raises(ValueError, match="b64_e1_sqrt_t0.2.*optim.base_lr"):
-        ablation.run_sweep(changed, workdir, stage_runner=FakeRunner())
+        runner.run_sweep(changed, workdir, stage_runner=FakeRunner())
     moved = tiny(batch_sizes=(64,), epochs=(1.0,))
     moved.pretrain.train.log_every_steps = 3  # logging cadence may change on a rerun
-    assert ablation.run_sweep(moved, workdir, stage_runner=FakeRunner()) == 0
+    assert runner.run_sweep(moved, workdir, stage_runner=FakeRunner()) == 0
 
 
 def test_cli_prints_commands_and_writes_the_report(tmp_path):
@@ -325,7 +325,7 @@ def test_cli_prints_commands_and_writes_the_report(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "simclr_jax.ablation",
+                "simclr_jax.sweep",
                 "--config=configs/ablation_tiny.py",
                 f"--workdir={tmp_path}",
                 "--config.grid.batch_sizes=(32, 64)",
@@ -343,7 +343,7 @@ def test_cli_prints_commands_and_writes_the_report(tmp_path):
     assert "--config.train.epochs=3.0" in printed.stdout
     assert "--report_only" in printed.stdout and "--print_commands" not in printed.stdout
     config = tiny(batch_sizes=(32, 64), epochs=(0.5, 1.0))
-    ablation.run_sweep(config, str(tmp_path), stage_runner=FakeRunner())
+    runner.run_sweep(config, str(tmp_path), stage_runner=FakeRunner())
     report_dir = tmp_path / "elsewhere"
     done = cli("--report_only", f"--report_dir={report_dir}")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -353,6 +353,22 @@ def test_cli_prints_commands_and_writes_the_report(tmp_path):
     assert more.returncode == 1 and "not run" in (tmp_path / "report" / "ablation.md").read_text()
     missing = cli("--report_only", f"--workdir={tmp_path / 'nothing'}")
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_the_sweep_process_imports_neither_jax_nor_tensorflow():
+    # The parent process only keeps the books; each stage's main.py child pays for
+    # jax and TensorFlow, and their memory goes back to the system when it ends.
+    code = (
+        "import sys\n"
+        "from simclr_jax.sweep import __main__, runner, report\n"
+        "assert runner.metrics.format_duration(3725) == '1h02m'\n"
+        "print(sorted(m for m in ('jax', 'tensorflow', 'clu') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------ report
@@ -368,7 +384,7 @@ def read_png_size(path):
 def test_report_of_a_finished_grid_matches_the_cells_results(tmp_path):
     config = tiny(batch_sizes=(32, 64, 128), epochs=(1.0, 2.0), scalings=("linear", "sqrt"))
     workdir = str(tmp_path)
-    assert ablation.run_sweep(config, workdir, stage_runner=FakeRunner()) == 0
+    assert runner.run_sweep(config, workdir, stage_runner=FakeRunner()) == 0
     # Independent reading of what each cell wrote.
     expected = {}
     for name in os.listdir(tmp_path):
@@ -409,7 +425,7 @@ def test_imagenet_report_puts_table_b1_beside_ours(tmp_path):
     config.grid.batch_sizes = (256, 4096, 8192)
     config.grid.epochs = (100.0, 800.0)
     workdir = str(tmp_path)
-    assert ablation.run_sweep(config, workdir, stage_runner=FakeRunner()) == 0
+    assert runner.run_sweep(config, workdir, stage_runner=FakeRunner()) == 0
     with open(tmp_path / "report" / "ablation.csv", newline="") as f:
         table = list(csv.DictReader(f))
     checked = 0
@@ -442,11 +458,11 @@ def test_a_real_tiny_cell_runs_end_to_end(tmp_path):
     config.pretrain.optim.warmup_epochs = 0.0
     config.pretrain.checkpoint.every_steps = 4
     config.linear_eval.linear.epochs = 5.0
-    runner = ablation.SubprocessStageRunner(
+    stage_runner = runner.SubprocessStageRunner(
         compilation_cache=os.environ["JAX_COMPILATION_CACHE_DIR"]
     )
     workdir = str(tmp_path)
-    assert ablation.run_sweep(config, workdir, stage_runner=runner) == 0, [
+    assert runner.run_sweep(config, workdir, stage_runner=stage_runner) == 0, [
         (p.name, p.read_text()[-3000:]) for p in tmp_path.glob("*/*.log")
     ]
     cell = tmp_path / "b16_e0.02_sqrt_t0.2"

@@ -1,35 +1,25 @@
-"""main.py command lines of the batch-size ablation's cells, and their TPU/SLURM launch commands.
+"""main.py command lines of the sweep's cells.
 
 Each cell stage is an ordinary `python main.py --config=<base file>
 --workdir=<stage dir> --config.<field>=<value>...` run. config_overrides()
 finds the overrides that turn the base config file into the cell's config and
 checks them by parsing them back with main.py's own flag parser, so what runs
-is exactly what the manifest records. format_launch_commands() wraps the same
-arguments in launch/tpu.sh or launch/slurm.sbatch. simclr_jax.ablation
-re-exports the public names.
+is exactly what the manifest records. simclr_jax.sweep.launch wraps the same
+arguments in launch/tpu.sh or launch/slurm.sbatch.
 """
 
 import os
-import shlex
 import sys
 import warnings
 from collections.abc import Mapping
 
 import ml_collections as mlc
 
-from simclr_jax import ablation_report, config_checks, files
+from simclr_jax import config_checks, files
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# simclr_jax/sweep/commands.py -> the repository root (where main.py and configs/ are).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAIN_PY = os.path.join(REPO_ROOT, "main.py")
-STAGES = ablation_report.STAGES
-PLATFORMS = ("tpu", "slurm")
-DEFAULT_LAUNCHER_ARGS = {
-    "tpu": "--name=$TPU_NAME --zone=$TPU_ZONE --copy --skip-create",
-    "slurm": "",
-}
-
-
-# --------------------------------------------------------------- main.py commands
 
 
 def resolve_config_file(spec: str, field: str) -> tuple[str, str]:
@@ -156,7 +146,7 @@ def stage_args(config: mlc.ConfigDict, cell, workdir: str) -> dict[str, tuple[st
 
     Args:
       config: the ablation config (names the base config files).
-      cell: a simclr_jax.ablation.Cell (name, pretrain and linear_eval configs).
+      cell: a simclr_jax.sweep.grid.Cell (name, pretrain and linear_eval configs).
       workdir: the sweep directory.
 
     Returns:
@@ -173,82 +163,3 @@ def stage_args(config: mlc.ConfigDict, cell, workdir: str) -> dict[str, tuple[st
         run_dir = files.join(workdir, cell.name, kind)
         out[kind] = (f"--config={shown}", f"--workdir={run_dir}", *overrides)
     return out
-
-
-# ----------------------------------------------------------- launch commands
-
-
-def argv_without(argv, *names: str) -> list[str]:
-    """argv minus the flags called names (as --name=value)."""
-    return [a for a in argv if not any(a == n or a.startswith(n + "=") for n in names)]
-
-
-def format_launch_commands(
-    cells,
-    args: dict,
-    workdir: str,
-    platform: str,
-    *,
-    launcher_args: str | None = None,
-    report_command: str = "",
-) -> str:
-    """The launch commands of the unfinished cells (see simclr_jax.ablation.launch_commands).
-
-    Args:
-      cells: the sweep's cells (simclr_jax.ablation.Cell).
-      args: {cell name: stage_args(...)}.
-      workdir: the sweep directory as the cluster sees it (absolute, or gs://).
-      platform: 'tpu' or 'slurm'.
-      launcher_args: inserted verbatim after the launcher (default
-        DEFAULT_LAUNCHER_ARGS[platform]).
-      report_command: the command that writes the report afterwards (shown).
-
-    Returns:
-      The commands, one per line, with comments; finished cells as comments.
-    """
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform={platform!r}: use one of {PLATFORMS}")
-    extra = DEFAULT_LAUNCHER_ARGS[platform] if launcher_args is None else launcher_args
-    extra = f" {extra}" if extra else ""
-    lines = [f"# SimCLR ablation, {len(cells)} cells; run from the repository root ({REPO_ROOT})."]
-    if platform == "tpu":
-        lines += [
-            "# Each command runs one stage on an existing TPU VM (--skip-create); create it once:",
-            "#   gcloud compute tpus tpu-vm create $TPU_NAME --zone=$TPU_ZONE "
-            "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base",
-            "# On a pod slice the workdir must be a gs:// path every worker sees.",
-        ]
-    else:
-        lines += [
-            "# One job per stage; the linear eval waits for its pretraining (afterok).",
-            "# The workdir must be on a filesystem every node sees.",
-        ]
-    lines += [
-        "# Rerun this to print only what is still missing (a resubmitted pretraining resumes",
-        "# from its checkpoint). Report: " + (report_command or "--report_only"),
-    ]
-    for i, cell in enumerate(cells, 1):
-        status = ablation_report.cell_status(workdir, cell.name)
-        lines.append(f"# cell {i}/{len(cells)} {cell.name}: {status}")
-        if status == "done":
-            continue
-        todo = [
-            kind
-            for kind in STAGES
-            if not files.exists(files.join(workdir, cell.name, kind, files.RESULTS_FILE))
-        ]
-        for kind in todo:
-            main_args = args[cell.name][kind]
-            if platform == "tpu":
-                head, overrides = shlex.join(main_args[:2]), shlex.join(main_args[2:])
-                cmd = f"launch/tpu.sh{extra} {head} -- {overrides}"
-            else:
-                script = f"{extra} launch/slurm.sbatch {shlex.join(main_args)}"
-                if kind == "pretrain" and len(todo) == 2:
-                    cmd = f"jid=$(sbatch --parsable{script})"
-                elif len(todo) == 2:
-                    cmd = f"sbatch --dependency=afterok:$jid{script}"
-                else:
-                    cmd = f"sbatch{script}"
-            lines.append(cmd)
-    return "\n".join(lines) + "\n"
