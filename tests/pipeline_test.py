@@ -20,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_jax.data import augment, datasets, pipeline
+from simclr_jax.data import augment, pipeline
+from simclr_jax.data import sources as sources_lib
 
 SIZE = 12
 NUM_TRAIN = 23
@@ -112,7 +113,7 @@ def sources(tmp_path_factory):
 
 def source_lookup(cfg, split="train"):
     """{image bytes: (index, label)} read from the DataSource directly."""
-    source = datasets.load_source(cfg, split)
+    source = sources_lib.load_source(cfg, split)
     table = {}
     for e in source.shard(0, 1).as_numpy_iterator():
         table[e["image"].tobytes()] = (int(e["index"]), int(e["label"]))

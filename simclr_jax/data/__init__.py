@@ -1,1 +1,1 @@
-"""Input data: sources (datasets), augmentations (augment), tf.data pipelines (pipeline)."""
+"""Input data: sources (sources/), augmentations (augment), tf.data pipelines (pipeline)."""

@@ -58,7 +58,8 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data import augment, datasets
+from simclr_jax.data import augment, sources
+from simclr_jax.data.sources import base
 
 # Decoded splits up to this size are cached in host memory when data.cache is
 # unset (None); a global order needs the whole split on every host. CIFAR-10 is
@@ -138,7 +139,7 @@ def build_pretrain_dataset(
     """Infinite SimCLR pretraining batches for this host.
 
     Args:
-      data_cfg: data section of the config (see datasets.load_source), plus
+      data_cfg: data section of the config (see sources.load_source), plus
         optional cache (None: automatic), shuffle_buffer and split_seed (seed
         of a folder's val_fraction hold-out, default 0).
       aug_cfg: augmentation config (see augment.default_augment_config).
@@ -239,7 +240,7 @@ def build_eval_dataset(
     split's fixed order. Indexable sources: host p's rows of global batch s are
     positions [s*B + p*b, s*B + (p+1)*b), so laid out by process the global
     batches are those of one process. tfds: host p reads its contiguous range
-    (datasets.DataSource.shard_indices). Positions past the end are padding
+    (base.DataSource.shard_indices). Positions past the end are padding
     (zero image, label 0, mask False), and every host yields the same number of
     batches so collectives cannot hang.
 
@@ -256,9 +257,9 @@ def build_eval_dataset(
       'mask': bool [b]}; its cardinality is the number of batches.
     """
     augment.validate_augment_config(aug_cfg)
-    datasets.check_process(process_index, process_count)
+    base.check_process(process_index, process_count)
     batch = _local_batch_size(global_batch_size, process_count)
-    source = datasets.load_source(data_cfg, split, seed=_split_seed(data_cfg))
+    source = sources.load_source(data_cfg, split, seed=_split_seed(data_cfg))
     if source.indexable:
         num_batches = math.ceil(source.num_examples / global_batch_size)
         rows = _default_rows(process_index, batch)
@@ -323,11 +324,11 @@ def _build_train_dataset(
         raise ValueError(f"start_step={start_step!r}: must be an int >= 0")
     if start_step < 0:
         raise ValueError(f"start_step={start_step!r}: must be an int >= 0")
-    datasets.check_process(process_index, process_count)
+    base.check_process(process_index, process_count)
     batch = _local_batch_size(global_batch_size, process_count)
     rows = _check_batch_rows(batch_rows, global_batch_size, process_index, batch)
     train_split = data_cfg.get("train_split") or "train"
-    source = datasets.load_source(data_cfg, train_split, seed=_split_seed(data_cfg))
+    source = sources.load_source(data_cfg, train_split, seed=_split_seed(data_cfg))
     subset = _check_subset(subset_indices, source.num_examples)
     # The examples of an epoch, as split indices.
     pool = np.arange(source.num_examples, dtype=np.int64) if subset is None else subset
@@ -507,7 +508,7 @@ def _split_seed(data_cfg: mlc.ConfigDict) -> int:
     return int(data_cfg.get("split_seed") or 0)
 
 
-def _resolve_cache(data_cfg: mlc.ConfigDict, source: datasets.DataSource, num_held: int) -> bool:
+def _resolve_cache(data_cfg: mlc.ConfigDict, source: base.DataSource, num_held: int) -> bool:
     """Whether to cache `num_held` decoded examples of `source` in this host's memory."""
     cache = data_cfg.get("cache")
     if cache is None:
