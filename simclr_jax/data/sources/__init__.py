@@ -17,7 +17,7 @@ split, and sizes differ by at most one):
 Who uses these shards: the pipeline's tfds record streams (training without a
 cache, and evaluation of tfds splits). Indexable and cached sources are instead
 read by global index in an order that does not depend on the process count
-(see simclr_jax/data/pipeline.py), so there a host may read any example.
+(see simclr_jax/data/order.py), so there a host may read any example.
 
 One module per source: embedded.py, tfds.py, folder.py (folders and archives);
 base.py holds what they share (DataSource, image decoding, host checks).
