@@ -20,7 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_jax.data import augment, pipeline
+from simclr_jax.data import pipeline, views
 from simclr_jax.data import sources as sources_lib
 
 SIZE = 12
@@ -79,7 +79,7 @@ def data_config(**overrides):
 
 
 def aug_config(*, identity=False, size=SIZE):
-    cfg = augment.default_augment_config(size, jitter_strength=0.5, blur_prob=0.0)
+    cfg = views.default_augment_config(size, jitter_strength=0.5, blur_prob=0.0)
     if identity:
         cfg.crop_area_range = (1.0, 1.0)
         cfg.crop_aspect_range = (1.0, 1.0)

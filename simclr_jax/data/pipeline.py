@@ -40,7 +40,7 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data import augment, order, sources
+from simclr_jax.data import order, sources, views
 from simclr_jax.data.sources import base
 
 # Decoded splits up to this size are cached in host memory when data.cache is
@@ -120,7 +120,7 @@ def build_pretrain_dataset(
       data_cfg: data section of the config (see sources.load_source), plus
         optional cache (None: automatic), shuffle_buffer and split_seed (seed
         of a folder's val_fraction hold-out, default 0).
-      aug_cfg: augmentation config (see augment.default_augment_config).
+      aug_cfg: augmentation config (see views.default_augment_config).
       global_batch_size: batch over all hosts; divisible by process_count.
       seed: seed of the data order and of the augmentations.
       process_index: this host, in [0, process_count).
@@ -136,19 +136,19 @@ def build_pretrain_dataset(
       aug_cfg.image_size.
     """
 
-    def views(image, view_seed):
+    def two_views(image, view_seed):
         s1, s2 = tf.unstack(
             tf.random.experimental.stateless_split(view_seed, 2, alg=order.SEED_ALG)
         )
         return {
-            "view1": augment.pretrain_view(image, s1, aug_cfg),
-            "view2": augment.pretrain_view(image, s2, aug_cfg),
+            "view1": views.pretrain_view(image, s1, aug_cfg),
+            "view2": views.pretrain_view(image, s2, aug_cfg),
         }
 
     return _build_train_dataset(
         data_cfg,
         aug_cfg,
-        views,
+        two_views,
         purpose=order.PRETRAIN_VIEWS,
         global_batch_size=global_batch_size,
         seed=seed,
@@ -188,7 +188,7 @@ def build_finetune_dataset(
     """
 
     def view(image, view_seed):
-        return {"image": augment.finetune_view(image, view_seed, aug_cfg)}
+        return {"image": views.finetune_view(image, view_seed, aug_cfg)}
 
     return _build_train_dataset(
         data_cfg,
@@ -236,7 +236,7 @@ def build_eval_dataset(
       A finite dataset of {'image': float32 [b, S, S, 3], 'label': int32 [b],
       'mask': bool [b]}; its cardinality is the number of batches.
     """
-    augment.validate_augment_config(aug_cfg)
+    views.validate_augment_config(aug_cfg)
     base.check_process(process_index, process_count)
     batch = order.local_batch_size(global_batch_size, process_count)
     source = sources.load_source(data_cfg, split, seed=order.split_seed(data_cfg))
@@ -257,7 +257,7 @@ def build_eval_dataset(
         records = source.records(process_index, process_count)
     ds = records.map(
         lambda r: {
-            "image": augment.eval_view(source.decode(r), aug_cfg),
+            "image": views.eval_view(source.decode(r), aug_cfg),
             "label": r["label"],
             "mask": tf.constant(True),
         },
@@ -297,7 +297,7 @@ def _build_train_dataset(
     subset_indices,
     batch_rows,
 ):
-    augment.validate_augment_config(aug_cfg)
+    views.validate_augment_config(aug_cfg)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r}: must be an int in [0, 2**63)")
     if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
