@@ -3,7 +3,7 @@
   python benchmarks/input_pipeline.py [--seconds=10] [--threads=1,2] \
       [--recipes=cifar,imagenet_noblur,imagenet] [--json=input_pipeline.json]
 
-Recipes (augmentation from simclr_jax.data.augment.default_augment_config):
+Recipes (augmentation from simclr_jax.data.views.default_augment_config):
   cifar            32 px, jitter 0.5, no blur; the embedded CIFAR-10 sample's
                    train images, decoded once and held in memory.
   imagenet_noblur  224 px, jitter 1.0, blur off; synthetic JPEGs of 300-500 px
@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from simclr_jax.data import augment
+from simclr_jax.data import views
 from simclr_jax.data.preview import load_embedded_images
 
 RECIPES = {
@@ -90,9 +90,7 @@ def build_dataset(source, cfg, *, threads, batch_size, decode, seed=0):
         seeds = tf.random.experimental.stateless_split(
             tf.stack([tf.constant(seed, tf.int64), index]), 2
         )
-        return augment.pretrain_view(image, seeds[0], cfg), augment.pretrain_view(
-            image, seeds[1], cfg
-        )
+        return views.pretrain_view(image, seeds[0], cfg), views.pretrain_view(image, seeds[1], cfg)
 
     ds = source.repeat().enumerate().map(two_views, num_parallel_calls=threads)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
@@ -173,9 +171,7 @@ def main(argv=None):
         cifar_images = jpeg_paths = None
         for name in recipes:
             size, strength, blur_prob, batch_size = RECIPES[name]
-            cfg = augment.default_augment_config(
-                size, jitter_strength=strength, blur_prob=blur_prob
-            )
+            cfg = views.default_augment_config(size, jitter_strength=strength, blur_prob=blur_prob)
             decode = name != "cifar"
             if decode and jpeg_paths is None:
                 jpeg_paths, mean_bytes = write_synthetic_jpegs(tmp, args.num_jpegs)

@@ -1,4 +1,4 @@
-"""Tests for simclr_jax.data.augment and the preview CLI.
+"""Tests for simclr_jax.data.augment, simclr_jax.data.views and the preview CLI.
 
 Numerics are checked against NumPy formulas written here (blur, grayscale,
 brightness/contrast, centre-crop window) and the crop sampler against a NumPy
@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simclr_jax.data import augment as aug
-from simclr_jax.data import preview
+from simclr_jax.data import preview, views
 
 N_DRAWS = 3000
 
@@ -43,7 +43,7 @@ def _map_over_seeds(fn, n):
 
 
 def _cfg(**overrides):
-    cfg = aug.default_augment_config(24, jitter_strength=0.5, blur_prob=0.5)
+    cfg = views.default_augment_config(24, jitter_strength=0.5, blur_prob=0.5)
     cfg.update(overrides)
     return cfg
 
@@ -65,9 +65,9 @@ _OPS = {
     "gaussian_blur": (lambda x, s: aug.gaussian_blur(x, s, kernel_size=5), (40, 48, 3)),
     "random_blur": (lambda x, s: aug.random_blur(x, s), (40, 48, 3)),
     "center_crop": (lambda x, s: aug.center_crop(x, size=16), (16, 16, 3)),
-    "pretrain_view": (lambda x, s: aug.pretrain_view(x, s, _cfg()), (24, 24, 3)),
-    "finetune_view": (lambda x, s: aug.finetune_view(x, s, _cfg()), (24, 24, 3)),
-    "eval_view": (lambda x, s: aug.eval_view(x, _cfg()), (24, 24, 3)),
+    "pretrain_view": (lambda x, s: views.pretrain_view(x, s, _cfg()), (24, 24, 3)),
+    "finetune_view": (lambda x, s: views.finetune_view(x, s, _cfg()), (24, 24, 3)),
+    "eval_view": (lambda x, s: views.eval_view(x, _cfg()), (24, 24, 3)),
 }
 
 
@@ -101,9 +101,9 @@ def test_op_eager_matches_tf_data_and_is_deterministic(name, as_uint8):
 
 def test_views_differ_and_seed_dtype_does_not_matter():
     cfg = _cfg()
-    v1 = aug.pretrain_view(_IMAGE, _seed(0), cfg).numpy()
-    v2 = aug.pretrain_view(_IMAGE, _seed(1), cfg).numpy()
-    v1_int32 = aug.pretrain_view(_IMAGE, tf.constant([0, 12345], tf.int32), cfg).numpy()
+    v1 = views.pretrain_view(_IMAGE, _seed(0), cfg).numpy()
+    v2 = views.pretrain_view(_IMAGE, _seed(1), cfg).numpy()
+    v1_int32 = views.pretrain_view(_IMAGE, tf.constant([0, 12345], tf.int32), cfg).numpy()
     assert np.abs(v1 - v2).mean() > 1e-2
     np.testing.assert_array_equal(v1, v1_int32)
 
@@ -119,10 +119,10 @@ def test_pretrain_view_applies_ops_in_reference_order():
         x = aug.random_color_jitter(x, jitter_s, prob=1.0, strength=0.5)
         x = aug.random_grayscale(x, gray_s, prob=0.5)
         x = aug.random_blur(x, blur_s, prob=1.0, kernel_size=2)
-        np.testing.assert_array_equal(aug.pretrain_view(_IMAGE, _seed(i), cfg).numpy(), x.numpy())
+        np.testing.assert_array_equal(views.pretrain_view(_IMAGE, _seed(i), cfg).numpy(), x.numpy())
         # finetune_view is the same crop and flip, without colour changes.
         y = aug.random_flip(aug.random_resized_crop(_IMAGE, crop_s, size=24), flip_s)
-        np.testing.assert_array_equal(aug.finetune_view(_IMAGE, _seed(i), cfg).numpy(), y.numpy())
+        np.testing.assert_array_equal(views.finetune_view(_IMAGE, _seed(i), cfg).numpy(), y.numpy())
 
 
 # ----------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def test_center_crop_skipped_for_cifar_sized_images():
     np.testing.assert_allclose(next(iter(ds)), x8 / 255, atol=1e-7)
     np.testing.assert_array_equal(aug.center_crop(x, size=32), x)
     np.testing.assert_array_equal(
-        aug.eval_view(x, aug.default_augment_config(32, jitter_strength=0.5, blur_prob=0.0)), x
+        views.eval_view(x, views.default_augment_config(32, jitter_strength=0.5, blur_prob=0.0)), x
     )
 
 
@@ -451,21 +451,21 @@ def test_bad_config_raises(field, value):
     fields[field] = value
     cfg = mlc.ConfigDict(fields)
     with pytest.raises(ValueError, match=field) as info:
-        aug.validate_augment_config(cfg)
+        views.validate_augment_config(cfg)
     assert repr(value) in str(info.value)
     with pytest.raises(ValueError, match=field):
-        aug.pretrain_view(_IMAGE, _seed(0), cfg)
+        views.pretrain_view(_IMAGE, _seed(0), cfg)
 
 
 def test_missing_and_unknown_config_fields_raise():
     cfg = _cfg().to_dict()
     del cfg["flip_prob"]
     with pytest.raises(ValueError, match="flip_prob"):
-        aug.validate_augment_config(mlc.ConfigDict(cfg))
+        views.validate_augment_config(mlc.ConfigDict(cfg))
     cfg = _cfg()
     cfg.blur_sigma = 1.0
     with pytest.raises(ValueError, match="blur_sigma"):
-        aug.validate_augment_config(cfg)
+        views.validate_augment_config(cfg)
 
 
 def test_bad_op_arguments_raise():
@@ -510,10 +510,10 @@ def test_preview_writes_grid(tmp_path, capsys):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
         "import ml_collections as mlc\n"
-        "from simclr_jax.data import augment\n"
+        "from simclr_jax.data import views\n"
         "def get_config(arg=None):\n"
         "    c = mlc.ConfigDict()\n"
-        "    c.augment = augment.default_augment_config(int(arg or 48), jitter_strength=1.0,"
+        "    c.augment = views.default_augment_config(int(arg or 48), jitter_strength=1.0,"
         " blur_prob=0.5)\n"
         "    c.data = mlc.ConfigDict({'source': 'tfds'})\n"
         "    return c\n"

@@ -1,4 +1,4 @@
-"""Tests of simclr_jax.data.datasets: embedded, tfds and image-folder sources.
+"""Tests of simclr_jax.data.sources: embedded, tfds and image-folder sources.
 
 Expected values come from independent readers: the .npz read with NumPy, images
 decoded with PIL, tfds's own even_splits for the host ranges.
@@ -17,7 +17,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_jax.data import datasets
+from simclr_jax.data import sources
+from simclr_jax.data.sources import embedded, folder
 
 TINY_TRAIN, TINY_TEST = 23, 7
 
@@ -149,10 +150,10 @@ def messy_tree(tmp_path_factory):
 
 
 def test_embedded_matches_npz_and_pil():
-    with np.load(datasets.embedded_sample_path()) as f:
+    with np.load(embedded.embedded_sample_path()) as f:
         arrays = {k: f[k] for k in f.files}
     for split, split_id, count in [("train", 0, 4000), ("test", 1, 1000)]:
-        source = datasets.load_source(data_config(), split)
+        source = sources.load_source(data_config(), split)
         rows = np.flatnonzero(arrays["split"] == split_id)
         assert source.num_examples == len(rows) == count
         assert source.class_names == tuple(arrays["class_names"])
@@ -189,21 +190,19 @@ def shard_partition_check(source):
 
 
 def test_shards_embedded():
-    shard_partition_check(datasets.load_source(data_config(), "test"))
+    shard_partition_check(sources.load_source(data_config(), "test"))
 
 
 def test_shards_folder(messy_tree):
     root, _, _ = messy_tree
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", datasets.UnreadableImageWarning)
-        shard_partition_check(
-            datasets.load_source(data_config(source="folder", name=root), "train")
-        )
+        warnings.simplefilter("ignore", folder.UnreadableImageWarning)
+        shard_partition_check(sources.load_source(data_config(source="folder", name=root), "train"))
 
 
 def test_shards_tfds_match_even_splits(tiny_tfds_dir):
     cfg = data_config(source="tfds", name="datasets_test_tiny", data_dir=tiny_tfds_dir)
-    source = datasets.load_source(cfg, "train")
+    source = sources.load_source(cfg, "train")
     assert (source.num_examples, source.class_names) == (TINY_TRAIN, ("a", "b", "c"))
     shard_partition_check(source)
     builder = tfds.builder("datasets_test_tiny", data_dir=tiny_tfds_dir)
@@ -216,7 +215,7 @@ def test_shards_tfds_match_even_splits(tiny_tfds_dir):
 
 def test_tfds_grayscale_to_rgb_and_split_sums(tiny_tfds_dir):
     cfg = data_config(source="tfds", name="datasets_test_tiny", data_dir=tiny_tfds_dir)
-    source = datasets.load_source(cfg, "train+test")
+    source = sources.load_source(cfg, "train+test")
     assert source.num_examples == TINY_TRAIN + TINY_TEST
     examples = read_all(source, 1, 2)
     assert [int(e["index"]) for e in examples] == list(range(12, 23)) + list(range(27, 30))
@@ -263,7 +262,7 @@ def test_tfds_mock_cifar10_shards(tmp_path):
     cfg = data_config(source="tfds", name="cifar10", data_dir=data_dir)
     policy = tfds.testing.MockPolicy.USE_FILES
     with tfds.testing.mock_data(policy=policy, data_dir=data_dir, as_dataset_fn=as_dataset):
-        source = datasets.load_source(cfg, "train+test")
+        source = sources.load_source(cfg, "train+test")
         assert (source.num_examples, source.num_classes) == (15, 10)
         rows = [("train", i) for i in range(10)] + [("test", i) for i in range(5)]
         for count in (1, 2, 4):
@@ -283,9 +282,9 @@ def test_tfds_mock_cifar10_shards(tmp_path):
 
 def test_folder_skips_bad_files_and_converts_modes(messy_tree):
     root, good, bad = messy_tree
-    with pytest.warns(datasets.UnreadableImageWarning) as record:
-        source = datasets.load_source(data_config(source="folder", name=root), "train")
-    (warning,) = [w for w in record if w.category is datasets.UnreadableImageWarning]
+    with pytest.warns(folder.UnreadableImageWarning) as record:
+        source = sources.load_source(data_config(source="folder", name=root), "train")
+    (warning,) = [w for w in record if w.category is folder.UnreadableImageWarning]
     message = str(warning.message)
     assert "skipped 3 unreadable" in message
     for rel in bad:
@@ -306,7 +305,7 @@ def test_folder_skips_bad_files_and_converts_modes(messy_tree):
 def test_folder_strict_raises_with_path(messy_tree):
     root, _, bad = messy_tree
     with pytest.raises(ValueError, match="unreadable image") as error:
-        datasets.load_source(data_config(source="folder", name=root, strict=True), "train")
+        sources.load_source(data_config(source="folder", name=root, strict=True), "train")
     assert any(os.path.join(root, rel) in str(error.value) for rel in bad)
 
 
@@ -317,11 +316,11 @@ def test_folder_archive_matches_directory(messy_tree, tmp_path):
         tar.add(root, arcname="wrapper")  # A single top folder, as archives often have.
     cfg = data_config(source="folder", name=archive, extract_dir=str(tmp_path / "cache"))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", datasets.UnreadableImageWarning)
-        from_dir = read_all(datasets.load_source(data_config(source="folder", name=root), "train"))
-        from_tar = read_all(datasets.load_source(cfg, "train"))
+        warnings.simplefilter("ignore", folder.UnreadableImageWarning)
+        from_dir = read_all(sources.load_source(data_config(source="folder", name=root), "train"))
+        from_tar = read_all(sources.load_source(cfg, "train"))
         extracted = os.listdir(tmp_path / "cache")
-        datasets.load_source(cfg, "test")  # Reuses the extracted tree.
+        sources.load_source(cfg, "test")  # Reuses the extracted tree.
     assert os.listdir(tmp_path / "cache") == extracted and len(extracted) == 1
     assert len(from_tar) == len(from_dir)
     for a, b in zip(from_dir, from_tar, strict=True):
@@ -350,7 +349,7 @@ def test_folder_val_fraction_is_stratified_and_seeded(class_tree):
     def keys(split, seed):
         return {
             tuple(e["image"][0, 0, :2])
-            for e in read_all(datasets.load_source(cfg, split, seed=seed))
+            for e in read_all(sources.load_source(cfg, split, seed=seed))
         }
 
     train, held = keys("train", 0), keys("test", 0)
@@ -360,7 +359,7 @@ def test_folder_val_fraction_is_stratified_and_seeded(class_tree):
     assert keys("test", 0) == held
     assert keys("test", 1) != held
     with pytest.raises(ValueError, match=r"split='test' not found.*val_fraction"):
-        datasets.load_source(data_config(source="folder", name=root), "test")
+        sources.load_source(data_config(source="folder", name=root), "test")
 
 
 def test_folder_holds_out_when_eval_folder_missing(class_tree, tmp_path):
@@ -369,8 +368,8 @@ def test_folder_holds_out_when_eval_folder_missing(class_tree, tmp_path):
     os.makedirs(nested)
     os.rename(root, nested / "train")
     cfg = data_config(source="folder", name=str(nested), val_fraction=0.25)
-    train = datasets.load_source(cfg, "train").num_examples
-    test = datasets.load_source(cfg, "test").num_examples
+    train = sources.load_source(cfg, "train").num_examples
+    test = sources.load_source(cfg, "test").num_examples
     # round(0.25 * n) for n = 10, 7, 4 is 2, 2, 1 (Python rounds halves to even).
     assert train + test == len(ids) and test == 5
 
@@ -381,41 +380,41 @@ def test_folder_holds_out_when_eval_folder_missing(class_tree, tmp_path):
 
 def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="no such image folder"):
-        datasets.load_source(data_config(source="folder", name=str(tmp_path / "nope")), "train")
+        sources.load_source(data_config(source="folder", name=str(tmp_path / "nope")), "train")
     empty = tmp_path / "empty"
     os.makedirs(empty / "cat")
     with pytest.raises(ValueError, match="found no images"):
-        datasets.load_source(data_config(source="folder", name=str(empty)), "train")
+        sources.load_source(data_config(source="folder", name=str(empty)), "train")
     flat = tmp_path / "flat"
     write(str(flat / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
     with pytest.raises(ValueError, match="class folders"):
-        datasets.load_source(data_config(source="folder", name=str(flat)), "train")
+        sources.load_source(data_config(source="folder", name=str(flat)), "train")
     split_tree = tmp_path / "splits"
     write(str(split_tree / "train" / "cat" / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
     with pytest.raises(ValueError, match=r"split='val' not found.*\['train'\]"):
-        datasets.load_source(data_config(source="folder", name=str(split_tree)), "val")
+        sources.load_source(data_config(source="folder", name=str(split_tree)), "val")
 
 
 def test_config_and_embedded_errors():
     with pytest.raises(ValueError, match=r"data.source='hdf5'"):
-        datasets.load_source(data_config(source="hdf5"), "train")
+        sources.load_source(data_config(source="hdf5"), "train")
     with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
-        datasets.load_source(data_config(), "validation")
+        sources.load_source(data_config(), "validation")
     with pytest.raises(ValueError, match="val_fraction"):
-        datasets.load_source(data_config(source="tfds", name="cifar10", val_fraction=0.1), "train")
+        sources.load_source(data_config(source="tfds", name="cifar10", val_fraction=0.1), "train")
 
 
 def test_tfds_errors(tmp_path, tiny_tfds_dir):
     with pytest.raises(ValueError, match=r"'cifar11' is not a tfds dataset.*cifar10"):
-        datasets.load_source(data_config(source="tfds", name="cifar11"), "train")
+        sources.load_source(data_config(source="tfds", name="cifar11"), "train")
     cfg = data_config(source="tfds", name="datasets_test_tiny", data_dir=tiny_tfds_dir)
     with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
-        datasets.load_source(cfg, "validation")
+        sources.load_source(cfg, "validation")
     # Not prepared and download=False: a fast, explicit error, never a download.
     for name in ("cifar10", "imagenet2012_subset/1pct"):
         start = time.monotonic()
         with pytest.raises(FileNotFoundError) as error:
-            datasets.load_source(
+            sources.load_source(
                 data_config(source="tfds", name=name, data_dir=str(tmp_path)), "train"
             )
         assert time.monotonic() - start < 10

@@ -20,7 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_jax.data import augment, datasets, pipeline
+from simclr_jax.data import pipeline, views
+from simclr_jax.data import sources as sources_lib
 
 SIZE = 12
 NUM_TRAIN = 23
@@ -78,7 +79,7 @@ def data_config(**overrides):
 
 
 def aug_config(*, identity=False, size=SIZE):
-    cfg = augment.default_augment_config(size, jitter_strength=0.5, blur_prob=0.0)
+    cfg = views.default_augment_config(size, jitter_strength=0.5, blur_prob=0.0)
     if identity:
         cfg.crop_area_range = (1.0, 1.0)
         cfg.crop_aspect_range = (1.0, 1.0)
@@ -112,7 +113,7 @@ def sources(tmp_path_factory):
 
 def source_lookup(cfg, split="train"):
     """{image bytes: (index, label)} read from the DataSource directly."""
-    source = datasets.load_source(cfg, split)
+    source = sources_lib.load_source(cfg, split)
     table = {}
     for e in source.shard(0, 1).as_numpy_iterator():
         table[e["image"].tobytes()] = (int(e["index"]), int(e["label"]))

@@ -7,6 +7,8 @@ seed gives the same output eagerly and inside tf.data's `.map` (graph mode), so 
 pipeline that derives seeds from the element index is reproducible and resumable.
 Sub-seeds are derived with tf.random.experimental.stateless_split, never by
 adding constants, so the streams of different ops stay independent.
+The composite views built from these ops (pretrain_view, finetune_view,
+eval_view) and the augmentation config are in views.py.
 
 The ops follow google-research/simclr (tf2/data_util.py); where it has quirks we
 keep them, so that published numbers stay comparable:
@@ -27,10 +29,9 @@ reference applies it batch-wise on the accelerator (benchmarks/input_pipeline.py
 measures its host cost).
 """
 
-from collections.abc import Sequence
-
-import ml_collections as mlc
 import tensorflow as tf
+
+from simclr_jax.data.checks import check_int, check_number, check_pair, check_prob
 
 # The reference passes min_object_covered=0.1 with the whole image as the object,
 # which makes 0.1 the effective lower bound of the crop area fraction.
@@ -41,64 +42,14 @@ CENTER_CROP_SKIP_MAX_SIZE = 32
 # Contrast and saturation factors are 1 +- 0.8 * strength and must stay >= 0.
 MAX_JITTER_STRENGTH = 1.25
 BRIGHTNESS_MODES = ("multiplicative", "additive")
-# Pretrain-view sub-seed slots; fixed so that, e.g., turning blur off does not
-# change the crops.
-_CROP, _FLIP, _JITTER, _GRAY, _BLUR = range(5)
-
-AUGMENT_FIELDS = (
-    "image_size",
-    "crop_area_range",
-    "crop_aspect_range",
-    "crop_max_attempts",
-    "flip_prob",
-    "jitter_strength",
-    "jitter_prob",
-    "brightness_mode",
-    "grayscale_prob",
-    "blur_prob",
-    "blur_sigma_range",
-    "eval_crop_fraction",
-)
 
 
 # ----------------------------------------------------------------------------
-# Argument checks (Python values, checked once at trace time).
+# Argument and tensor helpers (argument values are checked once, at trace time).
 
 
-def _check_number(name, value, lo, hi, *, lo_open=False):
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name}={value!r}: expected a number in {_interval(lo, hi, lo_open)}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise ValueError(f"{name}={value!r}: allowed range is {_interval(lo, hi, lo_open)}")
-
-
-def _interval(lo, hi, lo_open):
-    return f"{'(' if lo_open else '['}{lo}, {hi}]"
-
-
-def _check_int(name, value, lo):
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name}={value!r}: expected an integer >= {lo}")
-
-
-def _check_pair(name, value, lo, hi, *, lo_open=True):
-    """Checks an ordered (low, high) pair with both ends in the given interval."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"{name}={value!r}: expected a pair (low, high)")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError(f"{name}={value!r}: expected numbers in {_interval(lo, hi, lo_open)}")
-        if v < lo or v > hi or (lo_open and v == lo):
-            raise ValueError(f"{name}={value!r}: both ends must be in {_interval(lo, hi, lo_open)}")
-    if value[0] > value[1]:
-        raise ValueError(f"{name}={value!r}: low must be <= high")
-
-
-def _check_prob(name, value):
-    _check_number(name, value, 0.0, 1.0)
-
-
-def _check_brightness_mode(value):
+def check_brightness_mode(value):
+    """Raises ValueError unless `value` is one of BRIGHTNESS_MODES."""
     if value not in BRIGHTNESS_MODES:
         raise ValueError(f"brightness_mode={value!r}: allowed values are {BRIGHTNESS_MODES}")
 
@@ -113,8 +64,9 @@ def _as_seed(seed):
     return tf.cast(tf.ensure_shape(seed, [2]), tf.int64)
 
 
-def _split(seed, num):
-    return tf.unstack(tf.random.experimental.stateless_split(seed, num=num))
+def sub_seeds(seed, num):
+    """Splits a seed (int32/int64 [2]) into `num` independent int64 [2] seeds."""
+    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), num=num))
 
 
 def _as_float_image(image):
@@ -146,7 +98,7 @@ def sample_decision(seed, prob):
     Returns:
       A scalar tf.bool tensor.
     """
-    _check_prob("prob", prob)
+    check_prob("prob", prob)
     return tf.random.stateless_uniform([], seed=_as_seed(seed)) < prob
 
 
@@ -170,9 +122,9 @@ def sample_crop_box(
     Returns:
       An int32 tensor [4]: (offset_y, offset_x, height, width).
     """
-    _check_pair("area_range", area_range, 0.0, 1.0)
-    _check_pair("aspect_range", aspect_range, 0.0, float("inf"))
-    _check_int("max_attempts", max_attempts, 1)
+    check_pair("area_range", area_range, 0.0, 1.0)
+    check_pair("aspect_range", aspect_range, 0.0, float("inf"))
+    check_int("max_attempts", max_attempts, 1)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.cast(image_shape, tf.int32),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -202,9 +154,9 @@ def sample_color_jitter_params(seed, *, strength, brightness_mode="multiplicativ
       'hue' and an int32 tensor 'order' [4], a permutation of (brightness=0,
       contrast=1, saturation=2, hue=3) giving the order they are applied in.
     """
-    _check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
-    _check_brightness_mode(brightness_mode)
-    seeds = _split(_as_seed(seed), 5)
+    check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
+    check_brightness_mode(brightness_mode)
+    seeds = sub_seeds(seed, 5)
     s = 0.8 * strength
 
     def uniform(i, lo, hi):
@@ -250,7 +202,7 @@ def random_resized_crop(
     Returns:
       float32 [size, size, 3] in [0, 1] (clipped: bicubic overshoots).
     """
-    _check_int("size", size, 1)
+    check_int("size", size, 1)
     image = _as_float_image(image)
     box = sample_crop_box(
         tf.shape(image),
@@ -292,7 +244,7 @@ def adjust_brightness(image, value, *, mode="multiplicative"):
     Returns:
       float32 image in [0, 1].
     """
-    _check_brightness_mode(mode)
+    check_brightness_mode(mode)
     image = _as_float_image(image)
     out = image * value if mode == "multiplicative" else image + value
     return _clip(out)
@@ -345,7 +297,7 @@ def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="mul
     Returns:
       float32 image in [0, 1] of the input's shape.
     """
-    decide_seed, jitter_seed = _split(_as_seed(seed), 2)
+    decide_seed, jitter_seed = sub_seeds(seed, 2)
     image = _as_float_image(image)
     return tf.cond(
         sample_decision(decide_seed, prob),
@@ -400,9 +352,9 @@ def gaussian_blur(image, seed, *, sigma_range=(0.1, 2.0), kernel_size=None):
     Returns:
       float32 image in [0, 1] of the input's shape.
     """
-    _check_pair("sigma_range", sigma_range, 0.0, float("inf"))
+    check_pair("sigma_range", sigma_range, 0.0, float("inf"))
     if kernel_size is not None:
-        _check_int("kernel_size", kernel_size, 0)
+        check_int("kernel_size", kernel_size, 0)
     image = _as_float_image(image)
     if kernel_size is None:
         height = image.shape[0]
@@ -435,7 +387,7 @@ def random_blur(image, seed, *, prob=0.5, sigma_range=(0.1, 2.0), kernel_size=No
     Returns:
       float32 image in [0, 1] of the input's shape.
     """
-    decide_seed, blur_seed = _split(_as_seed(seed), 2)
+    decide_seed, blur_seed = sub_seeds(seed, 2)
     image = _as_float_image(image)
     return tf.cond(
         sample_decision(decide_seed, prob),
@@ -461,8 +413,8 @@ def center_crop(image, *, size, crop_fraction=0.875):
     Returns:
       float32 [size, size, 3] in [0, 1].
     """
-    _check_int("size", size, 1)
-    _check_number("crop_fraction", crop_fraction, 0.0, 1.0, lo_open=True)
+    check_int("size", size, 1)
+    check_number("crop_fraction", crop_fraction, 0.0, 1.0, lo_open=True)
     image = _as_float_image(image)
 
     def crop_and_resize():
@@ -489,162 +441,3 @@ def center_crop(image, *, size, crop_fraction=0.875):
             already_sized, lambda: tf.reshape(_clip(image), [size, size, 3]), crop_and_resize
         )
     return tf.ensure_shape(out, [size, size, 3])
-
-
-# ----------------------------------------------------------------------------
-# Config and composite views.
-
-
-def default_augment_config(image_size, *, jitter_strength, blur_prob):
-    """Returns the reference augmentation settings for one image size.
-
-    Args:
-      image_size: output height and width (32 CIFAR, 224 ImageNet).
-      jitter_strength: colour-jitter strength (0.5 CIFAR, 1.0 ImageNet).
-      blur_prob: blur probability (0.0 CIFAR, 0.5 ImageNet).
-
-    Returns:
-      An ml_collections.ConfigDict with exactly the fields in AUGMENT_FIELDS.
-    """
-    cfg = mlc.ConfigDict(
-        {
-            "image_size": image_size,
-            "crop_area_range": (0.08, 1.0),
-            "crop_aspect_range": (3 / 4, 4 / 3),
-            "crop_max_attempts": 100,
-            "flip_prob": 0.5,
-            "jitter_strength": jitter_strength,
-            "jitter_prob": 0.8,
-            "brightness_mode": "multiplicative",
-            "grayscale_prob": 0.2,
-            "blur_prob": blur_prob,
-            "blur_sigma_range": (0.1, 2.0),
-            "eval_crop_fraction": 0.875,
-        }
-    )
-    validate_augment_config(cfg)
-    return cfg
-
-
-def validate_augment_config(cfg):
-    """Raises ValueError naming the field, its value and what is allowed.
-
-    Args:
-      cfg: a ConfigDict (or any object with the AUGMENT_FIELDS attributes). For
-        mappings and ConfigDicts, unknown fields are rejected too, so a typo
-        cannot silently leave a default in place.
-    """
-    missing = [f for f in AUGMENT_FIELDS if not hasattr(cfg, f)]
-    if missing:
-        raise ValueError(f"augment config is missing fields {missing}; required: {AUGMENT_FIELDS}")
-    if hasattr(cfg, "keys"):
-        unknown = sorted(set(cfg.keys()) - set(AUGMENT_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"augment config has unknown fields {unknown}; allowed: {AUGMENT_FIELDS}"
-            )
-    checks = {
-        "image_size": lambda n, v: _check_int(n, v, 1),
-        "crop_area_range": lambda n, v: _check_pair(n, v, 0.0, 1.0),
-        "crop_aspect_range": lambda n, v: _check_pair(n, v, 0.0, float("inf")),
-        "crop_max_attempts": lambda n, v: _check_int(n, v, 1),
-        "flip_prob": _check_prob,
-        "jitter_strength": lambda n, v: _check_number(n, v, 0.0, MAX_JITTER_STRENGTH),
-        "jitter_prob": _check_prob,
-        "brightness_mode": lambda n, v: _check_brightness_mode(v),
-        "grayscale_prob": _check_prob,
-        "blur_prob": _check_prob,
-        "blur_sigma_range": lambda n, v: _check_pair(n, v, 0.0, float("inf")),
-        "eval_crop_fraction": lambda n, v: _check_number(n, v, 0.0, 1.0, lo_open=True),
-    }
-    for name, check in checks.items():
-        try:
-            check(name, getattr(cfg, name))
-        except ValueError as e:
-            raise ValueError(f"augment config field {e}") from None
-
-
-def pretrain_view(image, seed, cfg):
-    """One SimCLR pretraining view, in the reference order.
-
-    crop -> flip -> colour jitter (p = jitter_prob) -> grayscale
-    (p = grayscale_prob) -> blur (p = blur_prob, only when blur_prob > 0).
-    The seed is split into five fixed slots, one per op.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8, any H and W.
-      seed: int32/int64 tensor of shape [2]; use different seeds for the views.
-      cfg: augmentation config (see default_augment_config).
-
-    Returns:
-      float32 [image_size, image_size, 3] in [0, 1].
-    """
-    validate_augment_config(cfg)
-    seeds = _split(_as_seed(seed), 5)
-    size = cfg.image_size
-    x = random_resized_crop(
-        image,
-        seeds[_CROP],
-        size=size,
-        area_range=tuple(cfg.crop_area_range),
-        aspect_range=tuple(cfg.crop_aspect_range),
-        max_attempts=cfg.crop_max_attempts,
-    )
-    x = random_flip(x, seeds[_FLIP], prob=cfg.flip_prob)
-    x = random_color_jitter(
-        x,
-        seeds[_JITTER],
-        prob=cfg.jitter_prob,
-        strength=cfg.jitter_strength,
-        brightness_mode=cfg.brightness_mode,
-    )
-    x = random_grayscale(x, seeds[_GRAY], prob=cfg.grayscale_prob)
-    if cfg.blur_prob > 0:
-        x = random_blur(
-            x,
-            seeds[_BLUR],
-            prob=cfg.blur_prob,
-            sigma_range=tuple(cfg.blur_sigma_range),
-            kernel_size=size // 10,
-        )
-    return tf.ensure_shape(x, [size, size, 3])
-
-
-def finetune_view(image, seed, cfg):
-    """Linear-eval / fine-tuning training view: random resized crop + flip.
-
-    Uses the same seed slots as pretrain_view for the crop and the flip.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      seed: int32/int64 tensor of shape [2].
-      cfg: augmentation config.
-
-    Returns:
-      float32 [image_size, image_size, 3] in [0, 1].
-    """
-    validate_augment_config(cfg)
-    seeds = _split(_as_seed(seed), 5)
-    x = random_resized_crop(
-        image,
-        seeds[_CROP],
-        size=cfg.image_size,
-        area_range=tuple(cfg.crop_area_range),
-        aspect_range=tuple(cfg.crop_aspect_range),
-        max_attempts=cfg.crop_max_attempts,
-    )
-    return random_flip(x, seeds[_FLIP], prob=cfg.flip_prob)
-
-
-def eval_view(image, cfg):
-    """Evaluation view: center_crop to image_size with eval_crop_fraction.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      cfg: augmentation config.
-
-    Returns:
-      float32 [image_size, image_size, 3] in [0, 1].
-    """
-    validate_augment_config(cfg)
-    return center_crop(image, size=cfg.image_size, crop_fraction=cfg.eval_crop_fraction)

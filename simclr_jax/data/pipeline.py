@@ -4,22 +4,13 @@ Every host builds its own pipeline and yields local batches of b = B / P
 examples (B the global batch, P the process count); the trainer assembles them
 into global arrays with jax.make_array_from_process_local_data.
 
-Training data order. For indexable sources (embedded sample, image folders) and
-for every cached source the order is global, the same for any process count:
-- epoch e is one permutation of all N examples (or of subset_indices), seeded
-  by (seed, e) only; global step s of the epoch takes its positions
-  [s*B, (s+1)*B), and steps_per_epoch = N // B (the remainder is dropped, so no
-  batch straddles two epochs);
-- host p supplies `batch_rows` of every global batch, by default the block
-  [p*b, (p+1)*b). That block is where make_array_from_process_local_data puts
-  process p's rows when the mesh lists each process's devices together and in
-  process order, as a mesh over jax.devices() does on CPU (tested with 2
-  processes x 4 devices) and GPU clusters. For other meshes (TPU pods may
-  interleave processes) pass batch_rows=distributed.process_batch_rows(mesh, B);
-- the augmentation of the example at global position g of epoch e is seeded by
-  (seed, purpose, e, g), split into different seeds for the two views.
-So the hosts' local batches, laid out by row, are bit-identical to the batch one
-process builds: a 2 x 4-device run trains on exactly the data of a 1 x 8 run.
+Training data order (order.py has the details): for indexable sources
+(embedded sample, image folders) and for every cached source the order is
+global, the same for any process count: each epoch is one seeded permutation of
+the split and host p supplies its rows of every global batch, so the hosts'
+local batches, laid out by row, are bit-identical to the batch one process
+builds. Record streams (tfds, not cached) keep a per-host, buffer-shuffled
+order. Augmentation seeds follow the global row position either way.
 
 What a global order costs: any host may need any example. Indexable sources
 read each image by its index when it is drawn, which costs nothing extra. A
@@ -27,15 +18,6 @@ cache must hold the whole split (or subset) on every host, P times the memory a
 per-host shard would take; so the automatic choice (data.cache None) caches
 only when the whole decoded split fits CACHE_AUTO_MAX_BYTES, and
 data.cache=True caches it regardless.
-
-Record streams (tfds, not cached: e.g. ImageNet) have no cheap random access,
-so they keep a per-host order, as the reference code and tfds.even_splits do:
-host p reads its contiguous range of the split, shuffles it with a buffer
-(data.shuffle_buffer, default 50,000) seeded by (seed, p, e), and every host
-takes min_host_examples // b batches per epoch. A 2-host run therefore sees
-other batches than a 1-host run (same distribution). A good shuffle relies on
-tfds having shuffled the examples when it wrote the files, which it does.
-Augmentation seeds follow the global row position here too.
 
 Determinism and resume. Everything random is a pure function of the config
 seed, never of the TF global seed or of time, so `start_step=k` rebuilds exactly
@@ -58,17 +40,14 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
-from simclr_jax.data import augment, datasets
+from simclr_jax.data import order, sources, views
+from simclr_jax.data.sources import base
 
 # Decoded splits up to this size are cached in host memory when data.cache is
 # unset (None); a global order needs the whole split on every host. CIFAR-10 is
 # 150 MB, STL-10 'unlabelled' 2.8 GB.
 CACHE_AUTO_MAX_BYTES = 4 * 2**30
 DEFAULT_SHUFFLE_BUFFER = 50_000
-# Purposes folded into the seed so the permutation, shuffle and augmentation
-# streams never coincide, and pretraining and fine-tuning draw different crops.
-_PERMUTATION, _SHUFFLE, _PRETRAIN_VIEWS, _FINETUNE_VIEWS = 1, 2, 3, 4
-_SEED_ALG = "philox"
 
 _log = logging.getLogger(__name__)
 
@@ -138,10 +117,10 @@ def build_pretrain_dataset(
     """Infinite SimCLR pretraining batches for this host.
 
     Args:
-      data_cfg: data section of the config (see datasets.load_source), plus
+      data_cfg: data section of the config (see sources.load_source), plus
         optional cache (None: automatic), shuffle_buffer and split_seed (seed
         of a folder's val_fraction hold-out, default 0).
-      aug_cfg: augmentation config (see augment.default_augment_config).
+      aug_cfg: augmentation config (see views.default_augment_config).
       global_batch_size: batch over all hosts; divisible by process_count.
       seed: seed of the data order and of the augmentations.
       process_index: this host, in [0, process_count).
@@ -157,18 +136,20 @@ def build_pretrain_dataset(
       aug_cfg.image_size.
     """
 
-    def views(image, view_seed):
-        s1, s2 = tf.unstack(tf.random.experimental.stateless_split(view_seed, 2, alg=_SEED_ALG))
+    def two_views(image, view_seed):
+        s1, s2 = tf.unstack(
+            tf.random.experimental.stateless_split(view_seed, 2, alg=order.SEED_ALG)
+        )
         return {
-            "view1": augment.pretrain_view(image, s1, aug_cfg),
-            "view2": augment.pretrain_view(image, s2, aug_cfg),
+            "view1": views.pretrain_view(image, s1, aug_cfg),
+            "view2": views.pretrain_view(image, s2, aug_cfg),
         }
 
     return _build_train_dataset(
         data_cfg,
         aug_cfg,
-        views,
-        purpose=_PRETRAIN_VIEWS,
+        two_views,
+        purpose=order.PRETRAIN_VIEWS,
         global_batch_size=global_batch_size,
         seed=seed,
         process_index=process_index,
@@ -207,13 +188,13 @@ def build_finetune_dataset(
     """
 
     def view(image, view_seed):
-        return {"image": augment.finetune_view(image, view_seed, aug_cfg)}
+        return {"image": views.finetune_view(image, view_seed, aug_cfg)}
 
     return _build_train_dataset(
         data_cfg,
         aug_cfg,
         view,
-        purpose=_FINETUNE_VIEWS,
+        purpose=order.FINETUNE_VIEWS,
         global_batch_size=global_batch_size,
         seed=seed,
         process_index=process_index,
@@ -239,7 +220,7 @@ def build_eval_dataset(
     split's fixed order. Indexable sources: host p's rows of global batch s are
     positions [s*B + p*b, s*B + (p+1)*b), so laid out by process the global
     batches are those of one process. tfds: host p reads its contiguous range
-    (datasets.DataSource.shard_indices). Positions past the end are padding
+    (base.DataSource.shard_indices). Positions past the end are padding
     (zero image, label 0, mask False), and every host yields the same number of
     batches so collectives cannot hang.
 
@@ -255,14 +236,14 @@ def build_eval_dataset(
       A finite dataset of {'image': float32 [b, S, S, 3], 'label': int32 [b],
       'mask': bool [b]}; its cardinality is the number of batches.
     """
-    augment.validate_augment_config(aug_cfg)
-    datasets.check_process(process_index, process_count)
-    batch = _local_batch_size(global_batch_size, process_count)
-    source = datasets.load_source(data_cfg, split, seed=_split_seed(data_cfg))
+    views.validate_augment_config(aug_cfg)
+    base.check_process(process_index, process_count)
+    batch = order.local_batch_size(global_batch_size, process_count)
+    source = sources.load_source(data_cfg, split, seed=order.split_seed(data_cfg))
     if source.indexable:
         num_batches = math.ceil(source.num_examples / global_batch_size)
-        rows = _default_rows(process_index, batch)
-        positions = _host_positions(num_batches, global_batch_size, rows)
+        rows = order.default_rows(process_index, batch)
+        positions = order.host_positions(num_batches, global_batch_size, rows)
         # Positions grow along the pass, so the real ones are a prefix.
         indices = positions[positions < source.num_examples]
         # records_at needs at least one index; a host left with padding only takes none.
@@ -276,7 +257,7 @@ def build_eval_dataset(
         records = source.records(process_index, process_count)
     ds = records.map(
         lambda r: {
-            "image": augment.eval_view(source.decode(r), aug_cfg),
+            "image": views.eval_view(source.decode(r), aug_cfg),
             "label": r["label"],
             "mask": tf.constant(True),
         },
@@ -316,35 +297,39 @@ def _build_train_dataset(
     subset_indices,
     batch_rows,
 ):
-    augment.validate_augment_config(aug_cfg)
+    views.validate_augment_config(aug_cfg)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r}: must be an int in [0, 2**63)")
     if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
         raise ValueError(f"start_step={start_step!r}: must be an int >= 0")
     if start_step < 0:
         raise ValueError(f"start_step={start_step!r}: must be an int >= 0")
-    datasets.check_process(process_index, process_count)
-    batch = _local_batch_size(global_batch_size, process_count)
-    rows = _check_batch_rows(batch_rows, global_batch_size, process_index, batch)
+    base.check_process(process_index, process_count)
+    batch = order.local_batch_size(global_batch_size, process_count)
+    rows = order.check_batch_rows(batch_rows, global_batch_size, process_index, batch)
     train_split = data_cfg.get("train_split") or "train"
-    source = datasets.load_source(data_cfg, train_split, seed=_split_seed(data_cfg))
-    subset = _check_subset(subset_indices, source.num_examples)
+    source = sources.load_source(data_cfg, train_split, seed=order.split_seed(data_cfg))
+    subset = order.check_subset(subset_indices, source.num_examples)
     # The examples of an epoch, as split indices.
     pool = np.arange(source.num_examples, dtype=np.int64) if subset is None else subset
     cached = _resolve_cache(data_cfg, source, len(pool))
     global_order = cached or source.indexable
     if global_order:
-        steps, epoch_stream, fetch = _global_stream(
+        steps, epoch_stream = order.global_stream(
             source,
             pool,
             subset,
-            cached=cached,
             seed=seed,
             global_batch_size=global_batch_size,
             rows=rows,
         )
+        read = _cached_fetcher(source, pool, subset) if cached else _table_fetcher(source, pool)
+
+        def fetch(element):
+            return read(element["example"])
+
     else:
-        steps, epoch_stream, fetch = _host_stream(
+        steps, epoch_stream = order.host_stream(
             source,
             subset,
             seed=seed,
@@ -354,6 +339,10 @@ def _build_train_dataset(
             process_count=process_count,
             shuffle_buffer=int(data_cfg.get("shuffle_buffer") or DEFAULT_SHUFFLE_BUFFER),
         )
+
+        def fetch(record):
+            return {"image": source.decode(record), "label": record["label"]}
+
     # Whole epochs are skipped by arithmetic, the rest on indices / undecoded
     # records, so a resume costs no decoding.
     start_epoch, offset = divmod(int(start_step), steps)
@@ -362,7 +351,7 @@ def _build_train_dataset(
     def make_example(element):
         example = fetch(element)
         image = tf.image.convert_image_dtype(example["image"], tf.float32)
-        view_seed = _derive_seed(seed, purpose, element["epoch"], element["position"])
+        view_seed = order.derive_seed(seed, purpose, element["epoch"], element["position"])
         return {**make_views(image, view_seed), "label": example["label"]}
 
     ds = stream.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -380,134 +369,7 @@ def _build_train_dataset(
     return _with_options(ds), info
 
 
-def _global_stream(source, pool, subset, *, cached, seed, global_batch_size, rows):
-    """The process-count independent order: one permutation of `pool` per epoch.
-
-    Returns:
-      (steps_per_epoch, epoch -> dataset of this host's elements in order,
-      element -> {'image': uint8, 'label'}).
-    """
-    steps = len(pool) // global_batch_size
-    if steps == 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is larger than the data: {source.name!r} "
-            f"({source.split}{', subset_indices' if subset is not None else ''}) holds only "
-            f"{len(pool)} examples; lower the batch size"
-        )
-    read = _cached_fetcher(source, pool, subset) if cached else _table_fetcher(source, pool)
-    # This host's positions in every epoch's permutation, step by step.
-    positions = _host_positions(steps, global_batch_size, rows)
-
-    def epoch_stream(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(len(pool), dtype=tf.int64),
-            _derive_seed(seed, _PERMUTATION, epoch),
-            alg=_SEED_ALG,
-        )
-        return tf.data.Dataset.from_tensor_slices(
-            {
-                "epoch": tf.fill([len(positions)], epoch),
-                "position": tf.constant(positions),
-                "example": tf.gather(order, positions),
-            }
-        )
-
-    return steps, epoch_stream, lambda element: read(element["example"])
-
-
-def _host_stream(
-    source, subset, *, seed, global_batch_size, rows, process_index, process_count, shuffle_buffer
-):
-    """The per-host order of record streams: this host's range, buffer-shuffled per epoch.
-
-    Returns:
-      As _global_stream.
-    """
-    batch = len(rows)
-    hosts = [_stream_indices(source, q, process_count, subset) for q in range(process_count)]
-    per_host = min(len(h) for h in hosts)
-    steps = per_host // batch
-    if steps == 0:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} needs {batch} examples per process, but "
-            f"process {int(np.argmin([len(h) for h in hosts]))} of {process_count} holds "
-            f"only {per_host} of the {sum(len(h) for h in hosts)} examples of {source.name!r} "
-            f"({source.split}); lower the batch size"
-        )
-    records = _filter_subset(source.records(process_index, process_count), subset)
-    buffer = min(len(hosts[process_index]), shuffle_buffer)
-    rows_t = tf.constant(rows)
-
-    def epoch_stream(epoch):
-        shuffle_seed = tf.random.stateless_uniform(
-            [], _derive_seed(seed, _SHUFFLE, process_index, epoch), 0, 2**62, tf.int64
-        )
-        shuffled = records.shuffle(buffer, seed=shuffle_seed).take(steps * batch).enumerate()
-        # Local element i is row rows[i % b] of global step i // b.
-        return shuffled.map(
-            lambda i, r: {
-                **r,
-                "epoch": epoch,
-                "position": i // batch * global_batch_size + tf.gather(rows_t, i % batch),
-            }
-        )
-
-    return steps, epoch_stream, lambda r: {"image": source.decode(r), "label": r["label"]}
-
-
-def _derive_seed(seed: int, purpose: int, *data) -> tf.Tensor:
-    """An int64 [2] stateless seed that is a pure function of its arguments."""
-    key = tf.constant([seed, purpose], tf.int64)
-    for value in data:
-        key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64), alg=_SEED_ALG)
-    return key
-
-
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
-    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int | np.integer):
-        raise ValueError(f"global_batch_size={global_batch_size!r}: must be a positive int")
-    if global_batch_size < 1:
-        raise ValueError(f"global_batch_size={global_batch_size!r}: must be a positive int")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} is not divisible by "
-            f"process_count={process_count}; every process needs the same local batch"
-        )
-    return int(global_batch_size) // process_count
-
-
-def _default_rows(process_index: int, local_batch: int) -> np.ndarray:
-    return np.arange(process_index * local_batch, (process_index + 1) * local_batch, dtype=np.int64)
-
-
-def _check_batch_rows(batch_rows, global_batch_size, process_index, local_batch) -> np.ndarray:
-    if batch_rows is None:
-        return _default_rows(process_index, local_batch)
-    rows = np.asarray(batch_rows)
-    if (
-        rows.shape != (local_batch,)
-        or not np.issubdtype(rows.dtype, np.integer)
-        or len(np.unique(rows)) != local_batch
-        or rows.min() < 0
-        or rows.max() >= global_batch_size
-    ):
-        raise ValueError(
-            f"batch_rows={batch_rows!r}: expected {local_batch} distinct ints in "
-            f"[0, global_batch_size={global_batch_size})"
-        )
-    return rows.astype(np.int64)
-
-
-def _host_positions(num_steps: int, global_batch_size: int, rows: np.ndarray) -> np.ndarray:
-    """Positions s * B + rows for s in [0, num_steps), step-major: a host's share of a pass."""
-    return (np.arange(num_steps, dtype=np.int64)[:, None] * global_batch_size + rows).reshape(-1)
-
-
-def _split_seed(data_cfg: mlc.ConfigDict) -> int:
-    return int(data_cfg.get("split_seed") or 0)
-
-
-def _resolve_cache(data_cfg: mlc.ConfigDict, source: datasets.DataSource, num_held: int) -> bool:
+def _resolve_cache(data_cfg: mlc.ConfigDict, source: base.DataSource, num_held: int) -> bool:
     """Whether to cache `num_held` decoded examples of `source` in this host's memory."""
     cache = data_cfg.get("cache")
     if cache is None:
@@ -517,38 +379,6 @@ def _resolve_cache(data_cfg: mlc.ConfigDict, source: datasets.DataSource, num_he
     if not isinstance(cache, bool):
         raise ValueError(f"data.cache={cache!r}: must be True, False or None (automatic)")
     return cache
-
-
-def _check_subset(subset_indices, num_examples: int) -> np.ndarray | None:
-    if subset_indices is None:
-        return None
-    subset = np.asarray(subset_indices)
-    if subset.ndim != 1 or not len(subset) or not np.issubdtype(subset.dtype, np.integer):
-        raise ValueError(f"subset_indices: expected a non-empty 1-D int array, got {subset!r}")
-    if subset.min() < 0 or subset.max() >= num_examples:
-        raise ValueError(
-            f"subset_indices range [{subset.min()}, {subset.max()}] is outside the split's "
-            f"[0, {num_examples})"
-        )
-    unique = np.unique(subset)
-    if len(unique) != len(subset):
-        raise ValueError(f"subset_indices holds {len(subset) - len(unique)} duplicate(s)")
-    return unique.astype(np.int64)
-
-
-def _stream_indices(source, process_index, process_count, subset) -> np.ndarray:
-    """Split indices a host's record stream yields: its range, reduced to the subset."""
-    shard = source.shard_indices(process_index, process_count)
-    return shard if subset is None else np.intersect1d(shard, subset)
-
-
-def _filter_subset(records: tf.data.Dataset, subset: np.ndarray | None) -> tf.data.Dataset:
-    if subset is None:
-        return records
-    member = tf.constant(np.isin(np.arange(subset.max() + 1), subset))
-    return records.filter(
-        lambda r: tf.logical_and(r["index"] <= subset.max(), tf.gather(member, r["index"]))
-    )
 
 
 def _table_fetcher(source, pool):
@@ -567,7 +397,7 @@ def _cached_fetcher(source, pool, subset):
     if source.indexable:
         records = source.records_at(pool)
     else:  # tfds: the whole split in file order (= sorted index order), reduced to the subset.
-        records = _filter_subset(source.records(0, 1), subset)
+        records = order.filter_subset(source.records(0, 1), subset)
 
     def flatten(record):
         image = source.decode(record)

@@ -2,7 +2,7 @@
 
   python -m simclr_jax.data.preview --config=configs/cifar10.py --out=views.png --num_images=8
 
-Each row shows an original image, then two views from augment.pretrain_view with
+Each row shows an original image, then two views from views.pretrain_view with
 the config's `augment` section, so a recipe can be checked by eye. The images
 come from the CIFAR-10 sample embedded in the package (no download): used when
 config.data.source is 'embedded' or the config has no `data` section, and as a
@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from simclr_jax.data import augment
+from simclr_jax.data import views as views_lib
 
 EMBEDDED_SAMPLE = os.path.join(os.path.dirname(__file__), "assets", "cifar10_sample.npz")
 COLUMNS = ("original", "view 1", "view 2")
@@ -103,7 +103,7 @@ def make_views(images, cfg, seed=0):
     for i, image in enumerate(images):
         seeds = tf.random.experimental.stateless_split(tf.constant([seed, i], tf.int64), 2)
         for k in range(2):
-            views[k].append(augment.pretrain_view(image, seeds[k], cfg).numpy())
+            views[k].append(views_lib.pretrain_view(image, seeds[k], cfg).numpy())
     return np.stack(views[0]), np.stack(views[1])
 
 
@@ -166,7 +166,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.config is None:
-        cfg = augment.default_augment_config(32, jitter_strength=0.5, blur_prob=0.0)
+        cfg = views_lib.default_augment_config(32, jitter_strength=0.5, blur_prob=0.0)
     else:
         config = load_config(args.config)
         if "augment" not in config:
@@ -178,7 +178,7 @@ def main(argv=None):
                 f"note: config.data.source={source!r}; the preview uses the embedded "
                 "CIFAR-10 sample instead (no download)."
             )
-    augment.validate_augment_config(cfg)
+    views_lib.validate_augment_config(cfg)
     images, _, _ = load_embedded_images(args.num_images, interleave_classes=True)
     views1, views2 = make_views(images, cfg, args.seed)
     grid = render_grid(images, views1, views2, cell_size(cfg.image_size))

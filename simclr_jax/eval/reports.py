@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from simclr_jax import files
-from simclr_jax.data import datasets
+from simclr_jax.data import sources
 from simclr_jax.metrics import MetricLogger
 
 CONFUSION_FILE = "confusion_matrix.png"
@@ -29,7 +29,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 def class_names(data_cfg) -> tuple[tuple[str, ...], int]:
     """(class names, class count) of the data's eval split (data_cfg: config.data)."""
-    source = datasets.load_source(data_cfg, data_cfg.eval_split)
+    source = sources.load_source(data_cfg, data_cfg.eval_split)
     return source.class_names, source.num_classes
 
 

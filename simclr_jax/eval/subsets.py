@@ -11,7 +11,7 @@ same seed. ImageNet uses the published subsets instead (tfds
 import ml_collections as mlc
 import numpy as np
 
-from simclr_jax.data import datasets
+from simclr_jax.data import sources
 
 IMAGENET_OFFICIAL = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
 
@@ -54,7 +54,7 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
 
 def split_labels(data_cfg: mlc.ConfigDict) -> np.ndarray:
     """Labels of the train split in the pipeline's fixed order (no image decoding)."""
-    source = datasets.load_source(data_cfg, data_cfg.train_split)
+    source = sources.load_source(data_cfg, data_cfg.train_split)
     if source.indexable:
         return source.table_rows(np.arange(source.num_examples))["label"]
     labels = [b.numpy() for b in source.records(0, 1).map(lambda r: r["label"]).batch(8192)]

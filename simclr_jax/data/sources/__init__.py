@@ -1,0 +1,83 @@
+"""Data sources: the embedded CIFAR-10 sample, TFDS datasets and image folders.
+
+`load_source(data_cfg, split)` returns a `base.DataSource`: the split's size, its
+classes, and `shard(process_index, process_count)`, a tf.data.Dataset of
+{'image': uint8 [H, W, 3] RGB, 'label': int32, 'index': int64} in a fixed order
+(no shuffling here; the pipeline shuffles). 'index' is the example's position in
+the split's fixed order, so any example can be identified across hosts.
+
+Sharding over hosts (process p of P; the shards are disjoint, their union is the
+split, and sizes differ by at most one):
+- embedded and folder sources are indexable: host p gets indices p, p + P,
+  p + 2P, ..., so each host sees every class even though the fixed order is
+  sorted by class. Hosts p < n % P hold one extra example.
+- tfds: host p reads the contiguous range tfds.even_splits would give it (the
+  first n % P hosts hold one extra example), read in file order
+  (interleave_cycle_length=1) so 'index' is the absolute position.
+Who uses these shards: the pipeline's tfds record streams (training without a
+cache, and evaluation of tfds splits). Indexable and cached sources are instead
+read by global index in an order that does not depend on the process count
+(see simclr_jax/data/order.py), so there a host may read any example.
+
+One module per source: embedded.py, tfds.py, folder.py (folders and archives);
+base.py holds what they share (DataSource, image decoding, host checks).
+"""
+
+import ml_collections as mlc
+
+from simclr_jax.data.sources import base, embedded, folder, tfds
+
+SOURCES = ("embedded", "tfds", "folder")
+
+
+def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
+    """Raises ValueError naming the field, its value and what is allowed.
+
+    Args:
+      data_cfg: the data section of a config (fields listed in load_source).
+    """
+    source = data_cfg.get("source")
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r}: allowed values are {SOURCES}")
+    val_fraction = base.data_field(data_cfg, "val_fraction", 0.0)
+    if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
+    if val_fraction > 0 and source != "folder":
+        raise ValueError(
+            f"data.val_fraction={val_fraction!r} applies to data.source='folder' only; for "
+            "tfds hold out with split slicing, e.g. train_split='train[:90%]', "
+            "eval_split='train[90%:]'"
+        )
+    name = data_cfg.get("name")
+    if source == "embedded" and name not in (None, "", *embedded.EMBEDDED_NAMES):
+        raise ValueError(
+            f"data.name={name!r} with data.source='embedded': the embedded sample is "
+            f"CIFAR-10 (name one of {embedded.EMBEDDED_NAMES}); use source='tfds' for other "
+            "datasets"
+        )
+    if source in ("tfds", "folder") and not name:
+        raise ValueError(f"data.name={name!r}: name the tfds dataset or the image folder")
+
+
+def load_source(data_cfg: mlc.ConfigDict, split: str, *, seed: int = 0) -> base.DataSource:
+    """Opens one split of the configured data source.
+
+    Args:
+      data_cfg: ConfigDict with source ('embedded' | 'tfds' | 'folder'), name,
+        data_dir, download, train_split, eval_split, val_fraction, strict and,
+        optionally, extract_dir (where archives are unpacked).
+      split: split to read, e.g. data_cfg.train_split or data_cfg.eval_split.
+      seed: seed of the folder hold-out split (val_fraction); keep it fixed
+        across runs that must share the same validation set.
+
+    Returns:
+      A DataSource.
+    """
+    validate_data_config(data_cfg)
+    if not isinstance(split, str) or not split:
+        raise ValueError(f"split={split!r}: expected a split name such as 'train'")
+    if data_cfg.source == "embedded":
+        return embedded.load_embedded(split)
+    if data_cfg.source == "tfds":
+        return tfds.load_tfds(data_cfg, split)
+    return folder.load_folder(data_cfg, split, seed)
