@@ -1,6 +1,12 @@
-"""The SimCLR pretraining loop: data, state, step, metrics, checkpoints, kNN at the end.
+"""The SimCLR pretraining loop: setup, loop, finish.
 
-Resume order matters and is why things happen in this sequence: the restored
+`train_and_evaluate` reads top to bottom: set up the run (`_setup`: config.json,
+devices, the input pipeline, the model and optimizer, a fresh or restored
+state), run the loop (`_train_loop`: one step, then the periodic work of
+simclr_jax.hooks: host sync and logging, checkpoints, the kNN monitor,
+preemption), and finish (results, the kNN/probe evaluation, results.json).
+
+Resume order matters and is why setup happens in this sequence: the restored
 step decides where the input pipeline starts, so the checkpoint step is read
 before the pipeline is built; the data order and every augmentation are pure
 functions of (seed, step), so a resumed run sees exactly the batches an
@@ -8,30 +14,30 @@ uninterrupted run would.
 """
 
 import dataclasses
+import functools
 import json
 import math
-import signal
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections as mlc
-import numpy as np
-from jax.experimental import multihost_utils
+import optax
 
 from simclr_jax import (
     checkpoint,
     config_checks,
     distributed,
     files,
+    hooks,
     models,
     optim,
     sharding,
     steps,
 )
 from simclr_jax.data import pipeline
-from simclr_jax.eval import features, knn, reports
+from simclr_jax.eval import monitor
 from simclr_jax.metrics import MetricLogger
 
 
@@ -39,39 +45,52 @@ class NonFiniteLossError(FloatingPointError):
     """Raised when the loss becomes NaN or infinite; no checkpoint is written after it."""
 
 
-@dataclasses.dataclass
-class _Preemption:
-    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
-
-    requested: bool = False
-
-    def __call__(self, signum, frame):
-        del frame
-        self.requested = True
-        print(f"received signal {signum}: saving a checkpoint at the next step", flush=True)
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-    """What the loop needs, built once from the config."""
+    """What the loop needs, built once from the config and the data (`_build_run`).
 
-    model: Any
-    tx: Any
-    schedule: Any
-    mesh: Any
-    devices: list
+    Attributes:
+      model: the pretraining model (encoder, projection head, online probe).
+      tx: the optimizer.
+      schedule: step -> learning rate.
+      mesh: the 1-D data-parallel mesh over `devices`.
+      devices: the devices this run trains on (all processes').
+      parallelism: 'shard_map' or 'pmap' (config.train.parallelism).
+      micro_batch_per_device: examples per micro-batch on each device; None = one pass.
+      total_steps: steps of the whole run.
+      warmup_steps: linear warmup steps of the schedule.
+      steps_per_epoch: steps per pass over the training split.
+      info: the training pipeline's facts (examples, classes, batch sizes).
+      conv: the encoder's convolution class (models.build_model's `conv`).
+      monitor_every_steps: the kNN monitor's period in steps (0: only at the end).
+    """
+
+    model: models.SimCLRModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    devices: list[jax.Device]
+    parallelism: str
     micro_batch_per_device: int | None
     total_steps: int
     warmup_steps: int
     steps_per_epoch: int
-    info: Any
-    # The encoder's convolution class (models.build_model's `conv`).
-    conv: Any = nn.Conv
-    # The kNN monitor runs every this many steps during training (0: only at the end).
+    info: pipeline.PipelineInfo
+    conv: models.ModuleDef = nn.Conv
     monitor_every_steps: int = 0
 
+    def to_device(self, batch: dict) -> dict:
+        """A host batch as the step takes it (global arrays, or stacked per device for pmap)."""
+        if self.parallelism == "pmap":
+            return sharding.shard_for_pmap(batch, sharding.local_device_count(self.devices))
+        return sharding.make_global_batch(batch, self.mesh)
 
-def _select_devices(config: mlc.ConfigDict) -> list:
+    def to_host_state(self, state: steps.TrainState) -> steps.TrainState:
+        """The state without pmap's device axis (unchanged under shard_map)."""
+        return sharding.unreplicate_from_pmap(state) if self.parallelism == "pmap" else state
+
+
+def _select_devices(config: mlc.ConfigDict) -> list[jax.Device]:
     devices = sharding.select_devices(config.train.num_devices)
     config_checks.check_batch_split(
         config.train.batch_size, len(devices), jax.process_count(), "train.batch_size"
@@ -79,7 +98,14 @@ def _select_devices(config: mlc.ConfigDict) -> list:
     return devices
 
 
-def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh, conv) -> Run:
+def _build_run(
+    config: mlc.ConfigDict,
+    data_info: pipeline.PipelineInfo,
+    devices: list[jax.Device],
+    mesh: jax.sharding.Mesh,
+    conv: models.ModuleDef,
+) -> Run:
+    """Converts the config's epochs to steps and builds the model and optimizer (no state)."""
     monitor_epochs = config.eval.get("every_epochs", 0.0)
     if config.eval.knn or monitor_epochs:
         config_checks.check_batch_split(
@@ -118,6 +144,7 @@ def _build_run(config: mlc.ConfigDict, data_info, devices: list, mesh, conv) -> 
         schedule=schedule,
         mesh=mesh,
         devices=devices,
+        parallelism=config.train.parallelism,
         micro_batch_per_device=micro_per_device,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
@@ -156,10 +183,6 @@ def _init_state(config, run: Run, manager) -> tuple[steps.TrainState, int]:
     return state, start_step
 
 
-def _to_host_state(state, parallelism: str):
-    return sharding.unreplicate_from_pmap(state) if parallelism == "pmap" else state
-
-
 def _compute_scalars(metrics: steps.TrainMetrics) -> tuple[dict[str, float], int]:
     values = jax.device_get(metrics.compute())
     first_bad = int(values.pop("first_nonfinite_step"))
@@ -174,12 +197,6 @@ def _check_finite(first_bad: int) -> None:
             "The last checkpoint in the workdir is from before it. Lower the learning rate "
             "(config.optim.base_lr), raise config.loss.temperature, or use float32."
         )
-
-
-def _any_process(flag: bool) -> bool:
-    """True on every process if `flag` is True on any (a collective: all must call it)."""
-    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-    return bool(np.asarray(flags).any())
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -197,6 +214,20 @@ def _done_message(results: dict, throughput: float, workdir: str) -> str:
     return "; ".join([*parts, f"results in {workdir}"])
 
 
+@dataclasses.dataclass(frozen=True)
+class _LoopEnd:
+    """What the loop leaves for the finish."""
+
+    state: steps.TrainState
+    step: int
+    compile_seconds: float | None
+    images_per_sec: float
+    # jit's executable cache: 1 means the step compiled exactly once (None for jax.pmap and
+    # for the ahead-of-time compiled step of a multi-process run).
+    train_step_compilations: int | None
+    preempted: bool
+
+
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) -> dict:
     """Pretrains SimCLR as configured, then evaluates kNN and the online probe.
 
@@ -210,6 +241,36 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
 
     Returns:
       The results dict also written to workdir/results.json.
+
+    Raises:
+      config_checks.ConfigError: for a config the run cannot use, before compiling.
+      NonFiniteLossError: when the loss becomes NaN or infinite (nothing is saved after it).
+    """
+    run, state, start_step, manager, batches = _setup(config, workdir, conv)
+    step_fn = _compile_train_step(config, run)
+    logger = MetricLogger(workdir, run.total_steps)
+    _print_plan(config, run)
+    # Built at its first use (the kNN monitor or the end), then shared: one compilation.
+    evaluator = functools.cache(
+        lambda: monitor.make_evaluator(
+            config, mesh=run.mesh, num_classes=run.info.num_classes, conv=run.conv
+        )
+    )
+    try:
+        end = _train_loop(
+            config, run, state, start_step, step_fn, batches, manager, logger, evaluator
+        )
+    finally:
+        manager.wait_until_finished()
+        logger.flush()
+    return _finish(config, workdir, run, end, logger, evaluator)
+
+
+def _setup(config: mlc.ConfigDict, workdir: str, conv):
+    """Checks the config, writes config.json, builds the run, its state and its batches.
+
+    Returns:
+      (run, state placed for the step, its step, the checkpoint manager, host batches).
     """
     config_checks.validate_pretrain_config(config)
     pipeline.configure_tensorflow()
@@ -239,9 +300,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
     run = _build_run(config, info, devices, mesh, conv)
     state, start_step = _init_state(config, run, manager)
     assert start_step == start_step_hint, (start_step, start_step_hint)
+    return run, state, start_step, manager, iter(pipeline.as_numpy_iterator(train_ds))
 
-    parallelism = config.train.parallelism
-    step_fn = steps.compile_train_step(
+
+def _compile_train_step(config: mlc.ConfigDict, run: Run):
+    """The jitted (shard_map) or pmapped train step of this run."""
+    return steps.compile_train_step(
         lambda s, b: steps.train_step(
             s,
             b,
@@ -255,22 +319,17 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
             micro_batch_per_device=run.micro_batch_per_device,
             freeze_bn=config.train.get("micro_batch_bn", "micro") == "frozen",
         ),
-        parallelism=parallelism,
+        parallelism=run.parallelism,
         mesh=run.mesh,
     )
-    num_local = sharding.local_device_count(run.devices)
 
-    def to_device(batch):
-        if parallelism == "pmap":
-            return sharding.shard_for_pmap(batch, num_local)
-        return sharding.make_global_batch(batch, run.mesh)
 
-    logger = MetricLogger(workdir, run.total_steps)
+def _print_plan(config: mlc.ConfigDict, run: Run) -> None:
     print(
         f"SimCLR pretraining: {run.total_steps} steps ({run.steps_per_epoch} steps/epoch, "
         f"warmup {run.warmup_steps}), global batch {config.train.batch_size} on "
-        f"{len(run.devices)} devices x {jax.process_count()} processes ({parallelism}), "
-        f"{info.num_examples} training examples, ResNet-{config.model.depth}",
+        f"{len(run.devices)} devices x {jax.process_count()} processes ({run.parallelism}), "
+        f"{run.info.num_examples} training examples, ResNet-{config.model.depth}",
         flush=True,
     )
     if run.micro_batch_per_device:
@@ -280,113 +339,138 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
             f"NT-Xent gradient; BN mode {config.train.micro_batch_bn!r})",
             flush=True,
         )
-    preemption = _Preemption()
-    previous_handler = signal.signal(signal.SIGTERM, preemption)
-    images_per_step = config.train.batch_size
-    data_iter = iter(pipeline.as_numpy_iterator(train_ds))
-    acc = None
-    compile_seconds = None
-    interval_start, interval_steps = None, 0
-    timed_seconds, timed_steps = 0.0, 0
-    step = start_step
-    stopped_early = False
-    multihost = jax.process_count() > 1
-    monitor = None  # the kNN monitor's evaluator, built at its first use
-    try:
+
+
+def _train_loop(
+    config: mlc.ConfigDict,
+    run: Run,
+    state: steps.TrainState,
+    step: int,
+    step_fn,
+    batches: Iterator[dict],
+    manager,
+    logger: MetricLogger,
+    evaluator: Callable[[], monitor.Evaluator],
+) -> _LoopEnd:
+    """Steps from `step` to run.total_steps, or to a preemption; after each step, the periodic
+    work: host sync and logging, checkpoint, kNN monitor, stop."""
+    throughput = hooks.Throughput(config.train.batch_size)
+    stop_at = config.train.stop_at_step
+    acc, compile_seconds, preempted = None, None, False
+    with hooks.Preemption() as preemption:
         while step < run.total_steps:
-            batch = to_device(next(data_iter))
-            t0 = time.time()
-            if multihost and compile_seconds is None:
-                step_fn = distributed.compile_then_barrier(step_fn, "train_step", state, batch)
-            state, metrics = step_fn(state, batch)
-            if parallelism == "pmap":
+            batch = run.to_device(next(batches))
+            if compile_seconds is None:
+                step_fn, state, metrics, compile_seconds = _first_step(step_fn, state, batch)
+                throughput.restart()
+            else:
+                state, metrics = step_fn(state, batch)
+                throughput.tick()
+            if run.parallelism == "pmap":
                 metrics = sharding.unreplicate_from_pmap(metrics)
             acc = steps.merge_metrics(acc, metrics)
             step += 1
-            if compile_seconds is None:
-                jax.block_until_ready(state)
-                compile_seconds = time.time() - t0
-                print(f"compiled and ran the first step in {compile_seconds:.1f}s", flush=True)
-                interval_start, interval_steps = time.time(), 0
-            else:
-                interval_steps += 1
             is_last = step == run.total_steps
-            if step == config.train.stop_at_step and not is_last:
-                preemption.requested = True
-            log_now = step % config.train.log_every_steps == 0 or is_last
-            save_now = step % config.checkpoint.every_steps == 0 or is_last
-            if multihost:
-                # SIGTERM reaches hosts at different steps; all must stop at the same
-                # one or the collective save deadlocks. They agree at the steps every
-                # host syncs at anyway (log, save, stop_at_step).
-                boundary = log_now or save_now or step == config.train.stop_at_step
-                stop_now = boundary and _any_process(preemption.requested)
-            else:
-                stop_now = preemption.requested
+            if step == stop_at and not is_last:
+                preemption.request()
+            log_now = hooks.every(step, config.train.log_every_steps) or is_last
+            save_now = hooks.every(step, config.checkpoint.every_steps) or is_last
+            stop_now = preemption.stop_now(at_sync=log_now or save_now or step == stop_at)
             if log_now or save_now or stop_now:
-                scalars, first_bad = _compute_scalars(acc)  # the only host sync
-                _check_finite(first_bad)
+                _sync_metrics(run, step, acc, throughput, logger if log_now else None)
                 acc = None
-                if interval_steps:
-                    seconds = time.time() - interval_start
-                    timed_seconds += seconds
-                    timed_steps += interval_steps
-                    scalars["train/steps_per_sec"] = interval_steps / seconds
-                    scalars["train/images_per_sec"] = interval_steps * images_per_step / seconds
-                scalars["train/epoch"] = step / run.steps_per_epoch
-                if log_now:
-                    logger.write_scalars(step, scalars)
-                    logger.print_progress(step, scalars)
                 if save_now or stop_now:
-                    checkpoint.save(manager, step, _to_host_state(state, parallelism))
-                interval_start, interval_steps = time.time(), 0
-            monitor_now = (
-                run.monitor_every_steps
-                and step % run.monitor_every_steps == 0
-                and not (is_last and config.eval.knn)  # the evaluation at the end covers it
-                and not stop_now  # preempted: save and leave within the grace period
-            )
-            if monitor_now:
+                    checkpoint.save(manager, step, run.to_host_state(state))
+                throughput.restart()  # the speed excludes checkpointing
+            if _monitor_due(config, run, step, is_last=is_last, stopping=stop_now):
                 # Every host reaches this step: the feature extraction's collectives match.
-                monitor = monitor or make_evaluator(config, run)
-                _run_monitor(monitor, _to_host_state(state, parallelism), step, logger)
-                interval_start, interval_steps = time.time(), 0  # throughput excludes it
+                monitor.run_monitor(evaluator(), run.to_host_state(state), step, logger)
+                throughput.restart()  # and evaluations
             if stop_now and not is_last:
-                stopped_early = True
+                preempted = True
                 break
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        manager.wait_until_finished()
-        logger.flush()
-
-    throughput = timed_steps * images_per_step / timed_seconds if timed_seconds else float("nan")
-    results = {
-        "step": step,
-        "total_steps": run.total_steps,
-        "compile_seconds": compile_seconds,
-        "images_per_sec": throughput,
-        # jit's executable cache: 1 means the step compiled exactly once (not
-        # available for jax.pmap).
-        "train_step_compilations": (
+    return _LoopEnd(
+        state=state,
+        step=step,
+        compile_seconds=compile_seconds,
+        images_per_sec=throughput.images_per_sec,
+        train_step_compilations=(
             step_fn._cache_size() if hasattr(step_fn, "_cache_size") else None
         ),
+        preempted=preempted,
+    )
+
+
+def _first_step(step_fn, state, batch):
+    """Compiles and runs the first step (every process waits for the slowest to compile).
+
+    Returns:
+      (the step function for the later steps, state, metrics, seconds it took).
+    """
+    t0 = time.time()
+    if jax.process_count() > 1:
+        step_fn = distributed.compile_then_barrier(step_fn, "train_step", state, batch)
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(state)
+    seconds = time.time() - t0
+    print(f"compiled and ran the first step in {seconds:.1f}s", flush=True)
+    return step_fn, state, metrics, seconds
+
+
+def _sync_metrics(run: Run, step: int, acc, throughput: hooks.Throughput, logger) -> None:
+    """The loop's only host sync: metrics since the last one; stops on a non-finite loss;
+    logs them (TensorBoard, metrics.jsonl, the progress line) when `logger` is given."""
+    scalars, first_bad = _compute_scalars(acc)
+    _check_finite(first_bad)
+    scalars.update(throughput.lap())
+    scalars["train/epoch"] = step / run.steps_per_epoch
+    if logger is not None:
+        logger.write_scalars(step, scalars)
+        logger.print_progress(step, scalars)
+
+
+def _monitor_due(config: mlc.ConfigDict, run: Run, step: int, *, is_last: bool, stopping: bool):
+    """Whether the kNN monitor (eval.every_epochs) runs after `step`."""
+    return (
+        hooks.every(step, run.monitor_every_steps)
+        and not (is_last and config.eval.knn)  # the evaluation at the end covers it
+        and not stopping  # preempted: save and leave within the grace period
+    )
+
+
+def _finish(config, workdir: str, run: Run, end: _LoopEnd, logger, evaluator) -> dict:
+    """Results of the run; unless preempted, the kNN/probe evaluation and results.json."""
+    results = {
+        "step": end.step,
+        "total_steps": run.total_steps,
+        "compile_seconds": end.compile_seconds,
+        "images_per_sec": end.images_per_sec,
+        "train_step_compilations": end.train_step_compilations,
         "num_devices": len(run.devices),
         "batch_size": config.train.batch_size,
         "micro_batch_size": config.train.get("micro_batch_size", 0),
         "num_processes": jax.process_count(),
         "dataset": f"{config.data.source}:{config.data.name}",
     }
-    if stopped_early:
-        print(f"stopped early: checkpoint saved at step {step}; rerun the same command to resume.")
+    if end.preempted:
+        print(
+            f"stopped early: checkpoint saved at step {end.step}; rerun the same command to resume."
+        )
         results["preempted"] = True
         logger.close()
         return results
-
-    host_state = _to_host_state(state, parallelism)
     if config.eval.knn:
-        results.update(evaluate_pretrained(config, run, host_state, monitor))
+        init = jax.jit(_init_fn(config, run))
+        results.update(
+            monitor.evaluate_pretrained(
+                config,
+                run.to_host_state(end.state),
+                evaluator(),
+                initial_state=lambda: init(jax.random.key(config.seed)),
+            )
+        )
         logger.write_scalars(
-            step,
+            end.step,
             {
                 f"eval/{k}": v
                 for k, v in results.items()
@@ -395,109 +479,5 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
         )
     logger.close()
     _write_json(files.join(workdir, files.RESULTS_FILE), results)
-    print(_done_message(results, throughput, workdir))
-    return results
-
-
-def _run_monitor(evaluator, state, step: int, logger: MetricLogger) -> None:
-    """The kNN monitor during training: kNN and probe on the eval split, logged at `step`."""
-    t0 = time.time()
-    results = evaluator(state.params, state.batch_stats)
-    keys = ("knn_top1", "knn_top5", "probe_top1", "probe_top5")
-    scalars = {f"eval/{k}": results[k] for k in keys}
-    logger.write_scalars(step, scalars)
-    print(
-        f"[step {step}] kNN monitor ({time.time() - t0:.1f}s): "
-        + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scalars.items()),
-        flush=True,
-    )
-
-
-def make_evaluator(config: mlc.ConfigDict, run: Run):
-    """The run's evaluator: (params, batch_stats, prefix='') -> kNN and probe accuracies.
-
-    kNN (config.eval.knn_k, knn_temperature) with the train split's features as
-    the memory and the eval split's as queries, and the online probe's top-1/5
-    on the eval split; features of the encoder in inference mode (BN running
-    statistics), extracted over every host's devices. Built once; the monitor
-    during training and the evaluation at its end share it (one compilation).
-
-    Returns:
-      evaluate(params, batch_stats, prefix='') -> {'<prefix>knn_top1',
-      '<prefix>knn_top5'} and, without a prefix, also 'probe_top1', 'probe_top5',
-      'eval_examples', 'knn_memory_examples'. Accuracies are fractions of the
-      eval split's examples, each scored once.
-    """
-    # Inference only: BN uses running statistics, no axis name is needed.
-    model = models.build_model(
-        config.model, num_classes=run.info.num_classes, bn_axis_name=None, conv=run.conv
-    )
-    replicated = sharding.replicated_sharding(run.mesh)
-
-    # Variables are an argument, not a closure: closed-over arrays would be
-    # baked into the executable as constants.
-    @jax.jit
-    def apply(variables, images):
-        out = model.apply(variables, images, train=False)
-        return {"h": out["h"], "probe_logits": out["probe_logits"]}
-
-    def split_features(variables, split):
-        return features.extract_features(
-            lambda images: apply(variables, images), features.eval_batches(config, split), run.mesh
-        )
-
-    def knn_and_probe(params, batch_stats, prefix=""):
-        variables = jax.device_put({"params": params, "batch_stats": batch_stats}, replicated)
-        train_out, train_labels = split_features(variables, config.data.train_split)
-        eval_out, eval_labels = split_features(variables, config.data.eval_split)
-        scores = knn.knn_scores(
-            train_out["h"],
-            train_labels,
-            eval_out["h"],
-            num_classes=run.info.num_classes,
-            k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature,
-        )
-        out = {
-            f"{prefix}knn_top1": reports.topk_accuracy(scores, eval_labels, 1),
-            f"{prefix}knn_top5": reports.topk_accuracy(scores, eval_labels, 5),
-        }
-        if not prefix:
-            probe = eval_out["probe_logits"]
-            out["probe_top1"] = reports.topk_accuracy(probe, eval_labels, 1)
-            out["probe_top5"] = reports.topk_accuracy(probe, eval_labels, 5)
-            out["eval_examples"] = int(len(eval_labels))
-            out["knn_memory_examples"] = int(len(train_labels))
-        return out
-
-    return knn_and_probe
-
-
-def evaluate_pretrained(config: mlc.ConfigDict, run: Run, state, evaluator=None) -> dict:
-    """kNN (train split as memory, eval split as queries) and the probe's top-1.
-
-    With config.eval.compare_random_init, the same kNN protocol also runs on
-    the randomly initialised encoder this run started from (step 0), so the
-    gain from pretraining is visible in one results file.
-
-    Args:
-      config: the run's config.
-      run: the built run (model, mesh).
-      state: the train state (not pmap-replicated).
-      evaluator: make_evaluator(config, run), if already built.
-
-    Returns:
-      {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples',
-      'knn_memory_examples'} and, with the baseline, 'random_init_knn_top1/5'.
-    """
-    knn_and_probe = evaluator or make_evaluator(config, run)
-    t0 = time.time()
-    results = knn_and_probe(state.params, state.batch_stats, "")
-    if config.eval.get("compare_random_init", False):
-        initial = jax.jit(_init_fn(config, run))(jax.random.key(config.seed))
-        results.update(knn_and_probe(initial.params, initial.batch_stats, "random_init_"))
-    print(
-        f"evaluated in {time.time() - t0:.1f}s: "
-        + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
-    )
+    print(_done_message(results, end.images_per_sec, workdir))
     return results
