@@ -24,9 +24,19 @@ LARGE_NUM = 1e9
 _NORM_EPS_SQ = 1e-12
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """Rows of `x` scaled to unit l2 norm, computed in float32."""
-    x = x.astype(jnp.float32)
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows of `x` scaled to unit l2 norm, computed in float32 (tf.math.l2_normalize).
+
+    The cosine similarity of NT-Xent (SimCLR, arXiv 2002.05709, eq. 1) and of the kNN
+    evaluation (simclr_jax.eval.knn).
+
+    Args:
+      x: [..., d] array (any float dtype or a NumPy array).
+
+    Returns:
+      float32 [..., d]: x / max(||x||, 1e-6) along the last axis (all-zero rows stay zero).
+    """
+    x = jnp.asarray(x, jnp.float32)
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS_SQ))
 
@@ -179,8 +189,8 @@ def nt_xent(
     """
     _validate(z1, z2, temperature, loss_scale)
     n = z1.shape[0]
-    h1 = _l2_normalize(z1)
-    h2 = _l2_normalize(z2)
+    h1 = l2_normalize(z1)
+    h2 = l2_normalize(z2)
 
     if axis_name is None:
         h1_all, h2_all = h1, h2

@@ -18,6 +18,7 @@ from simclr_jax import models, sharding
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features, reports
 from simclr_jax.eval import pretrained as pretrained_lib
+from simclr_jax.losses import l2_normalize
 
 
 @jax.jit
@@ -28,11 +29,6 @@ def _knn_chunk_scores(train_feats, train_onehot, test_feats, temperature, k_arr)
     weights = jnp.exp(top_sims / temperature)  # [m, k]
     votes = train_onehot[top_idx]  # [m, k, classes]
     return jnp.einsum("mk,mkc->mc", weights, votes)
-
-
-def _l2_normalize(x: np.ndarray) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def knn_scores(
@@ -66,9 +62,9 @@ def knn_scores(
     if len(train_features) != len(train_labels):
         raise ValueError(f"{len(train_features)} train features but {len(train_labels)} labels")
     k = min(k, len(train_features))
-    train = _l2_normalize(train_features)
+    train = l2_normalize(train_features)
     onehot = jax.nn.one_hot(jnp.asarray(train_labels), num_classes, dtype=jnp.float32)
-    test = _l2_normalize(test_features)
+    test = l2_normalize(test_features)
     k_arr = jnp.zeros((k,))
     scores = []
     for start in range(0, test.shape[0], chunk_size):
