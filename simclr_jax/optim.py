@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-OPTIMIZERS = ("lars", "sgd", "adamw")
-LR_SCALINGS = ("linear", "sqrt")
+from simclr_jax import config_checks
+
 # Top-level submodule holding the online linear probe (trained on stop_gradient(h)).
 PROBE_SUBTREE = "probe"
 # Flax variables are sometimes passed with their collection key still on top.
@@ -167,7 +167,8 @@ def peak_learning_rate(base_lr: float, batch_size: int, scaling: str) -> float:
     if scaling == "sqrt":
         return base_lr * math.sqrt(batch_size)
     raise ValueError(
-        f"scaling (config.optim.lr_scaling) must be one of {LR_SCALINGS}; got {scaling!r}."
+        f"scaling (config.optim.lr_scaling) must be one of {config_checks.LR_SCALINGS}; "
+        f"got {scaling!r}."
     )
 
 
@@ -261,8 +262,10 @@ def create_optimizer(
         field set for an optimizer that does not use it.
     """
     name = optim_cfg.get("name")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}; got {name!r}.")
+    if name not in config_checks.OPTIMIZERS:
+        raise ValueError(
+            f"config.optim.name must be one of {config_checks.OPTIMIZERS}; got {name!r}."
+        )
     base_lr = _cfg_float(optim_cfg, "base_lr")
     _check_range("config.optim.base_lr", base_lr, low=0.0)
     peak = peak_learning_rate(base_lr, batch_size, optim_cfg.get("lr_scaling"))

@@ -20,7 +20,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
-PARALLELISM_MODES = ("shard_map", "pmap")
 
 
 def select_devices(num_devices: int = 0) -> list[jax.Device]:

@@ -18,7 +18,7 @@ import optax
 from clu import metrics as clu_metrics
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import losses, sharding
+from simclr_jax import config_checks, losses, sharding
 
 
 @flax.struct.dataclass
@@ -97,9 +97,6 @@ def create_train_state(
 
 def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-MICRO_BATCH_BN_MODES = ("micro", "frozen")
 
 
 def _apply(model, params, batch_stats, images, freeze_bn: bool):
@@ -353,5 +350,5 @@ def compile_train_step(
         return jax.pmap(step_fn, axis_name=sharding.DATA_AXIS, donate_argnums=0)
     raise ValueError(
         f"config.train.parallelism={parallelism!r} is not supported; "
-        f"use one of {sharding.PARALLELISM_MODES}."
+        f"use one of {config_checks.PARALLELISM_MODES}."
     )

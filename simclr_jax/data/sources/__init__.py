@@ -25,9 +25,8 @@ base.py holds what they share (DataSource, image decoding, host checks).
 
 import ml_collections as mlc
 
+from simclr_jax.config_checks import DATA_SOURCES
 from simclr_jax.data.sources import base, embedded, folder, tfds
-
-SOURCES = ("embedded", "tfds", "folder")
 
 
 def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
@@ -37,8 +36,8 @@ def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
       data_cfg: the data section of a config (fields listed in load_source).
     """
     source = data_cfg.get("source")
-    if source not in SOURCES:
-        raise ValueError(f"data.source={source!r}: allowed values are {SOURCES}")
+    if source not in DATA_SOURCES:
+        raise ValueError(f"data.source={source!r}: allowed values are {DATA_SOURCES}")
     val_fraction = base.data_field(data_cfg, "val_fraction", 0.0)
     if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
