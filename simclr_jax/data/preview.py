@@ -21,8 +21,8 @@ import tensorflow as tf
 from PIL import Image, ImageDraw
 
 from simclr_jax.data import views as views_lib
+from simclr_jax.data.sources import embedded
 
-EMBEDDED_SAMPLE = os.path.join(os.path.dirname(__file__), "assets", "cifar10_sample.npz")
 COLUMNS = ("original", "view 1", "view 2")
 # Layout in pixels: gap between cells, title row height, smallest cell side
 # (32-pixel images are upscaled by an integer factor so they stay sharp).
@@ -43,7 +43,7 @@ def load_embedded_images(num_images=None, *, split=0, interleave_classes=False):
     Returns:
       (images uint8 [n, 32, 32, 3], labels int32 [n], class_names tuple of str).
     """
-    with np.load(EMBEDDED_SAMPLE) as data:
+    with np.load(embedded.embedded_sample_path()) as data:
         offsets, jpeg = data["offsets"], data["jpeg"]
         index = np.flatnonzero(data["split"] == split)
         if interleave_classes:
