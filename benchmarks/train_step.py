@@ -60,7 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--cpu_conv",
         default="auto",
-        help="the convolution class, as main.py's --cpu_conv (simclr_jax.cpu.conv_class)",
+        help="the convolution class, as main.py's --cpu_conv (simclr_jax.cpu.conv_class."
+        "CONV_CHOICES; checked once jax is up, before anything compiles)",
     )
     parser.add_argument(
         "--shortcut_fork",

@@ -6,9 +6,9 @@ fails in seconds instead of after minutes of compilation.
 
 import ml_collections as mlc
 
-# The choices of config fields, defined here and nowhere else: the data sources, the optimizer,
-# the step and the mesh code check against these names (this module imports no jax, so the
-# ablation tool's parent process validates configs too). The model's own tables
+# The choices of config fields, defined here and nowhere else: the models, the data sources, the
+# optimizer, the step and the mesh code check against these names (this module imports no jax,
+# so the ablation tool's parent process validates configs too). The model's own tables
 # (models.resnet.BLOCK_COUNTS, models.DTYPES) hold one entry per depth / dtype listed here.
 DATA_SOURCES = ("embedded", "tfds", "folder")
 MODEL_DEPTHS = (18, 34, 50, 101, 152, 200)

@@ -1,8 +1,8 @@
 """The pretraining loop's periodic work in small pieces: when (`every`), how fast
 (`Throughput`) and when to stop (`Preemption`).
 
-simclr_jax.train calls them once per step; each holds its own bookkeeping, so the loop itself
-keeps none.
+simclr_jax.train calls them once per step; each holds its own bookkeeping (timing intervals,
+the SIGTERM flag and handler), so the loop keeps only the metrics since the last sync.
 """
 
 import math

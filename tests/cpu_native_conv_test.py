@@ -377,3 +377,60 @@ def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):
     assert os.path.dirname(first) == str(tmp_path / "cache") and os.path.exists(first)
     assert native._build(str(fake)) == first
     assert calls.read_text().count("built") == 1
+
+
+class _NativeEncoder(nn.Module):
+    """A one-conv encoder on NativeConv (16 output channels: the native kernels take it)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        del train
+        y = convs.NativeConv(16, (3, 3), use_bias=False, name="conv")(x)
+        return jnp.mean(nn.relu(y), axis=(1, 2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("parallelism", ["shard_map", "pmap"])
+def test_train_step_runs_native_kernels_per_device(parallelism):
+    """The real train step, micro-batched, on 2 devices: NativeConv takes the native kernels
+    under shard_map and under pmap (both give the traced code one device's data)."""
+    import functools
+
+    import optax
+
+    from configs import cifar10
+    from simclr_jax import models, sharding, steps
+
+    cfg = cifar10.get_config("runlocal").model
+    cfg.head_hidden_dim, cfg.head_dim = 16, 16
+    model = models.build_model(cfg, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    model = model.clone(encoder=_NativeEncoder())
+    tx = optax.sgd(0.1)
+    state = steps.create_train_state(model, tx, jax.random.key(0), (8, 8, 16))
+    step = functools.partial(
+        steps.train_step,
+        model=model,
+        tx=tx,
+        learning_rate_fn=lambda s: jnp.float32(0.1),
+        temperature=0.5,
+        loss_scale=1.0,
+        axis_name=sharding.DATA_AXIS,
+        sync_batch_stats=False,
+        micro_batch_per_device=2,
+    )
+    devices = jax.devices()[:2]
+    mesh = sharding.create_mesh(devices)
+    fn = steps.compile_train_step(step, parallelism=parallelism, mesh=mesh)
+    batch = {
+        "view1": np.ones((8, 8, 8, 16), np.float32),
+        "view2": np.ones((8, 8, 8, 16), np.float32),
+        "label": np.zeros((8,), np.int32),
+    }
+    if parallelism == "pmap":
+        state = sharding.replicate_for_pmap(state, devices)
+        batch = sharding.shard_for_pmap(batch, 2)
+    else:
+        state = jax.device_put(state, sharding.replicated_sharding(mesh))
+        batch = sharding.make_global_batch(batch, mesh)
+    text = fn.lower(state, batch).compile().as_text()
+    assert text.count(native.FORWARD_TARGET) + text.count(native.GRAD_TARGET) > 0

@@ -183,8 +183,8 @@ def test_knn_end_to_end_from_a_step_directory(pretrained_run, tmp_path, monkeypa
     seen = {}
     real_extract = features.extract_encoder_features
 
-    def recording(pretrained, config, split, mesh):
-        seen[split] = real_extract(pretrained, config, split, mesh)
+    def recording(pretrained, config, split, mesh, **kwargs):
+        seen[split] = real_extract(pretrained, config, split, mesh, **kwargs)
         return seen[split]
 
     monkeypatch.setattr(features, "extract_encoder_features", recording)

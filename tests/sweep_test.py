@@ -319,6 +319,24 @@ def test_grid_changes_run_new_cells_note_old_ones_and_refuse_a_changed_recipe(tm
     assert runner.run_sweep(moved, workdir, stage_runner=FakeRunner()) == 0
 
 
+def test_a_sweep_of_an_older_version_still_resumes_and_reports(tmp_path):
+    """Cells recorded when the CPU convolution was a model field (model.conv_impl,
+    model.shortcut_fork) are the same recipe: rerun and --report_only accept them."""
+    workdir = str(tmp_path)
+    config = tiny(batch_sizes=(32,), epochs=(1.0,))
+    runner.run_sweep(config, workdir, stage_runner=FakeRunner())
+    path = tmp_path / "b32_e1_sqrt_t0.2" / results.CELL_FILE
+    record = json.loads(path.read_text())
+    record["pretrain"]["model"].update(conv_impl="auto", shortcut_fork="auto")
+    path.write_text(json.dumps(record))
+    again = FakeRunner()
+    assert runner.run_sweep(config, workdir, stage_runner=again) == 0
+    assert again.calls == []  # finished, nothing rerun
+    assert [r["name"] for r in report.write_summary_and_report(config, workdir)] == [
+        "b32_e1_sqrt_t0.2"
+    ]
+
+
 def test_cli_prints_commands_and_writes_the_report(tmp_path):
     def cli(*extra):
         return subprocess.run(

@@ -1,7 +1,8 @@
 """CPU speed machinery, behind one boundary: nothing in the library imports this package.
 
-main.py, the benchmarks and the test setup use it; with it deleted, every run works on XLA's
-own convolutions (flax.linen.Conv) and gives checkpoints that load anywhere.
+main.py, the benchmarks and the test setup use it; with it deleted, every run still works, on
+flax.linen.Conv with jaxlib's default XLA:CPU flags (slower on CPU), and checkpoints are the
+same as ever: they load anywhere.
 
   xla_flags     XLA:CPU compiler flags, applied before jax starts its backend (imports no jax).
   kernels/      native C++ convolution kernels (XLA FFI), compiled with g++ on first use.

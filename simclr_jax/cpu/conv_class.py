@@ -31,8 +31,7 @@ from jax import lax
 from simclr_jax.cpu import kernels
 from simclr_jax.cpu.conv_layers import MatmulConv, NativeConv
 from simclr_jax.cpu.shortcut_fork import shortcut_fork as _shortcut_fork
-
-ModuleDef = type[nn.Module]
+from simclr_jax.models import ModuleDef
 
 CONV_CHOICES: tuple[str, ...] = ("auto", "xla", "matmul", "native")
 _CLASSES: dict[str, ModuleDef] = {"xla": nn.Conv, "matmul": MatmulConv, "native": NativeConv}

@@ -306,10 +306,12 @@ _conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
 def runs_per_device() -> bool:
     """Whether the code being traced sees one device's data only.
 
-    True inside jax.shard_map / jax.pmap (the current abstract mesh has manual axes) and in a
-    process with a single device. False under jax.jit over arrays that may be spread across
-    several devices (evaluation, fine-tuning): the native kernels are FFI calls without a
-    partitioning rule, for which XLA would gather the whole batch onto every device.
+    True inside jax.shard_map / jax.pmap (the current abstract mesh has manual axes; jax 0.10
+    runs pmap through shard_map) and when the run has a single device in all
+    (jax.device_count(), every process's). False under jax.jit over arrays that may be spread
+    across several devices (evaluation, fine-tuning): the native kernels are FFI calls without
+    a partitioning rule, for which XLA would gather the whole batch onto every device. (Also
+    False for jit on one device of a multi-device run: XLA's convolution, only slower.)
     """
     return jax.device_count() == 1 or bool(jax.sharding.get_abstract_mesh().manual_axes)
 

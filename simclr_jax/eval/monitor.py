@@ -113,7 +113,7 @@ def run_monitor(evaluator: Evaluator, state, step: int, logger: MetricLogger) ->
 
 
 def evaluate_pretrained(
-    config: mlc.ConfigDict, state, evaluator: Evaluator, initial_state: Callable | None = None
+    config: mlc.ConfigDict, state, evaluator: Evaluator, initial_state: Callable
 ) -> dict:
     """kNN (train split as memory, eval split as queries) and the probe's top-1.
 
@@ -125,7 +125,7 @@ def evaluate_pretrained(
       config: the run's config.
       state: the train state (not pmap-replicated).
       evaluator: from make_evaluator.
-      initial_state: () -> the run's step-0 state; needed for compare_random_init.
+      initial_state: () -> the run's step-0 state; called only with compare_random_init.
 
     Returns:
       {'knn_top1', 'knn_top5', 'probe_top1', 'probe_top5', 'eval_examples',

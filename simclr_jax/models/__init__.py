@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from simclr_jax import config_checks
 from simclr_jax.models.heads import (
     LinearHead,
     ProjectionHead,
@@ -32,7 +33,8 @@ from simclr_jax.models.resnet import (
     resnet,
 )
 
-DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.model.dtype names (config_checks owns the list) -> jnp dtypes.
+DTYPES: dict[str, Any] = dict(zip(config_checks.DTYPES, (jnp.float32, jnp.bfloat16), strict=True))
 
 __all__ = [
     "BLOCK_COUNTS",

@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclr_jax import config_checks
+
 ModuleDef = Any
 
 # (block kind, blocks per stage) for each supported depth.
@@ -48,7 +50,9 @@ BLOCK_COUNTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
-SUPPORTED_DEPTHS: tuple[int, ...] = tuple(sorted(BLOCK_COUNTS))
+# The depths a config may ask for (config_checks owns the list); the table covers each.
+SUPPORTED_DEPTHS: tuple[int, ...] = config_checks.MODEL_DEPTHS
+assert sorted(BLOCK_COUNTS) == sorted(SUPPORTED_DEPTHS), (BLOCK_COUNTS, SUPPORTED_DEPTHS)
 BASE_WIDTH = 64
 # Smallest width of the selective-kernel reduction layer (reference: min_dim=32).
 SK_MIN_DIM = 32

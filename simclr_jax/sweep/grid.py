@@ -41,6 +41,10 @@ _RUN_ONLY_FIELDS = (
     "checkpoint.",
     "init_from",
 )
+# Fields older versions stored in the config and this one no longer has: execution choices
+# that became main.py flags (the CPU convolution, --cpu_conv). Ignored when comparing, so
+# sweeps started before the change still resume and report.
+_REMOVED_FIELDS = ("model.conv_impl", "model.shortcut_fork")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +217,11 @@ def build_cells(config: mlc.ConfigDict, workdir: str) -> list[Cell]:
 
 
 def _comparable(flat: dict) -> dict:
+    ignored = _RUN_ONLY_FIELDS + _REMOVED_FIELDS
     return {
         k: v
         for k, v in flat.items()
-        if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RUN_ONLY_FIELDS)
+        if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in ignored)
     }
 
 
