@@ -93,6 +93,13 @@ def resolve_padding(
     return tuple(_pair(p, "padding entry") for p in pads)
 
 
+def _strides_and_pads(x: jax.Array, kernel: jax.Array, strides, padding):
+    """(sh, sw) and explicit ((low, high), (low, high)) padding for x [n, h, w, c] and kernel
+    [kh, kw, cin, cout]."""
+    strides = _pair(strides, "strides")
+    return strides, resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
+
+
 def _im2col_dot(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
     """Convolution of x [n, h, w, cin] with kernel [kh, kw, cin, cout] as patches @ kernel."""
     kh, kw, cin, cout = kernel.shape
@@ -154,10 +161,8 @@ def matmul_conv(
         raise ValueError(
             f"kernel must be [kh, kw, cin={x.shape[-1]}, cout], got shape {kernel.shape}."
         )
-    strides = _pair(strides, "strides")
-    kernel_size = tuple(kernel.shape[:2])
-    pads = resolve_padding(padding, tuple(x.shape[1:3]), kernel_size, strides)
-    if kernel_size == (1, 1) and pads == ((0, 0), (0, 0)):
+    strides, pads = _strides_and_pads(x, kernel, strides, padding)
+    if kernel.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)):
         # 1x1: no patches to build, so no memory to save with remat.
         return _im2col_dot(x, kernel, strides, pads)
     return _im2col_dot_remat(x, kernel, strides, pads)
@@ -346,17 +351,14 @@ def native_conv(
     Returns:
       [n, ho, wo, cout].
     """
-    strides = _pair(strides, "strides")
-    pads = resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
+    strides, pads = _strides_and_pads(x, kernel, strides, padding)
     if not native_supported(x.dtype, kernel.dtype, kernel.shape[-1]):
         return _xla_conv(x, kernel, strides, pads)
     return _conv_native(x, kernel, strides, pads)
 
 
 def _xla_conv_padded(x, kernel, strides, padding):
-    strides = _pair(strides, "strides")
-    pads = resolve_padding(padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]), strides)
-    return _xla_conv(x, kernel, strides, pads)
+    return _xla_conv(x, kernel, *_strides_and_pads(x, kernel, strides, padding))
 
 
 class NativeConv(nn.Conv):
