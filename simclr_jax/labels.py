@@ -10,7 +10,10 @@ with an error where a label is required. JAX would otherwise wrap -1 to the
 last class in an index or a one-hot.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 UNLABELLED = -1  # TFDS's label of an unlabelled example
 
@@ -43,3 +46,26 @@ def keep_labelled(labels: np.ndarray, num_classes: int, *arrays: np.ndarray):
     labels = np.asarray(labels)
     mask = is_labelled(labels, num_classes)
     return (labels[mask], *(np.asarray(a)[mask] for a in arrays))
+
+
+def labelled_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row softmax cross-entropy, 0 with no gradient where the row has no label.
+
+    Args:
+      logits: [n, classes] float.
+      labels: [n] int; rows outside [0, classes) are masked (an index of -1 would
+        otherwise pick the last class).
+
+    Returns:
+      (cross-entropy [n] float32, labelled [n] bool).
+    """
+    labelled = is_labelled(labels, logits.shape[-1])
+    safe = jnp.where(labelled, labels, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+    return jnp.where(labelled, ce, 0.0), labelled
+
+
+def mean_labelled_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The mean softmax cross-entropy over the labelled rows (0 when none is); a scalar."""
+    ce, labelled = labelled_cross_entropy(logits, labels)
+    return jnp.sum(ce) / jnp.maximum(jnp.sum(labelled), 1)

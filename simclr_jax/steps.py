@@ -19,6 +19,7 @@ from clu import metrics as clu_metrics
 from jax.sharding import PartitionSpec as P
 
 from simclr_jax import config_checks, losses, sharding
+from simclr_jax.labels import is_labelled, labelled_cross_entropy
 
 
 @flax.struct.dataclass
@@ -36,7 +37,8 @@ NO_NONFINITE_STEP = 2**31 - 1
 
 @flax.struct.dataclass
 class FirstNonFiniteStep(clu_metrics.Metric):
-    """The earliest step whose loss was not finite (NO_NONFINITE_STEP if none).
+    """The earliest step (as logged and checkpointed: 1 = the first) at which a value was not
+    finite (NO_NONFINITE_STEP if none).
 
     Kept on device and merged with a minimum, so a NaN is traced to its exact
     step without a host synchronisation per step.
@@ -67,7 +69,9 @@ class TrainMetrics(clu_metrics.Collection):
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
     param_norm: clu_metrics.LastValue.from_output("param_norm")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
+    # The contrastive loss computed before the update, and the state the update produced.
     first_nonfinite_step: FirstNonFiniteStep.from_output("first_nonfinite_step")
+    first_nonfinite_state_step: FirstNonFiniteStep.from_output("first_nonfinite_state_step")
 
 
 def create_train_state(
@@ -99,6 +103,16 @@ def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
 
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (a bool scalar, on device)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
 def _apply(model, params, batch_stats, images, freeze_bn: bool):
     """Runs the model in training mode; returns (outputs, updated batch_stats).
 
@@ -112,10 +126,28 @@ def _apply(model, params, batch_stats, images, freeze_bn: bool):
     return outputs, new_vars["batch_stats"]
 
 
-def _probe_terms(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    top1 = (jnp.argmax(logits, -1) == labels).mean()
-    return loss, top1
+def _probe_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The online probe's summed cross-entropy and correct top-1 over the labelled rows.
+
+    Rows whose label is outside [0, classes) (tfds's -1 for unlabelled examples) add
+    nothing to either sum and get no gradient; they are not counted (see _probe_count).
+    """
+    ce, labelled = labelled_cross_entropy(logits, labels)
+    correct = labelled & (jnp.argmax(logits, -1) == labels)
+    return jnp.sum(ce), jnp.sum(correct).astype(jnp.float32)
+
+
+def _probe_count(labels: jax.Array, num_classes: int, axis_name) -> jax.Array:
+    """Labelled rows on every device (the probe's mean is over these), at least 1; float32."""
+    count = jnp.sum(is_labelled(labels, num_classes)).astype(jnp.float32)
+    return jnp.maximum(_psum(count, axis_name), 1.0)
+
+
+def _probe_loss_share(ce_sum, count, axis_name):
+    """This device's term of the probe loss: after the gradients' pmean over the D devices,
+    D * ce_sum / count sums to the mean cross-entropy over every device's labelled rows."""
+    devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+    return ce_sum * devices / count
 
 
 def _full_batch_grads(
@@ -126,6 +158,7 @@ def _full_batch_grads(
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
     # The probe is trained on both views, as in the reference.
     labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
+    count = _probe_count(labels, model.probe.num_classes, axis_name)
 
     def loss_fn(p):
         outputs, new_stats = _apply(model, p, batch_stats, images, freeze_bn)
@@ -133,9 +166,9 @@ def _full_batch_grads(
         contrastive, aux = losses.nt_xent(
             z[:n], z[n:], temperature=temperature, axis_name=axis_name
         )
-        probe_loss, probe_top1 = _probe_terms(outputs["probe_logits"], labels)
-        total = loss_scale * contrastive + probe_loss
-        return total, (new_stats, contrastive, aux, probe_loss, probe_top1)
+        ce_sum, correct = _probe_sums(outputs["probe_logits"], labels)
+        total = loss_scale * contrastive + _probe_loss_share(ce_sum, count, axis_name)
+        return total, (new_stats, contrastive, aux, (ce_sum, correct, count))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(params)
@@ -204,6 +237,11 @@ def _micro_batch_grads(
     )(z1, z2)
     g = jnp.concatenate([_split(g1, k), _split(g2, k)], axis=1)  # [k, 2m, d]
 
+    # The probe's mean is over the labelled rows of the whole batch (both views).
+    count = _probe_count(
+        jnp.concatenate([batch["label"], batch["label"]]), model.probe.num_classes, axis_name
+    )
+
     def accumulate(total, xs):
         v1, v2, label, g_i = xs
         images = jnp.concatenate([v1, v2])
@@ -211,17 +249,17 @@ def _micro_batch_grads(
 
         def surrogate(p):
             outputs, _ = _apply(model, p, batch_stats, images, freeze_bn)
-            probe_loss, probe_top1 = _probe_terms(outputs["probe_logits"], both_labels)
-            # The probe loss of the batch is the mean of the k micro-batch means.
-            return jnp.sum(outputs["z"] * g_i) + probe_loss / k, (probe_loss, probe_top1)
+            ce_sum, correct = _probe_sums(outputs["probe_logits"], both_labels)
+            probe = _probe_loss_share(ce_sum, count, axis_name)
+            return jnp.sum(outputs["z"] * g_i) + probe, (ce_sum, correct)
 
         grads, probe = jax.grad(surrogate, has_aux=True)(params)
         return jax.tree_util.tree_map(jnp.add, total, grads), probe
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    grads, (probe_loss, probe_top1) = jax.lax.scan(accumulate, zeros, (views1, views2, labels, g))
+    grads, (ce_sums, corrects) = jax.lax.scan(accumulate, zeros, (views1, views2, labels, g))
     new_stats = jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), stats)
-    return grads, (new_stats, contrastive, aux, probe_loss.mean(), probe_top1.mean())
+    return grads, (new_stats, contrastive, aux, (ce_sums.sum(), corrects.sum(), count))
 
 
 def train_step(
@@ -242,7 +280,8 @@ def train_step(
 
     Args:
       state: the replicated train state.
-      batch: {'view1', 'view2': [n, H, W, 3] float32, 'label': [n] int32}.
+      batch: {'view1', 'view2': [n, H, W, 3] float32, 'label': [n] int32 (outside
+        [0, classes): no label)}.
       model: the SimCLRModel (with bn_axis_name=axis_name for global BN).
       tx: the optimizer (LARS for pretraining).
       learning_rate_fn: the schedule, only for logging (tx holds its own).
@@ -260,7 +299,12 @@ def train_step(
         and leave them unchanged.
 
     Returns:
-      The new state and this step's metrics (global averages).
+      The new state and this step's metrics (global averages). The online probe's loss and
+      top-1 are means over the labelled rows of the global batch (labels outside
+      [0, classes), e.g. tfds's -1 for unlabelled examples, are masked; 0 when none is
+      labelled). first_nonfinite_step / first_nonfinite_state_step: this step's number
+      (1-based, as logged and checkpointed) when its loss / the state it produced holds a NaN or
+      an infinity, else NO_NONFINITE_STEP.
     """
     n = batch["view1"].shape[0]
     common = dict(
@@ -285,30 +329,36 @@ def train_step(
             micro_per_device=micro_batch_per_device,
             **common,
         )
-    batch_stats, contrastive, aux, probe_loss, probe_top1 = aux
-    # nt_xent's gradient is this device's share, so the mean over devices is
-    # exactly the gradient of the global loss; the probe's loss is a local mean.
+    batch_stats, contrastive, aux, (ce_sum, correct, count) = aux
+    # nt_xent's gradient is this device's share, and so is the probe's (_probe_loss_share),
+    # so the mean over devices is exactly the gradient of the global loss.
     grads = _pmean(grads, axis_name)
     if sync_batch_stats and not freeze_bn:
         batch_stats = _pmean(batch_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
 
     loss_value = contrastive  # already the global value
-    finite = jnp.isfinite(loss_value)
+    # What a checkpoint of new_state would hold is checked here, on device: the host reads the
+    # result at its next sync, which comes before any save (train.py), so nothing non-finite
+    # is saved even when the loss before the update was finite.
+    step_number = new_state.step.astype(jnp.int32)
     metrics = TrainMetrics.single_from_model_output(
         loss=loss_value,
         contrastive_acc=aux["contrastive_acc"],
         entropy=aux["entropy"],
-        probe_loss=_pmean(probe_loss, axis_name),
-        probe_top1=_pmean(probe_top1, axis_name),
+        probe_loss=_psum(ce_sum, axis_name) / count,
+        probe_top1=_psum(correct, axis_name) / count,
         learning_rate=learning_rate_fn(state.step),
         param_norm=optax.tree.norm(state.params),
         grad_norm=optax.tree.norm(grads),
-        first_nonfinite_step=jnp.where(finite, NO_NONFINITE_STEP, state.step).astype(jnp.int32),
-    )
-    new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        first_nonfinite_step=jnp.where(jnp.isfinite(loss_value), NO_NONFINITE_STEP, step_number),
+        first_nonfinite_state_step=jnp.where(
+            all_finite((params, batch_stats, opt_state)), NO_NONFINITE_STEP, step_number
+        ),
     )
     return new_state, metrics
 

@@ -42,7 +42,8 @@ from simclr_jax.metrics import MetricLogger
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when the loss becomes NaN or infinite; no checkpoint is written after it."""
+    """The loss, or the state an update produced, held a NaN or an infinity; nothing from that
+    step on was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,20 +184,36 @@ def _init_state(config, run: Run, manager) -> tuple[steps.TrainState, int]:
     return state, start_step
 
 
-def _compute_scalars(metrics: steps.TrainMetrics) -> tuple[dict[str, float], int]:
+def _compute_scalars(metrics: steps.TrainMetrics) -> tuple[dict[str, float], int, int]:
+    """(scalars to log, first step with a non-finite loss, first with a non-finite state)."""
     values = jax.device_get(metrics.compute())
-    first_bad = int(values.pop("first_nonfinite_step"))
+    first_bad_loss = int(values.pop("first_nonfinite_step"))
+    first_bad_state = int(values.pop("first_nonfinite_state_step"))
     scalars = {f"train/{k}": float(v) for k, v in values.items()}
-    return scalars, first_bad
+    return scalars, first_bad_loss, first_bad_state
 
 
-def _check_finite(first_bad: int) -> None:
-    if first_bad != steps.NO_NONFINITE_STEP:
-        raise NonFiniteLossError(
-            f"the loss became non-finite at step {first_bad}; stopping without saving. "
-            "The last checkpoint in the workdir is from before it. Lower the learning rate "
-            "(config.optim.base_lr), raise config.loss.temperature, or use float32."
+def _check_finite(first_bad_loss: int, first_bad_state: int = steps.NO_NONFINITE_STEP) -> None:
+    """Raises NonFiniteLossError naming the earliest step that went non-finite, if any.
+
+    Args:
+      first_bad_loss: the first step (1-based) whose loss was NaN/inf.
+      first_bad_state: the first step whose update made the train state NaN/inf.
+    """
+    if min(first_bad_loss, first_bad_state) == steps.NO_NONFINITE_STEP:
+        return
+    if first_bad_loss <= first_bad_state:
+        what = f"the loss became non-finite at step {first_bad_loss}"
+    else:
+        what = (
+            f"the update of step {first_bad_state} made the parameters or optimizer state "
+            "non-finite (its loss was finite)"
         )
+    raise NonFiniteLossError(
+        f"{what}; stopping without saving it or any later step. The last checkpoint in the "
+        "workdir is from before it: rerun the same command with a lower learning rate "
+        "(config.optim.base_lr), a higher config.loss.temperature or float32 to continue from it."
+    )
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -244,7 +261,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
 
     Raises:
       config_checks.ConfigError: for a config the run cannot use, before compiling.
-      NonFiniteLossError: when the loss becomes NaN or infinite (nothing is saved after it).
+      NonFiniteLossError: when the loss, or the state an update produces, becomes NaN or
+        infinite (nothing from that step on is saved).
     """
     run, state, start_step, manager, batches = _setup(config, workdir, conv)
     step_fn = _compile_train_step(config, run)
@@ -420,8 +438,8 @@ def _first_step(step_fn, state, batch):
 def _sync_metrics(run: Run, step: int, acc, throughput: hooks.Throughput, logger) -> None:
     """The loop's only host sync: metrics since the last one; stops on a non-finite loss;
     logs them (TensorBoard, metrics.jsonl, the progress line) when `logger` is given."""
-    scalars, first_bad = _compute_scalars(acc)
-    _check_finite(first_bad)
+    scalars, first_bad_loss, first_bad_state = _compute_scalars(acc)
+    _check_finite(first_bad_loss, first_bad_state)
     scalars.update(throughput.lap())
     scalars["train/epoch"] = step / run.steps_per_epoch
     if logger is not None:

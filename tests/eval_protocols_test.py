@@ -105,21 +105,25 @@ def test_pretrained_like_features_beat_random_ones():
 def test_subsets_are_class_balanced_deterministic_and_nested():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 500)[rng.permutation(5000)]
-    one = subsets.class_balanced_subset(labels, 0.01, seed=3)
-    ten = subsets.class_balanced_subset(labels, 0.1, seed=3)
+    one = subsets.class_balanced_subset(labels, 0.01, seed=3, num_classes=10)
+    ten = subsets.class_balanced_subset(labels, 0.1, seed=3, num_classes=10)
     assert np.array_equal(np.bincount(labels[one], minlength=10), np.full(10, 5))
     assert np.array_equal(np.bincount(labels[ten], minlength=10), np.full(10, 50))
-    assert np.array_equal(one, subsets.class_balanced_subset(labels, 0.01, seed=3))
+    assert np.array_equal(one, subsets.class_balanced_subset(labels, 0.01, seed=3, num_classes=10))
     assert set(one) <= set(ten)
-    assert not np.array_equal(one, subsets.class_balanced_subset(labels, 0.01, seed=4))
+    assert not np.array_equal(
+        one, subsets.class_balanced_subset(labels, 0.01, seed=4, num_classes=10)
+    )
     assert len(np.unique(ten)) == len(ten)
-    assert np.array_equal(subsets.class_balanced_subset(labels, 1.0, seed=0), np.arange(5000))
+    assert np.array_equal(
+        subsets.class_balanced_subset(labels, 1.0, seed=0, num_classes=10), np.arange(5000)
+    )
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5, True, "10%"])
 def test_bad_label_fraction_is_rejected(fraction):
     with pytest.raises(ValueError, match="label_fraction"):
-        subsets.class_balanced_subset(np.arange(10), fraction, seed=0)
+        subsets.class_balanced_subset(np.arange(10), fraction, seed=0, num_classes=10)
 
 
 def test_imagenet_uses_the_official_subsets():
@@ -136,7 +140,7 @@ def test_embedded_subset_matches_its_labels():
     data = linear_config.get_config().data
     _, indices = subsets.resolve_finetune_data(data, 0.05, seed=0)
     labels = subsets.split_labels(data)
-    assert np.array_equal(indices, subsets.class_balanced_subset(labels, 0.05, 0))
+    assert np.array_equal(indices, subsets.class_balanced_subset(labels, 0.05, 0, num_classes=10))
     counts = np.bincount(labels[indices], minlength=10)
     expected = np.round(0.05 * np.bincount(labels, minlength=10))
     assert np.array_equal(counts, expected)

@@ -208,7 +208,7 @@ def test_configs_validate():
 
 
 def test_metrics_first_nonfinite_step_keeps_the_earliest():
-    def make(step, loss):
+    def make(step, loss, state_ok=True):
         return steps.TrainMetrics.single_from_model_output(
             loss=jnp.float32(loss),
             contrastive_acc=0.0,
@@ -219,14 +219,47 @@ def test_metrics_first_nonfinite_step_keeps_the_earliest():
             param_norm=0.0,
             grad_norm=0.0,
             first_nonfinite_step=jnp.where(jnp.isfinite(loss), steps.NO_NONFINITE_STEP, step),
+            first_nonfinite_state_step=jnp.where(state_ok, steps.NO_NONFINITE_STEP, step),
         )
 
     acc = None
-    for step, loss in enumerate([1.0, 2.0, np.nan, 3.0, np.inf]):
-        acc = steps.merge_metrics(acc, make(step, loss))
-    assert int(acc.compute()["first_nonfinite_step"]) == 2
-    with pytest.raises(train.NonFiniteLossError, match="step 2"):
-        train._check_finite(2)
+    for step, loss in enumerate([1.0, 2.0, np.nan, 3.0, np.inf], start=1):
+        acc = steps.merge_metrics(acc, make(step, loss, state_ok=step != 2))
+    values = acc.compute()
+    assert int(values["first_nonfinite_step"]) == 3
+    assert int(values["first_nonfinite_state_step"]) == 2
+    with pytest.raises(train.NonFiniteLossError, match="loss became non-finite at step 3"):
+        train._check_finite(3)
+    with pytest.raises(train.NonFiniteLossError, match="update of step 2 made the param"):
+        train._check_finite(3, 2)
+    train._check_finite(steps.NO_NONFINITE_STEP, steps.NO_NONFINITE_STEP)  # all finite: no error
+
+
+def test_all_finite_checks_every_floating_leaf():
+    tree = {"w": jnp.ones(3), "count": jnp.int32(7), "m": [jnp.zeros(2), jnp.float32(1)]}
+    assert bool(steps.all_finite(tree))
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not bool(steps.all_finite({**tree, "m": [jnp.zeros(2), jnp.float32(bad)]}))
+    assert bool(steps.all_finite({"count": jnp.int32(1)}))  # no floating leaf
+
+
+@pytest.mark.slow
+def test_an_update_that_makes_the_state_non_finite_is_never_saved(tmp_path):
+    """sgd at base_lr=1e39: the loss of step 3 is finite but its update overflows the
+    parameters; step 3 must not be saved, and a rerun with a sane rate continues from step 2."""
+    workdir = str(tmp_path)
+    sane = dict(optim__name="sgd", checkpoint__every_steps=1, train__steps=4)
+    train.train_and_evaluate(tiny_config(**sane, train__stop_at_step=2), workdir)
+    assert checkpoint.latest_step(workdir) == 2
+    with pytest.raises(train.NonFiniteLossError, match="the update of step 3 made the param"):
+        train.train_and_evaluate(tiny_config(**sane, optim__base_lr=1e39), workdir)
+    assert checkpoint.latest_step(workdir) == 2
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2]  # nothing logged after step 2
+    out = train.train_and_evaluate(tiny_config(**sane), workdir)
+    assert out["step"] == 4 and checkpoint.latest_step(workdir) == 4
+    params, restored = load_params(workdir)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(restored))
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports, subsets
+from simclr_jax.labels import mean_labelled_cross_entropy
 
 
 class FinetuneModel(nn.Module):
@@ -144,8 +145,8 @@ def make_train_step(model: FinetuneModel, tx, from_block: int):
                 train=True,
                 mutable=["batch_stats"],
             )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, new_vars["batch_stats"]
+            # Unlabelled rows (tfds's -1) of a split that has them get no loss.
+            return mean_labelled_cross_entropy(logits, labels), new_vars["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -34,6 +34,7 @@ from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports
+from simclr_jax.labels import keep_labelled, mean_labelled_cross_entropy
 
 MODES = ("cached", "reference")
 
@@ -86,7 +87,8 @@ def train_linear_on_features(
 
     Args:
       features: [N, C] float32 features.
-      labels: [N] int labels in [0, num_classes).
+      labels: [N] int labels; rows outside [0, num_classes) (tfds's -1: unlabelled) are
+        dropped before training.
       num_classes: number of classes.
       linear_cfg: config.linear (epochs, batch_size, base_lr, lr_scaling,
         weight_decay, momentum, nesterov).
@@ -95,8 +97,17 @@ def train_linear_on_features(
 
     Returns:
       The trained LinearHead parameters.
+
+    Raises:
+      ValueError: when no row has a label in [0, num_classes).
     """
     _check_linear_config(linear_cfg)
+    labels, features = keep_labelled(labels, num_classes, features)
+    if len(labels) == 0:
+        raise ValueError(
+            "linear evaluation: the train split has no labelled example (labels in "
+            f"[0, {num_classes})); set config.data.train_split to a labelled split"
+        )
     features = jnp.asarray(features, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     n = features.shape[0]
@@ -212,7 +223,7 @@ def train_linear_reference(
     def train_step(state, images, labels):
         def loss_fn(params):
             logits = model.apply({"params": params}, images, state.frozen)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return mean_labelled_cross_entropy(logits, labels)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -13,13 +13,24 @@ import numpy as np
 
 from simclr_jax import files
 from simclr_jax.data import sources
+from simclr_jax.labels import keep_labelled
 from simclr_jax.metrics import MetricLogger
 
 CONFUSION_FILE = "confusion_matrix.png"
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the k highest scores."""
+    """Fraction of the labelled rows whose label is among the k highest scores.
+
+    Args:
+      scores: [N, K] class scores.
+      labels: [N] int labels; rows outside [0, K) (tfds's -1: unlabelled) are not scored.
+      k: how many of the highest scores count (clipped to K).
+
+    Returns:
+      The accuracy in [0, 1]; NaN when no row is labelled.
+    """
+    labels, scores = keep_labelled(labels, scores.shape[1], scores)
     if len(labels) == 0:
         return float("nan")
     k = min(k, scores.shape[1])
@@ -34,35 +45,42 @@ def class_names(data_cfg) -> tuple[tuple[str, ...], int]:
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """[num_classes, num_classes] counts; row = true class, column = prediction."""
+    """[num_classes, num_classes] counts; row = true class, column = prediction.
+
+    Rows whose label is outside [0, num_classes) (unlabelled) are not counted.
+    """
+    labels, predictions = keep_labelled(labels, num_classes, predictions)
     matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    np.add.at(matrix, (labels, predictions), 1)
     return matrix
 
 
 def summarize(scores: np.ndarray, labels: np.ndarray, class_names) -> dict:
-    """Top-1, top-5 and per-class accuracy of class scores.
+    """Top-1, top-5 and per-class accuracy of class scores, over the labelled rows.
 
     Args:
       scores: [N, K] class scores (argmax = prediction).
-      labels: [N] int labels.
+      labels: [N] int labels; rows outside [0, K) (tfds's -1: unlabelled) are not scored.
       class_names: K names.
 
     Returns:
       {'top1', 'top5', 'per_class': {name: accuracy (NaN if absent)},
-      'confusion': [K, K] list, 'examples'}.
+      'confusion': [K, K] list, 'examples': labelled rows scored,
+      'unlabelled_examples': rows skipped}.
     """
     num_classes = scores.shape[1]
-    matrix = confusion_matrix(np.argmax(scores, axis=1), labels, num_classes)
+    scored, kept = keep_labelled(labels, num_classes, scores)
+    matrix = confusion_matrix(np.argmax(kept, axis=1), scored, num_classes)
     counts = matrix.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.diag(matrix) / counts
     return {
-        "top1": topk_accuracy(scores, labels, 1),
-        "top5": topk_accuracy(scores, labels, 5),
+        "top1": topk_accuracy(kept, scored, 1),
+        "top5": topk_accuracy(kept, scored, 5),
         "per_class": {str(n): float(a) for n, a in zip(class_names, per_class, strict=True)},
         "confusion": matrix.tolist(),
-        "examples": int(len(labels)),
+        "examples": int(len(scored)),
+        "unlabelled_examples": int(len(labels) - len(scored)),
     }
 
 

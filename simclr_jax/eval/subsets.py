@@ -6,12 +6,15 @@ seeded order that does not depend on the fraction and a subset takes a prefix
 of it, so subsets are nested: the 1% subset lies inside the 10% subset of the
 same seed. ImageNet uses the published subsets instead (tfds
 'imagenet2012_subset/1pct' and '/10pct'), see resolve_finetune_data.
+Examples without a label (outside [0, num_classes), e.g. tfds's -1 in
+'train+unlabelled') are never drawn.
 """
 
 import ml_collections as mlc
 import numpy as np
 
 from simclr_jax.data import sources
+from simclr_jax.labels import is_labelled
 
 IMAGENET_OFFICIAL = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
 
@@ -27,22 +30,35 @@ def check_fraction(fraction) -> float:
     return float(fraction)
 
 
-def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a class-balanced, seeded, nested subset.
+def class_balanced_subset(
+    labels: np.ndarray, fraction: float, seed: int, *, num_classes: int
+) -> np.ndarray:
+    """Indices of a class-balanced, seeded, nested subset of the labelled examples.
 
     Args:
       labels: [N] int labels of the split in its fixed order.
       fraction: share of each class to keep, in (0, 1]; each class keeps
         max(1, round(fraction * count)) examples.
       seed: the subset's seed; subsets of one seed are nested across fractions.
+      num_classes: the dataset's class count; examples with a label outside
+        [0, num_classes) (unlabelled) are never chosen.
 
     Returns:
       Sorted int64 indices into the split.
+
+    Raises:
+      ValueError: for a fraction outside (0, 1], or when no example is labelled.
     """
     fraction = check_fraction(fraction)
     labels = np.asarray(labels)
+    classes = np.unique(labels[is_labelled(labels, num_classes)])
+    if not len(classes):
+        raise ValueError(
+            f"the split has no labelled example (labels in [0, {num_classes})): fine-tuning "
+            "needs labels; set config.data.train_split to a labelled split"
+        )
     chosen = []
-    for cls in np.unique(labels):
+    for cls in classes:
         members = np.flatnonzero(labels == cls)
         # One generator per (seed, class): a class's order does not depend on
         # the other classes or on the fraction, which is what nests subsets.
@@ -54,11 +70,15 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
 
 def split_labels(data_cfg: mlc.ConfigDict) -> np.ndarray:
     """Labels of the train split in the pipeline's fixed order (no image decoding)."""
+    return _labels_and_classes(data_cfg)[0]
+
+
+def _labels_and_classes(data_cfg: mlc.ConfigDict) -> tuple[np.ndarray, int]:
     source = sources.load_source(data_cfg, data_cfg.train_split)
     if source.indexable:
-        return source.table_rows(np.arange(source.num_examples))["label"]
+        return source.table_rows(np.arange(source.num_examples))["label"], source.num_classes
     labels = [b.numpy() for b in source.records(0, 1).map(lambda r: r["label"]).batch(8192)]
-    return np.concatenate(labels)
+    return np.concatenate(labels), source.num_classes
 
 
 def resolve_finetune_data(
@@ -74,7 +94,8 @@ def resolve_finetune_data(
         subsets (tfds imagenet2012_subset/1pct|10pct) instead of a drawn one.
 
     Returns:
-      (data_cfg, subset_indices): indices None means the whole train split.
+      (data_cfg, subset_indices): indices None means the whole train split (at fraction 1;
+      the fine-tuning loss masks the unlabelled rows of a split that has them).
     """
     fraction = check_fraction(fraction)
     if fraction == 1.0:
@@ -88,4 +109,5 @@ def resolve_finetune_data(
         official = mlc.ConfigDict(data_cfg.to_dict())
         official.name = IMAGENET_OFFICIAL[fraction]
         return official, None
-    return data_cfg, class_balanced_subset(split_labels(data_cfg), fraction, seed)
+    labels, num_classes = _labels_and_classes(data_cfg)
+    return data_cfg, class_balanced_subset(labels, fraction, seed, num_classes=num_classes)
