@@ -36,7 +36,7 @@ from simclr_jax import (
     sharding,
     steps,
 )
-from simclr_jax.data import pipeline
+from simclr_jax.data import pipeline, sources
 from simclr_jax.eval import monitor
 from simclr_jax.metrics import MetricLogger
 
@@ -292,6 +292,12 @@ def _setup(config: mlc.ConfigDict, workdir: str, conv):
     """
     config_checks.validate_pretrain_config(config)
     pipeline.configure_tensorflow()
+    # Every split the run will read is opened now, the eval split of the evaluation at the end
+    # included: a mistyped split fails before the first step, not after training.
+    if config.eval.knn or config.eval.get("every_epochs", 0.0):
+        sources.open_splits(config.data)
+    else:
+        sources.open_split(config.data, "train_split")
     files.makedirs(workdir)
     _write_json(files.join(workdir, files.CONFIG_FILE), json.loads(config.to_json_best_effort()))
 

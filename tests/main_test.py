@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from simclr_jax import checkpoint
+from simclr_jax import checkpoint, export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -161,16 +162,22 @@ def test_kill_9_loses_only_steps_since_last_checkpoint(tmp_path):
     assert checkpoint.latest_step(workdir) == (complete or 0) + 2
 
 
+_READER_FLAGS = {
+    "knn": ["--config.eval.knn_k=20"],
+    "linear_eval": ["--config.linear.epochs=1"],
+    "finetune": ["--config.finetune.epochs=0.1", "--config.finetune.batch_size=40"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["knn", "linear_eval"])
+@pytest.mark.parametrize("protocol", ["knn", "linear_eval", "finetune"])
 def test_a_checkpoint_of_8_devices_is_evaluated_on_1(tiny_pretrained_run, tmp_path, protocol):
     """Written by 8 devices, restored in a 1-device process (explicit target shardings)."""
     e = env()
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     cmd = [sys.executable, "main.py", f"--config=configs/{protocol}.py",
            f"--config.init_from={tiny_pretrained_run}", f"--workdir={tmp_path}",
-           "--config.eval.batch_size=250", "--config.linear.epochs=1" if protocol != "knn" else
-           "--config.eval.knn_k=20",
+           "--config.eval.batch_size=250", *_READER_FLAGS[protocol],
            f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -178,3 +185,23 @@ def test_a_checkpoint_of_8_devices_is_evaluated_on_1(tiny_pretrained_run, tmp_pa
         results = json.load(f)
     assert results["checkpoint"]["step"] == 4 and results["summary"]["examples"] == 1000
     assert results["num_devices"] == 1
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_8_devices_is_exported_on_1(tiny_pretrained_run, tmp_path):
+    """The exporter restores an 8-device checkpoint in a 1-device process, bit for bit."""
+    e = env()
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    out = str(tmp_path / "encoder.npz")
+    cmd = [sys.executable, "-m", "simclr_jax.export", f"--workdir={tiny_pretrained_run}",
+           f"--out={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exported = export.flatten_variables(export.load_exported(out))
+    saved = checkpoint.restore_to_host(checkpoint.checkpoint_dir(tiny_pretrained_run), 4)
+    saved = export.flatten_variables(
+        {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+    )
+    assert any(k.startswith("encoder/") for k in exported)
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value, saved[key], err_msg=key)

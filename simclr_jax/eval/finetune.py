@@ -26,6 +26,7 @@ import optax
 from simclr_jax import models, optim, sharding, steps
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
+from simclr_jax.eval import inputs as inputs_lib
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports, subsets
 from simclr_jax.labels import mean_labelled_cross_entropy
@@ -185,9 +186,8 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
     """
     ft = config.finetune
     fraction = subsets.check_fraction(ft.label_fraction)
-    pipeline.configure_tensorflow()
-    pretrained = pretrained_lib.load_pretrained(config.init_from)
-    mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
+    inputs = inputs_lib.open_inputs(config, batch_fields=("finetune.batch_size",))
+    pretrained, mesh = inputs.pretrained, inputs.mesh
     data_cfg, subset = subsets.resolve_finetune_data(
         config.data, fraction, ft.subset_seed, official_imagenet=ft.official_imagenet_subsets
     )
@@ -236,7 +236,6 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
     out, labels = features_lib.extract_features(
         lambda images: predict(variables, images), pipeline.as_numpy_iterator(eval_ds), mesh
     )
-    class_names, _ = reports.class_names(config.data)
     results = pretrained_lib.provenance("finetune", config, pretrained)
     results.update(
         label_fraction=fraction,
@@ -248,7 +247,7 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
         ft_proj_selector=int(ft.ft_proj_selector),
         from_block=int(ft.from_block),
     )
-    results["summary"] = reports.summarize(out["logits"], labels, class_names)
+    results["summary"] = reports.summarize(out["logits"], labels, inputs.class_names)
     results["top1"], results["top5"] = results["summary"]["top1"], results["summary"]["top5"]
     reports.write_results(workdir, results, step=pretrained.step)
     print(f"fine-tuned on {fraction:.0%} of labels: top-1 {results['top1']:.4f}; in {workdir}")

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from simclr_jax import models, sharding
-from simclr_jax.data import pipeline
+from simclr_jax import models
 from simclr_jax.eval import features, reports
+from simclr_jax.eval import inputs as inputs_lib
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.losses import l2_normalize
 
@@ -109,10 +109,9 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
       The results dict (provenance, 'summary', 'top1', 'top5', 'k',
       'temperature', and 'random_init' when compared).
     """
-    pipeline.configure_tensorflow()
-    pretrained = pretrained_lib.load_pretrained(config.init_from)
-    mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
-    class_names, num_classes = reports.class_names(config.data)
+    inputs = inputs_lib.open_inputs(config)
+    pretrained, mesh, class_names = inputs.pretrained, inputs.mesh, inputs.class_names
+    num_classes = inputs.num_classes
     scores, labels = knn_logits(pretrained, config, mesh, num_classes, conv=conv)
     results = pretrained_lib.provenance("knn", config, pretrained)
     results.update(k=int(config.eval.knn_k), temperature=float(config.eval.knn_temperature))

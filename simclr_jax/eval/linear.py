@@ -32,6 +32,7 @@ import optax
 from simclr_jax import models, optim, sharding
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
+from simclr_jax.eval import inputs as inputs_lib
 from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.eval import reports
 from simclr_jax.labels import keep_labelled, mean_labelled_cross_entropy
@@ -241,16 +242,20 @@ def train_linear_reference(
     return state
 
 
+def _check_probe_classes(pretrained, num_classes: int) -> None:
+    pretrained_lib.check_num_classes(
+        pretrained.probe_classes,
+        num_classes,
+        head="checkpoint's online probe",
+        fix="set --config.linear.init_from_probe=False to train a new classifier.",
+    )
+
+
 def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed, conv):
     """Trains the classifier for `pretrained`; returns eval-split logits and labels."""
     init = None
     if config.linear.init_from_probe:
-        pretrained_lib.check_num_classes(
-            pretrained.probe_classes,
-            num_classes,
-            head="checkpoint's online probe",
-            fix="set --config.linear.init_from_probe=False to train a new classifier.",
-        )
+        _check_probe_classes(pretrained, num_classes)
         init = {"dense": pretrained.params["probe"]["dense"]}
     eval_feats, eval_labels = features_lib.extract_encoder_features(
         pretrained, config, config.data.eval_split, mesh, conv=conv
@@ -282,10 +287,13 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
       'top1', 'top5', and 'random_init' when compared).
     """
     _check_linear_config(config.linear)
-    pipeline.configure_tensorflow()
-    pretrained = pretrained_lib.load_pretrained(config.init_from)
-    mesh = sharding.create_mesh(sharding.select_devices(config.eval.num_devices))
-    class_names, num_classes = reports.class_names(config.data)
+    inputs = inputs_lib.open_inputs(
+        config, batch_fields=("linear.batch_size",) if config.linear.mode == "reference" else ()
+    )
+    pretrained, mesh, class_names = inputs.pretrained, inputs.mesh, inputs.class_names
+    num_classes = inputs.num_classes
+    if config.linear.init_from_probe:
+        _check_probe_classes(pretrained, num_classes)
 
     def train_feats(p):
         return features_lib.extract_encoder_features(

@@ -12,7 +12,6 @@ import jax
 import numpy as np
 
 from simclr_jax import files
-from simclr_jax.data import sources
 from simclr_jax.labels import keep_labelled
 from simclr_jax.metrics import MetricLogger
 
@@ -36,12 +35,6 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     k = min(k, scores.shape[1])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float(np.mean(np.any(top == labels[:, None], axis=1)))
-
-
-def class_names(data_cfg) -> tuple[tuple[str, ...], int]:
-    """(class names, class count) of the data's eval split (data_cfg: config.data)."""
-    source = sources.load_source(data_cfg, data_cfg.eval_split)
-    return source.class_names, source.num_classes
 
 
 def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -25,8 +25,11 @@ base.py holds what they share (DataSource, image decoding, host checks).
 
 import ml_collections as mlc
 
-from simclr_jax.config_checks import DATA_SOURCES
+from simclr_jax.config_checks import DATA_SOURCES, ConfigError
+from simclr_jax.data import order
 from simclr_jax.data.sources import base, embedded, folder, tfds
+
+SPLIT_FIELDS = ("train_split", "eval_split")
 
 
 def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
@@ -58,7 +61,9 @@ def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
         raise ValueError(f"data.name={name!r}: name the tfds dataset or the image folder")
 
 
-def load_source(data_cfg: mlc.ConfigDict, split: str, *, seed: int = 0) -> base.DataSource:
+def load_source(
+    data_cfg: mlc.ConfigDict, split: str, *, seed: int | None = None
+) -> base.DataSource:
     """Opens one split of the configured data source.
 
     Args:
@@ -66,13 +71,18 @@ def load_source(data_cfg: mlc.ConfigDict, split: str, *, seed: int = 0) -> base.
         data_dir, download, train_split, eval_split, val_fraction, strict and,
         optionally, extract_dir (where archives are unpacked).
       split: split to read, e.g. data_cfg.train_split or data_cfg.eval_split.
-      seed: seed of the folder hold-out split (val_fraction); keep it fixed
+      seed: seed of the folder hold-out split (val_fraction); None reads
+        data.split_seed (order.split_seed), as the pipeline does. Keep it fixed
         across runs that must share the same validation set.
 
     Returns:
       A DataSource.
+
+    Raises:
+      base.UnknownSplitError: the dataset has no such split (lists the available ones).
     """
     validate_data_config(data_cfg)
+    seed = order.split_seed(data_cfg) if seed is None else seed
     if not isinstance(split, str) or not split:
         raise ValueError(f"split={split!r}: expected a split name such as 'train'")
     if data_cfg.source == "embedded":
@@ -80,3 +90,36 @@ def load_source(data_cfg: mlc.ConfigDict, split: str, *, seed: int = 0) -> base.
     if data_cfg.source == "tfds":
         return tfds.load_tfds(data_cfg, split)
     return folder.load_folder(data_cfg, split, seed)
+
+
+def open_split(data_cfg: mlc.ConfigDict, field: str) -> base.DataSource:
+    """Opens the split named by data_cfg.<field>, naming the field when it does not exist.
+
+    Runs open every split they will read before their first step with this, so a
+    mistyped split fails in seconds, not after training.
+
+    Args:
+      data_cfg: the config's data section.
+      field: 'train_split' or 'eval_split'.
+
+    Returns:
+      The DataSource of that split.
+
+    Raises:
+      ConfigError: 'config.data.<field>=<value> is invalid: ...' with the available splits.
+    """
+    if field not in SPLIT_FIELDS:
+        raise ValueError(f"field={field!r}: expected one of {SPLIT_FIELDS}")
+    try:
+        return load_source(data_cfg, data_cfg[field])
+    except base.UnknownSplitError as e:
+        raise ConfigError(f"config.data.{field}={data_cfg[field]!r} is invalid: {e}") from None
+
+
+def open_splits(data_cfg: mlc.ConfigDict) -> tuple[base.DataSource, base.DataSource]:
+    """(train split, eval split), both opened with open_split.
+
+    Every source gives all splits of a dataset one class list, so a label means the same
+    class in both.
+    """
+    return open_split(data_cfg, "train_split"), open_split(data_cfg, "eval_split")

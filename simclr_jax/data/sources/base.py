@@ -16,9 +16,15 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from simclr_jax.config_checks import ConfigError
+
 # Decoders, chosen per file: TensorFlow's JPEG and PNG decoders handle every
 # colour mode of those formats; anything else goes through PIL.
 CODEC_JPEG, CODEC_PNG, CODEC_PIL = 0, 1, 2
+
+
+class UnknownSplitError(ConfigError):
+    """A split spec names no split of the dataset (the message lists the available ones)."""
 
 
 @dataclasses.dataclass(frozen=True)

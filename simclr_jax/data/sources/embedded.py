@@ -31,7 +31,7 @@ def _embedded_arrays() -> dict[str, np.ndarray]:
 def load_embedded(split: str) -> base.DataSource:
     """Opens `split` ('train' or 'test') of the embedded sample."""
     if split not in EMBEDDED_SPLITS:
-        raise ValueError(
+        raise base.UnknownSplitError(
             f"split={split!r} of the embedded sample: available {list(EMBEDDED_SPLITS)}"
         )
     arrays = _embedded_arrays()

@@ -83,7 +83,7 @@ def load_folder(data_cfg: mlc.ConfigDict, split: str, seed: int) -> base.DataSou
         else:
             available = sorted(splits) + ([eval_split] if hold_out else [])
             hint = "add the split folder or set data.val_fraction > 0 to hold out part of train"
-        raise ValueError(
+        raise base.UnknownSplitError(
             f"split={split!r} not found in image folder {name!r} (root {root}): available "
             f"splits {available}; {hint}"
         )

@@ -109,7 +109,7 @@ def load_tfds(data_cfg: mlc.ConfigDict, split: str) -> base.DataSource:
     try:
         absolute = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
     except (ValueError, KeyError, AssertionError) as e:
-        raise ValueError(
+        raise base.UnknownSplitError(
             f"split={split!r} of tfds dataset {name!r}: available splits are {available} "
             f"(slices and sums like 'train[:90%]' or 'train+unlabelled' work too). ({e})"
         ) from None
