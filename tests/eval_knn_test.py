@@ -10,9 +10,10 @@ import math
 import jax
 import numpy as np
 import pytest
+from tiny_run import tiny_config
 
-from simclr_jax import sharding
-from simclr_jax.eval import knn
+from simclr_jax import models, sharding
+from simclr_jax.eval import features, knn, monitor
 
 
 def reference_knn(train, train_labels, test, num_classes, k, temperature):
@@ -143,3 +144,54 @@ def test_the_step_compiles_once_for_every_chunk():
     per_device, block = knn.memory_layout(61, 8, 2)
     step = knn.make_knn_step(mesh, k=7, num_classes=5, block=block)
     assert step._cache_size() == 1  # the last chunk (5 rows) is padded to 8
+
+
+# --- The evaluator: what it extracts and what it counts. ----------------------------------
+
+
+def test_evaluator_counts_and_scores_labelled_rows_only(monkeypatch):
+    """Unlabelled train rows stay out of the memory, unlabelled eval rows are not scored,
+    and the train split is encoded for h only."""
+    config = tiny_config()
+    config.eval.knn_k = 2
+    config.eval.knn_temperature = 1.0
+    mesh = mesh_of(8)
+    model = models.build_model(config.model, num_classes=3)
+    variables = model.init(jax.random.key(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+    # Memory: the unlabelled rows are the nearest to every query and carry no class; with
+    # them dropped, the queries [1, 0] and [0, 1] have neighbours as in the test above.
+    split_data = {
+        "train": (
+            {"h": np.array([[1, 0], [0.8, 0.6], [1, 0], [0.6, 0.8], [0, 1]], np.float32)},
+            np.array([-1, 1, -1, 0, 0], np.int32),
+        ),
+        "test": (
+            {
+                "h": np.array([[1, 0], [0, 1], [1, 0]], np.float32),
+                "probe_logits": np.array([[0, 5, 0], [9, 0, 0], [9, 0, 0]], np.float32),
+            },
+            np.array([1, 0, -1], np.int32),
+        ),
+    }
+    seen = {}
+
+    def fake_extract(embed_fn, batches, mesh_):
+        (split,) = batches
+        # What the evaluator asks the model for on this split.
+        seen[split] = set(embed_fn(np.zeros((8, 32, 32, 3), np.float32)))
+        return split_data[split]
+
+    monkeypatch.setattr(features, "eval_batches", lambda config_, split: [split])
+    monkeypatch.setattr(features, "extract_features", fake_extract)
+    evaluate = monitor.make_evaluator(config, mesh=mesh, num_classes=3)
+    results = evaluate(variables["params"], variables["batch_stats"])
+    assert seen == {"train": {"h"}, "test": {"h", "probe_logits"}}
+    assert results["knn_memory_examples"] == 3
+    assert results["eval_examples"] == 2
+    # Query [1, 0] (class 1): neighbours 0.8 (class 1) and 0.6 (class 0): right. Query
+    # [0, 1] (class 0): neighbours [0, 1] (class 0) and [0.6, 0.8] (class 0): right. The
+    # unlabelled third query, which the probe would get wrong, is not scored.
+    assert results["knn_top1"] == 1.0
+    assert results["probe_top1"] == 1.0
+    results = evaluate(variables["params"], variables["batch_stats"], "random_init_")
+    assert set(results) == {"random_init_knn_top1", "random_init_knn_top5"}
