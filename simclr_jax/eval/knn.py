@@ -9,11 +9,12 @@ the end of pretraining) and the standalone protocol (config.protocol='knn',
 
 Memory: the memory bank (train features and labels) is sharded over the mesh's
 devices, and each device scans its shard in blocks with a running top-k, so a
-device holds N / devices memory rows and O(chunk x block) temporaries, never
-an N-wide similarity row or a one-hot of the memory's labels. At ImageNet
-shapes (1.28M x 2048 float32) that is 1.2 GiB per device on 8 devices instead
-of 17 GiB on one (benchmarks/knn_memory.py). Only labelled memory rows
-(simclr_jax.labels) enter the bank.
+device holds N / devices memory rows and O(block x (chunk + C)) temporaries,
+never an N-wide similarity row or a one-hot of the memory's labels. At
+ImageNet shapes (1.28M x 2048 float32, 512 queries a chunk) XLA plans 1.4 GiB
+per device on 8 devices, where the single-device algorithm this replaced
+needed 17 GiB (benchmarks/knn_memory.py, docs/performance.md). Only labelled
+memory rows (simclr_jax.labels) enter the bank.
 """
 
 import functools
@@ -34,7 +35,9 @@ from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.losses import l2_normalize
 
 # Memory rows one device compares with a query chunk at a time: bounds the
-# similarity block to chunk x block floats (512 x 16384 x 4 B = 32 MiB).
+# similarity block to chunk x block floats (512 x 16384 x 4 B = 32 MiB) and the
+# normalised block to block x C (128 MiB at C = 2048); XLA plans 0.19 GiB of
+# temporaries per device at ImageNet shapes.
 DEFAULT_BLOCK_SIZE = 16384
 _PAD_LABEL = -1  # labels of the padding rows; such rows never enter the top-k
 
