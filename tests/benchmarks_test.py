@@ -41,3 +41,20 @@ def test_conv_layer_parts_times_each_convolution(tmp_path):
 def test_conv_layer_rejects_unknown_impl():
     with pytest.raises(SystemExit):
         _load("conv_layer").parse_args(["--impl=cudnn"])
+
+
+def test_knn_memory_compiles_old_and_new_steps_at_small_shapes(tmp_path):
+    knn_memory = _load("knn_memory")
+    out = tmp_path / "knn.json"
+    rows = knn_memory.main(
+        ["--memory=301", "--dim=8", "--num_classes=5", "--k=50", "--chunk=4", "--block=16"]
+        + ["--devices=1,8", f"--json={out}"]
+    )
+    assert [row["setting"] for row in rows] == ["old, 1 device", "new, 1 device", "new, 8 devices"]
+    assert out.exists()
+    # 301 rows over 8 devices: 38 per device, in 3 blocks of 13 (at most 16), so 39.
+    assert (rows[2]["rows_per_device"], rows[2]["block"]) == (39, 13)
+    for row in rows:
+        assert row["argument_gib"] > 0 and row["total_gib"] >= row["argument_gib"]
+    # The memory's share of a device's arguments shrinks with the device count.
+    assert rows[2]["argument_gib"] < rows[1]["argument_gib"] < rows[0]["argument_gib"]

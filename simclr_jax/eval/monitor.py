@@ -13,7 +13,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import ml_collections as mlc
+import numpy as np
 
+from simclr_jax import labels as labels_lib
 from simclr_jax import models, sharding
 from simclr_jax.eval import features, knn, reports
 from simclr_jax.metrics import MetricLogger
@@ -34,7 +36,8 @@ def make_evaluator(
     kNN (config.eval.knn_k, knn_temperature) with the train split's features as
     the memory and the eval split's as queries, and the online probe's top-1/5
     on the eval split; features of the encoder in inference mode (BN running
-    statistics), extracted over every host's devices.
+    statistics), extracted over every host's devices; the kNN memory is
+    sharded over the mesh (knn.knn_scores). The train split gives h only.
 
     Args:
       config: the pretraining config (model, data, augment, eval).
@@ -45,47 +48,61 @@ def make_evaluator(
     Returns:
       evaluate(params, batch_stats, prefix='') -> {'<prefix>knn_top1',
       '<prefix>knn_top5'} and, without a prefix, also 'probe_top1', 'probe_top5',
-      'eval_examples', 'knn_memory_examples'. Accuracies are fractions of the
-      eval split's examples, each scored once.
+      'eval_examples' (the eval split's labelled examples) and
+      'knn_memory_examples' (the train split's labelled examples, the kNN memory).
+      Accuracies are fractions of the eval split's labelled examples, each
+      scored once; examples labelled outside [0, num_classes) (simclr_jax.labels)
+      are neither scored nor in the memory.
     """
     # Inference only: BN uses running statistics, no axis name is needed.
     model = models.build_model(config.model, num_classes=num_classes, bn_axis_name=None, conv=conv)
     replicated = sharding.replicated_sharding(mesh)
 
     # Variables are an argument, not a closure: closed-over arrays would be
-    # baked into the executable as constants.
+    # baked into the executable as constants. The memory (train) split needs
+    # only h; the probe's logits are for the eval split alone.
     @jax.jit
-    def apply(variables, images):
+    def apply_h(variables, images):
+        return {"h": model.apply(variables, images, train=False)["h"]}
+
+    @jax.jit
+    def apply_h_and_probe(variables, images):
         out = model.apply(variables, images, train=False)
         return {"h": out["h"], "probe_logits": out["probe_logits"]}
 
-    def split_features(variables, split):
+    def split_features(apply, variables, split):
         return features.extract_features(
             lambda images: apply(variables, images), features.eval_batches(config, split), mesh
         )
 
     def knn_and_probe(params, batch_stats, prefix=""):
         variables = jax.device_put({"params": params, "batch_stats": batch_stats}, replicated)
-        train_out, train_labels = split_features(variables, config.data.train_split)
-        eval_out, eval_labels = split_features(variables, config.data.eval_split)
+        train_out, train_labels = split_features(apply_h, variables, config.data.train_split)
+        eval_out, eval_labels = split_features(apply_h_and_probe, variables, config.data.eval_split)
+        # Only labelled eval rows are scored; knn_scores drops unlabelled memory rows.
+        eval_labels, eval_h, probe = labels_lib.keep_labelled(
+            eval_labels, num_classes, eval_out["h"], eval_out["probe_logits"]
+        )
         scores = knn.knn_scores(
             train_out["h"],
             train_labels,
-            eval_out["h"],
+            eval_h,
             num_classes=num_classes,
             k=config.eval.knn_k,
             temperature=config.eval.knn_temperature,
+            mesh=mesh,
         )
         out = {
             f"{prefix}knn_top1": reports.topk_accuracy(scores, eval_labels, 1),
             f"{prefix}knn_top5": reports.topk_accuracy(scores, eval_labels, 5),
         }
         if not prefix:
-            probe = eval_out["probe_logits"]
             out["probe_top1"] = reports.topk_accuracy(probe, eval_labels, 1)
             out["probe_top5"] = reports.topk_accuracy(probe, eval_labels, 5)
             out["eval_examples"] = int(len(eval_labels))
-            out["knn_memory_examples"] = int(len(train_labels))
+            out["knn_memory_examples"] = int(
+                np.sum(labels_lib.is_labelled(train_labels, num_classes))
+            )
         return out
 
     return knn_and_probe
