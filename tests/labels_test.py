@@ -178,3 +178,88 @@ def test_finetune_subsets_never_draw_unlabelled_examples():
         assert np.bincount(labels[chosen]).tolist() == [round(20 * fraction)] * CLASSES
     with pytest.raises(ValueError, match="no labelled example"):
         subsets.class_balanced_subset(np.full(5, -1), 0.5, 0, num_classes=CLASSES)
+
+
+# --- End to end: an STL-10-like tfds dataset whose 'unlabelled' split is all -1. ------------
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+TRAIN, UNLABELLED, TEST = 48, 40, 24
+
+
+class LabelsTestStlLike(tfds.core.GeneratorBasedBuilder):
+    """STL-10's layout in miniature: train, unlabelled (label -1, as tfds marks it), test."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            "train": self._generate_examples(0, TRAIN, labelled=True),
+            "unlabelled": self._generate_examples(1000, UNLABELLED, labelled=False),
+            "test": self._generate_examples(2000, TEST, labelled=True),
+        }
+
+    def _generate_examples(self, start, count, labelled):
+        for i in range(start, start + count):
+            # Class c is brighter in channel c, so the classes are learnable.
+            image = np.random.default_rng(i).integers(0, 128, (32, 32, 3), np.uint8)
+            image[..., i % CLASSES] += 120
+            yield i, {"image": image, "label": i % CLASSES if labelled else -1}
+
+
+@pytest.fixture(scope="module")
+def stl_like_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("stl_like"))
+    LabelsTestStlLike(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    return data_dir
+
+
+def _stl_data(config, data_dir):
+    config.data.source, config.data.name = "tfds", "labels_test_stl_like"
+    config.data.data_dir, config.data.train_split = data_dir, "train+unlabelled"
+    config.data.cache = False
+    return config
+
+
+@pytest.mark.slow
+def test_pretraining_and_protocols_on_train_plus_unlabelled(stl_like_dir, tmp_path):
+    from tiny_run import tiny_config
+
+    from configs import finetune as finetune_config
+    from configs import knn as knn_config
+    from simclr_jax import train
+    from simclr_jax.eval import finetune, knn
+
+    config = _stl_data(tiny_config(eval__knn=True, eval__batch_size=16), stl_like_dir)
+    pretrain_dir = str(tmp_path / "pretrain")
+    results = train.train_and_evaluate(config, pretrain_dir)
+    # kNN memory: the labelled train rows only; queries: every test row (all labelled).
+    assert results["knn_memory_examples"] == TRAIN and results["eval_examples"] == TEST
+    assert np.isfinite(results["probe_top1"]) and 0.0 <= results["knn_top1"] <= 1.0
+
+    protocol = _stl_data(knn_config.get_config(), stl_like_dir)
+    protocol.init_from, protocol.eval.batch_size, protocol.eval.knn_k = pretrain_dir, 16, 5
+    out = knn.run(protocol, str(tmp_path / "knn"))
+    assert out["summary"]["examples"] == TEST and out["summary"]["unlabelled_examples"] == 0
+
+    protocol = _stl_data(finetune_config.get_config(), stl_like_dir)
+    protocol.init_from, protocol.eval.batch_size = pretrain_dir, 16
+    protocol.finetune.label_fraction, protocol.finetune.batch_size = 0.5, 8
+    protocol.finetune.epochs = 1.0
+    out = finetune.run(protocol, str(tmp_path / "finetune"))
+    assert out["labelled_examples"] == TRAIN // 2  # half of each class, no unlabelled row

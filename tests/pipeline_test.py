@@ -17,10 +17,11 @@ import sys
 import ml_collections as mlc
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from simclr_jax.data import pipeline, views
+from simclr_jax.data import order, pipeline, views
 from simclr_jax.data import sources as sources_lib
 
 SIZE = 12
@@ -482,3 +483,11 @@ def test_cache_does_not_change_the_stream(tmp_path):
         assert info.cached == cache
         streams.append(take(ds, 3))
     assert_batches_equal(*streams)
+
+
+def test_filter_subset_keeps_members_when_later_records_follow():
+    """Records past the subset's largest index are dropped, not an out-of-range gather
+    (a tfds fine-tuning subset whose last member comes before the split's end)."""
+    records = tf.data.Dataset.from_tensor_slices({"index": np.arange(10, dtype=np.int64)})
+    kept = order.filter_subset(records, np.array([1, 4, 5]))
+    assert [int(r["index"]) for r in kept.as_numpy_iterator()] == [1, 4, 5]

@@ -214,10 +214,12 @@ def filter_subset(records: tf.data.Dataset, subset: np.ndarray | None) -> tf.dat
     """The records whose 'index' is in `subset` (all of them when subset is None)."""
     if subset is None:
         return records
-    member = tf.constant(np.isin(np.arange(subset.max() + 1), subset))
-    return records.filter(
-        lambda r: tf.logical_and(r["index"] <= subset.max(), tf.gather(member, r["index"]))
-    )
+    # member[i]: is index i in the subset; its last entry (False) stands for every index past
+    # the subset's largest, so the gather never goes out of range (tf.logical_and would not
+    # have short-circuited a bounds test).
+    member = tf.constant(np.isin(np.arange(subset.max() + 2), subset))
+    last = int(subset.max()) + 1
+    return records.filter(lambda r: tf.gather(member, tf.minimum(r["index"], last)))
 
 
 def _stream_indices(source, process_index, process_count, subset) -> np.ndarray:
