@@ -17,6 +17,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.data import sources
 from simclr_jax.data.sources import embedded, folder
 
@@ -379,41 +380,41 @@ def test_folder_holds_out_when_eval_folder_missing(class_tree, tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such image folder"):
+    with pytest.raises(MissingPathError, match="no such image folder"):
         sources.load_source(data_config(source="folder", name=str(tmp_path / "nope")), "train")
     empty = tmp_path / "empty"
     os.makedirs(empty / "cat")
-    with pytest.raises(ValueError, match="found no images"):
+    with pytest.raises(ConfigError, match="found no images"):
         sources.load_source(data_config(source="folder", name=str(empty)), "train")
     flat = tmp_path / "flat"
     write(str(flat / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match="class folders"):
+    with pytest.raises(ConfigError, match="class folders"):
         sources.load_source(data_config(source="folder", name=str(flat)), "train")
     split_tree = tmp_path / "splits"
     write(str(split_tree / "train" / "cat" / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match=r"split='val' not found.*\['train'\]"):
+    with pytest.raises(ConfigError, match=r"split='val' not found.*\['train'\]"):
         sources.load_source(data_config(source="folder", name=str(split_tree)), "val")
 
 
 def test_config_and_embedded_errors():
-    with pytest.raises(ValueError, match=r"data.source='hdf5'"):
+    with pytest.raises(ConfigError, match=r"data.source='hdf5'"):
         sources.load_source(data_config(source="hdf5"), "train")
-    with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
+    with pytest.raises(ConfigError, match=r"split='validation'.*\['train', 'test'\]"):
         sources.load_source(data_config(), "validation")
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         sources.load_source(data_config(source="tfds", name="cifar10", val_fraction=0.1), "train")
 
 
 def test_tfds_errors(tmp_path, tiny_tfds_dir):
-    with pytest.raises(ValueError, match=r"'cifar11' is not a tfds dataset.*cifar10"):
+    with pytest.raises(ConfigError, match=r"'cifar11' is not a tfds dataset.*cifar10"):
         sources.load_source(data_config(source="tfds", name="cifar11"), "train")
     cfg = data_config(source="tfds", name="datasets_test_tiny", data_dir=tiny_tfds_dir)
-    with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
+    with pytest.raises(ConfigError, match=r"split='validation'.*\['train', 'test'\]"):
         sources.load_source(cfg, "validation")
     # Not prepared and download=False: a fast, explicit error, never a download.
     for name in ("cifar10", "imagenet2012_subset/1pct"):
         start = time.monotonic()
-        with pytest.raises(FileNotFoundError) as error:
+        with pytest.raises(MissingPathError) as error:
             sources.load_source(
                 data_config(source="tfds", name=name, data_dir=str(tmp_path)), "train"
             )

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data.sources import base
 
 EMBEDDED_NAMES = ("cifar10_sample", "cifar10")
@@ -31,7 +32,7 @@ def _embedded_arrays() -> dict[str, np.ndarray]:
 def load_embedded(split: str) -> base.DataSource:
     """Opens `split` ('train' or 'test') of the embedded sample."""
     if split not in EMBEDDED_SPLITS:
-        raise ValueError(
+        raise ConfigError(
             f"split={split!r} of the embedded sample: available {list(EMBEDDED_SPLITS)}"
         )
     arrays = _embedded_arrays()
