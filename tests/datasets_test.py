@@ -19,7 +19,7 @@ from PIL import Image
 
 from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.data import sources
-from simclr_jax.data.sources import embedded, folder
+from simclr_jax.data.sources import base, embedded, folder
 
 TINY_TRAIN, TINY_TEST = 23, 7
 
@@ -301,6 +301,48 @@ def test_folder_skips_bad_files_and_converts_modes(messy_tree):
         assert e["image"].shape == expected.shape and e["image"].dtype == np.uint8
         tolerance = 2 if rel.lower().endswith((".jpg", ".jpeg")) else 0
         assert np.abs(e["image"].astype(int) - expected).max() <= tolerance, rel
+
+
+def test_folder_decodes_by_content_png_named_jpeg_and_cmyk_jpeg(tmp_path):
+    """The decoder follows the bytes, not the extension; CMYK JPEGs become PIL's RGB.
+
+    Measured here (TF 2.21's decode_jpeg, INTEGER_ACCURATE, against PIL's decode and
+    convert('RGB')) over 40 CMYK JPEGs of random and smooth content at quality 75 and 95:
+    max |difference| 0. Allowed: 1, for another libjpeg build.
+    """
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (13, 17, 3), np.uint8)
+    alpha = rng.integers(0, 256, (13, 17, 1), np.uint8)
+    yy, xx = np.mgrid[0:24, 0:20]
+    smooth = np.stack([yy * 10, xx * 12, (yy + xx) * 5], -1).astype(np.uint8)
+    files = {  # class/file -> (bytes, expected pixels or None for PIL's, codec)
+        "a/png_named.JPEG": (encode(rgb, "PNG"), rgb, base.CODEC_PNG),
+        "a/rgba_png_named.jpg": (encode(np.dstack([rgb, alpha]), "PNG"), rgb, base.CODEC_PNG),
+        "b/cmyk.jpeg": (encode(rgb, "JPEG", "CMYK", quality=90), None, base.CODEC_JPEG),
+        "b/cmyk_smooth.jpg": (encode(smooth, "JPEG", "CMYK", quality=75), None, base.CODEC_JPEG),
+        "b/jpeg_named.png": (encode(rgb, "JPEG", quality=90), None, base.CODEC_JPEG),
+    }
+    for rel, (data, _, _) in files.items():
+        write(str(tmp_path / "train" / rel), data)
+    with Image.open(tmp_path / "train" / "b" / "cmyk.jpeg") as image:
+        assert image.mode == "CMYK"
+    source = sources.load_source(
+        data_config(source="folder", name=str(tmp_path), strict=True), "train"
+    )
+    assert source.class_names == ("a", "b") and source.num_examples == len(files)
+    np.testing.assert_array_equal(source.table.codecs, [c for _, _, c in files.values()])
+    for e, (rel, (_, expected, _)) in zip(read_all(source), files.items(), strict=True):
+        assert e["label"] == ("a", "b").index(rel[0])
+        assert e["image"].dtype == np.uint8
+        if expected is not None:  # A PNG, whatever its name: exactly its pixels.
+            np.testing.assert_array_equal(e["image"], expected, err_msg=rel)
+        else:
+            pil = pil_rgb(str(tmp_path / "train" / rel))
+            assert e["image"].shape == pil.shape, rel
+            assert np.abs(e["image"].astype(int) - pil).max() <= 1, rel
+    # The CMYK JPEG really is the colour image (PIL's naive RGB->CMYK round trip + JPEG loss).
+    cmyk = read_all(source)[2]["image"].astype(int)
+    assert np.abs(cmyk - rgb).mean() < 20
 
 
 def test_folder_strict_raises_with_path(messy_tree):
