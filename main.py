@@ -5,13 +5,16 @@ r"""SimCLR pretraining entry point.
       --config.train.batch_size=256
 
 Any config field can be overridden with --config.<section>.<field>=value; the
-config is locked, so a mistyped field name fails immediately.
+config is locked, so a mistyped field name fails immediately. An error the user can
+fix (a bad config value, a missing path, an unknown dataset or split) prints as one
+line, `error: ...`, and exits with status 2 (simclr_jax/cli.py).
 """
 
 import os
 
 # TensorFlow is only used for the input pipeline: keep it off accelerators and
-# quiet. This must happen before TensorFlow is imported.
+# quiet. This must happen before TensorFlow is imported (main() imports it first,
+# through cli.import_tensorflow_quietly; set TF_CPP_MIN_LOG_LEVEL=0 to see its logs).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The CPU boundary (simclr_jax/cpu), optional: without it every run uses XLA's convolutions.
@@ -29,6 +32,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from simclr_jax import cli  # noqa: E402  (imports neither jax nor TensorFlow)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -74,6 +79,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    # Before anything imports TensorFlow: its start-up log lines would bypass TF_CPP_MIN_LOG_LEVEL.
+    cli.import_tensorflow_quietly()
     # Multi-host: must run before anything touches devices.
     from simclr_jax import distributed
 
@@ -105,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

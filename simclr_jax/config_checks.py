@@ -19,8 +19,24 @@ PARALLELISM_MODES = ("shard_map", "pmap")
 MICRO_BATCH_BN_MODES = ("micro", "frozen")
 
 
-class ConfigError(ValueError):
-    """A config field holds a value the run cannot use."""
+class UserInputError(Exception):
+    """An error the user fixes by changing an input: a config field, a flag, a path, a dataset.
+
+    The programs (main.py, simclr_jax.export, simclr_jax.sweep) print its message as one line
+    and exit with status 2 instead of showing a traceback (simclr_jax/cli.py). Raise it only
+    where the cause is the user's input; a library bug keeps its own type and its traceback.
+    """
+
+
+class ConfigError(UserInputError, ValueError):
+    """A config field (or flag) holds a value the run cannot use; still a ValueError."""
+
+
+class MissingPathError(UserInputError, FileNotFoundError):
+    """A path the user named (config.init_from, an image folder, a tfds dataset) is missing.
+
+    Construct it with the message alone (one argument); it is still a FileNotFoundError.
+    """
 
 
 def fail(field: str, value, fix: str):

@@ -19,7 +19,8 @@ import json
 import numpy as np
 from absl import app, flags
 
-from simclr_jax import files
+from simclr_jax import cli, files
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.eval import pretrained as pretrained_lib
 
 BATCH_STATS_PREFIX = "batch_stats/"
@@ -72,7 +73,7 @@ def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> st
       The path written.
     """
     if not out.endswith(".npz"):
-        raise ValueError(f"out={out!r}: only .npz export is supported; name the file *.npz")
+        raise ConfigError(f"out={out!r}: only .npz export is supported; name the file *.npz")
     pretrained = pretrained_lib.load_pretrained(init_from)
     names = ("encoder", "head") if include_head else ("encoder",)
     flat = flatten_variables(pretrained.variables(*names))
@@ -129,4 +130,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    cli.run(main)  # A user error (bad --out, missing checkpoint) prints one line, exit status 2.

@@ -17,8 +17,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.data import sources
-from simclr_jax.data.sources import embedded, folder
+from simclr_jax.data.sources import base, embedded, folder
 
 TINY_TRAIN, TINY_TEST = 23, 7
 
@@ -302,6 +303,48 @@ def test_folder_skips_bad_files_and_converts_modes(messy_tree):
         assert np.abs(e["image"].astype(int) - expected).max() <= tolerance, rel
 
 
+def test_folder_decodes_by_content_png_named_jpeg_and_cmyk_jpeg(tmp_path):
+    """The decoder follows the bytes, not the extension; CMYK JPEGs become PIL's RGB.
+
+    Measured here (TF 2.21's decode_jpeg, INTEGER_ACCURATE, against PIL's decode and
+    convert('RGB')) over 40 CMYK JPEGs of random and smooth content at quality 75 and 95:
+    max |difference| 0. Allowed: 1, for another libjpeg build.
+    """
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (13, 17, 3), np.uint8)
+    alpha = rng.integers(0, 256, (13, 17, 1), np.uint8)
+    yy, xx = np.mgrid[0:24, 0:20]
+    smooth = np.stack([yy * 10, xx * 12, (yy + xx) * 5], -1).astype(np.uint8)
+    files = {  # class/file -> (bytes, expected pixels or None for PIL's, codec)
+        "a/png_named.JPEG": (encode(rgb, "PNG"), rgb, base.CODEC_PNG),
+        "a/rgba_png_named.jpg": (encode(np.dstack([rgb, alpha]), "PNG"), rgb, base.CODEC_PNG),
+        "b/cmyk.jpeg": (encode(rgb, "JPEG", "CMYK", quality=90), None, base.CODEC_JPEG),
+        "b/cmyk_smooth.jpg": (encode(smooth, "JPEG", "CMYK", quality=75), None, base.CODEC_JPEG),
+        "b/jpeg_named.png": (encode(rgb, "JPEG", quality=90), None, base.CODEC_JPEG),
+    }
+    for rel, (data, _, _) in files.items():
+        write(str(tmp_path / "train" / rel), data)
+    with Image.open(tmp_path / "train" / "b" / "cmyk.jpeg") as image:
+        assert image.mode == "CMYK"
+    source = sources.load_source(
+        data_config(source="folder", name=str(tmp_path), strict=True), "train"
+    )
+    assert source.class_names == ("a", "b") and source.num_examples == len(files)
+    np.testing.assert_array_equal(source.table.codecs, [c for _, _, c in files.values()])
+    for e, (rel, (_, expected, _)) in zip(read_all(source), files.items(), strict=True):
+        assert e["label"] == ("a", "b").index(rel[0])
+        assert e["image"].dtype == np.uint8
+        if expected is not None:  # A PNG, whatever its name: exactly its pixels.
+            np.testing.assert_array_equal(e["image"], expected, err_msg=rel)
+        else:
+            pil = pil_rgb(str(tmp_path / "train" / rel))
+            assert e["image"].shape == pil.shape, rel
+            assert np.abs(e["image"].astype(int) - pil).max() <= 1, rel
+    # The CMYK JPEG really is the colour image (PIL's naive RGB->CMYK round trip + JPEG loss).
+    cmyk = read_all(source)[2]["image"].astype(int)
+    assert np.abs(cmyk - rgb).mean() < 20
+
+
 def test_folder_strict_raises_with_path(messy_tree):
     root, _, bad = messy_tree
     with pytest.raises(ValueError, match="unreadable image") as error:
@@ -379,41 +422,41 @@ def test_folder_holds_out_when_eval_folder_missing(class_tree, tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such image folder"):
+    with pytest.raises(MissingPathError, match="no such image folder"):
         sources.load_source(data_config(source="folder", name=str(tmp_path / "nope")), "train")
     empty = tmp_path / "empty"
     os.makedirs(empty / "cat")
-    with pytest.raises(ValueError, match="found no images"):
+    with pytest.raises(ConfigError, match="found no images"):
         sources.load_source(data_config(source="folder", name=str(empty)), "train")
     flat = tmp_path / "flat"
     write(str(flat / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match="class folders"):
+    with pytest.raises(ConfigError, match="class folders"):
         sources.load_source(data_config(source="folder", name=str(flat)), "train")
     split_tree = tmp_path / "splits"
     write(str(split_tree / "train" / "cat" / "x.png"), encode(np.zeros((2, 2, 3), np.uint8), "PNG"))
-    with pytest.raises(ValueError, match=r"split='val' not found.*\['train'\]"):
+    with pytest.raises(ConfigError, match=r"split='val' not found.*\['train'\]"):
         sources.load_source(data_config(source="folder", name=str(split_tree)), "val")
 
 
 def test_config_and_embedded_errors():
-    with pytest.raises(ValueError, match=r"data.source='hdf5'"):
+    with pytest.raises(ConfigError, match=r"data.source='hdf5'"):
         sources.load_source(data_config(source="hdf5"), "train")
-    with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
+    with pytest.raises(ConfigError, match=r"split='validation'.*\['train', 'test'\]"):
         sources.load_source(data_config(), "validation")
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         sources.load_source(data_config(source="tfds", name="cifar10", val_fraction=0.1), "train")
 
 
 def test_tfds_errors(tmp_path, tiny_tfds_dir):
-    with pytest.raises(ValueError, match=r"'cifar11' is not a tfds dataset.*cifar10"):
+    with pytest.raises(ConfigError, match=r"'cifar11' is not a tfds dataset.*cifar10"):
         sources.load_source(data_config(source="tfds", name="cifar11"), "train")
     cfg = data_config(source="tfds", name="datasets_test_tiny", data_dir=tiny_tfds_dir)
-    with pytest.raises(ValueError, match=r"split='validation'.*\['train', 'test'\]"):
+    with pytest.raises(ConfigError, match=r"split='validation'.*\['train', 'test'\]"):
         sources.load_source(cfg, "validation")
     # Not prepared and download=False: a fast, explicit error, never a download.
     for name in ("cifar10", "imagenet2012_subset/1pct"):
         start = time.monotonic()
-        with pytest.raises(FileNotFoundError) as error:
+        with pytest.raises(MissingPathError) as error:
             sources.load_source(
                 data_config(source="tfds", name=name, data_dir=str(tmp_path)), "train"
             )

@@ -1,5 +1,7 @@
-"""kNN against an independent NumPy implementation; feature extraction drops padding."""
+"""kNN against an independent NumPy implementation; feature extraction drops padding and runs
+BatchNorm in inference mode."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -87,3 +89,88 @@ def test_extract_features_drops_padding_on_eight_devices():
     )
     np.testing.assert_array_equal(labels, np.arange(21))
     np.testing.assert_allclose(out["h"][:, 0], images.reshape(21, -1).sum(-1), rtol=1e-5)
+
+
+def tiny_pretrained_with_running_stats_far_from_any_batch():
+    """A random tiny ResNet-18 whose BN statistics and affine parameters are far from neutral."""
+    from tiny_run import tiny_config
+
+    from simclr_jax import models
+    from simclr_jax.eval import pretrained as pretrained_lib
+
+    model_cfg = tiny_config().model
+    model = models.build_model(model_cfg, num_classes=10)
+    variables = model.init(jax.random.key(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+    rng = np.random.default_rng(0)
+
+    def perturb(path, x):
+        name = jax.tree_util.keystr(path[-1:])
+        shape = np.shape(x)
+        if "mean" in name:
+            return rng.normal(0.0, 0.5, shape).astype(np.float32)
+        if "var" in name:
+            return rng.uniform(0.3, 3.0, shape).astype(np.float32)
+        if "scale" in name:  # The last BN of each block starts at 0: make every BN matter.
+            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        return np.asarray(x)
+
+    variables = jax.tree_util.tree_map_with_path(perturb, variables)
+    return pretrained_lib.Pretrained(
+        path="test",
+        step=0,
+        model_config=model_cfg,
+        params=dict(variables["params"]),
+        batch_stats=dict(variables["batch_stats"]),
+        probe_classes=10,
+    )
+
+
+def test_encoder_features_are_per_example_with_the_running_bn_statistics():
+    """Evaluation runs BatchNorm in inference mode: each example's h depends on itself only."""
+    from tiny_run import tiny_config
+
+    from simclr_jax import models
+
+    pretrained = tiny_pretrained_with_running_stats_far_from_any_batch()
+    before = jax.tree_util.tree_map(np.copy, (pretrained.params, pretrained.batch_stats))
+    config = tiny_config()
+    config.eval.batch_size = 16  # 2 examples per device on the 8 test devices
+    mesh = sharding.create_mesh(jax.devices())
+    h, labels = features.extract_encoder_features(pretrained, config, "test", mesh)
+    assert h.shape[0] == labels.shape[0] == 1000
+    # Extraction changes neither the statistics nor the parameters.
+    after = (pretrained.params, pretrained.batch_stats)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after, before)
+
+    encoder = models.build_encoder(pretrained.model_config)
+    variables = pretrained.variables("encoder")
+    variables = {k: v["encoder"] for k, v in variables.items()}
+    batch = next(features.eval_batches(config, "test"))
+    images = batch["image"][batch["mask"]]
+    np.testing.assert_array_equal(batch["label"][batch["mask"]], labels[: len(images)])
+    # Each example encoded alone (a batch of one) gives the same h as inside the batch.
+    apply = jax.jit(lambda x: encoder.apply(variables, x, train=False))
+    alone = np.concatenate([np.asarray(apply(image[None])) for image in images])
+    np.testing.assert_allclose(h[: len(images)], alone, rtol=1e-5, atol=1e-5)
+    # ...which batch statistics would not: train mode gives other features for this batch.
+    train_h, _ = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert np.abs(np.asarray(train_h) - h[: len(images)]).max() > 0.1
+
+    # NumPy reference of every BatchNorm of that inference pass: the running statistics.
+    seen = []
+
+    def check_batch_norm(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            bn = jax.tree_util.tree_map(np.asarray, context.module.variables)
+            x, stats, affine = np.asarray(args[0], np.float64), bn["batch_stats"], bn["params"]
+            expected = (x - stats["mean"]) / np.sqrt(stats["var"] + context.module.epsilon)
+            expected = expected * affine["scale"] + affine["bias"]
+            np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+            seen.append(context.module.name)
+        return out
+
+    with nn.intercept_methods(check_batch_norm):
+        reference = encoder.apply(variables, images[:2], train=False)
+    assert len(seen) == 1 + 8 * 2 + 3  # stem, two per basic block, three projection shortcuts
+    np.testing.assert_allclose(h[:2], np.asarray(reference), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from simclr_jax import models, optim, sharding, steps
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import inputs as inputs_lib
@@ -76,9 +77,9 @@ def build_finetune_model(
     pretrain = models.build_model(model_cfg, num_classes=num_classes, conv=conv)
     num = model_cfg.head_layers + 1
     if isinstance(ft_proj_selector, bool) or not isinstance(ft_proj_selector, int):
-        raise ValueError(f"finetune.ft_proj_selector={ft_proj_selector!r}: must be an int")
+        raise ConfigError(f"finetune.ft_proj_selector={ft_proj_selector!r}: must be an int")
     if not -num <= ft_proj_selector < num:
-        raise ValueError(
+        raise ConfigError(
             f"finetune.ft_proj_selector={ft_proj_selector}: the checkpoint's head has "
             f"{num - 1} layers; use an int in [{-num}, {num - 1}] (0 = h)"
         )

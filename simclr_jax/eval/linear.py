@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from simclr_jax import models, optim, sharding
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import inputs as inputs_lib
@@ -68,11 +69,11 @@ def _classifier_optimizer(linear_cfg, batch_size: int, total_steps: int):
 
 def _check_linear_config(linear_cfg) -> None:
     if linear_cfg.mode not in MODES:
-        raise ValueError(f"config.linear.mode={linear_cfg.mode!r}: use one of {MODES}")
+        raise ConfigError(f"config.linear.mode={linear_cfg.mode!r}: use one of {MODES}")
     if not linear_cfg.epochs or linear_cfg.epochs <= 0:
-        raise ValueError(f"config.linear.epochs={linear_cfg.epochs!r}: must be > 0")
+        raise ConfigError(f"config.linear.epochs={linear_cfg.epochs!r}: must be > 0")
     if not linear_cfg.batch_size or linear_cfg.batch_size <= 0:
-        raise ValueError(f"config.linear.batch_size={linear_cfg.batch_size!r}: must be > 0")
+        raise ConfigError(f"config.linear.batch_size={linear_cfg.batch_size!r}: must be > 0")
 
 
 def train_linear_on_features(

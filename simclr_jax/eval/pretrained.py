@@ -18,6 +18,7 @@ import ml_collections as mlc
 import numpy as np
 
 from simclr_jax import checkpoint, files, models
+from simclr_jax.config_checks import ConfigError, MissingPathError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +52,20 @@ class Pretrained:
 def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
     """(checkpoints directory, step, config.json path) for a workdir or a step dir."""
     if not init_from:
-        raise ValueError(
+        raise ConfigError(
             "config.init_from is empty: set it to a pretraining workdir or to one of its "
             "checkpoint step directories, e.g. --config.init_from=workdirs/quickstart"
         )
     path = files.abspath(init_from)
     if not files.exists(path):
-        raise FileNotFoundError(f"config.init_from={init_from!r} does not exist ({path})")
+        raise MissingPathError(f"config.init_from={init_from!r} does not exist ({path})")
     name = files.basename(path)
     if name.isdigit() and files.isdir(path):
         ckpt_dir = files.dirname(path)
         return ckpt_dir, int(name), files.join(files.dirname(ckpt_dir), files.CONFIG_FILE)
     step = checkpoint.latest_step(path)
     if step is None:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"config.init_from={init_from!r} holds no checkpoint: expected a pretraining workdir "
             f"with {checkpoint.CHECKPOINT_SUBDIR}/<step>/ inside, or a step directory itself"
         )
@@ -76,7 +77,7 @@ def _check_shapes(expected: Any, restored: Any, where: str) -> None:
     got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in _flatten(restored)}
     for key in sorted(set(exp) | set(got)):
         if exp.get(key) != got.get(key):
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint at {where} does not match the architecture in its config.json: "
                 f"{key} is {got.get(key)} in the checkpoint but {exp.get(key)} in the model "
                 "built from config.json (None = missing). Point config.init_from at the workdir "
@@ -98,13 +99,14 @@ def load_pretrained(init_from: str) -> Pretrained:
       The Pretrained checkpoint (arrays on the host).
 
     Raises:
-      ValueError: init_from is empty, or the checkpoint's shapes differ from
-        the architecture of its config.json.
-      FileNotFoundError: the path, a checkpoint or config.json is missing.
+      ConfigError (a ValueError): init_from is empty, or the checkpoint's shapes
+        differ from the architecture of its config.json.
+      MissingPathError (a FileNotFoundError): the path, a checkpoint or config.json
+        is missing.
     """
     ckpt_dir, step, config_path = _resolve_checkpoint(init_from)
     if not files.exists(config_path) or files.isdir(config_path):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{config_path} is missing: the architecture of the checkpoint in "
             f"config.init_from={init_from!r} is read from its pretraining run's config.json"
         )
@@ -152,9 +154,9 @@ def random_init_like(pretrained: Pretrained, seed: int) -> Pretrained:
 
 
 def check_num_classes(head_classes: int, data_classes: int, *, head: str, fix: str) -> None:
-    """Raises a ValueError naming both class counts when a loaded head does not fit the data."""
+    """Raises a ConfigError naming both class counts when a loaded head does not fit the data."""
     if head_classes != data_classes:
-        raise ValueError(
+        raise ConfigError(
             f"the {head} has {head_classes} classes but the dataset has {data_classes}: {fix}"
         )
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import ml_collections as mlc
 
 from simclr_jax import models
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.eval import finetune, knn, linear
 
 # Each: (config, workdir, *, conv) -> results dict.
@@ -39,10 +40,10 @@ def run(
       The results dict.
 
     Raises:
-      ValueError: for an unknown protocol, naming the choices.
+      ConfigError (a ValueError): for an unknown protocol, naming the choices.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(
+        raise ConfigError(
             f"config.protocol={protocol!r} is not a protocol; use 'pretrain' or one of "
             f"{tuple(PROTOCOLS)}"
         )

@@ -13,6 +13,7 @@ Examples without a label (outside [0, num_classes), e.g. tfds's -1 in
 import ml_collections as mlc
 import numpy as np
 
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import sources
 from simclr_jax.labels import is_labelled
 
@@ -20,11 +21,11 @@ IMAGENET_OFFICIAL = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset
 
 
 def check_fraction(fraction) -> float:
-    """Returns fraction as a float; ValueError unless it lies in (0, 1]."""
+    """Returns fraction as a float; ConfigError (a ValueError) unless it lies in (0, 1]."""
     if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-        raise ValueError(f"finetune.label_fraction={fraction!r}: must be a number in (0, 1]")
+        raise ConfigError(f"finetune.label_fraction={fraction!r}: must be a number in (0, 1]")
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"finetune.label_fraction={fraction!r}: must be in (0, 1], e.g. 0.01, 0.1 or 1.0"
         )
     return float(fraction)

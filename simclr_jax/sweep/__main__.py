@@ -17,15 +17,17 @@ commands and --report_only: cell files are read through simclr_jax.files.
 
 A failed stage does not stop the sweep: the cell is reported as failed and the
 command exits with status 1 at the end (as does --report_only while a cell is
-unfinished). The summary (summary.json, summary.csv) and the report
-(ablation.md, ablation.csv, ablation.png; see simclr_jax.sweep.report) are
-rewritten at the end of every run and by --report_only.
+unfinished). An error in the ablation config stops the sweep before anything
+runs: one line, `error: ...`, and exit status 2 (simclr_jax/cli.py). The summary
+(summary.json, summary.csv) and the report (ablation.md, ablation.csv,
+ablation.png; see simclr_jax.sweep.report) are rewritten at the end of every
+run and by --report_only.
 """
 
 import shlex
 import sys
 
-from simclr_jax import files
+from simclr_jax import cli, files
 from simclr_jax.sweep import commands, launch, report, runner
 
 
@@ -96,10 +98,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     # configs/ablation_*.py import `configs.*` relative to the repository root.
     if commands.REPO_ROOT not in sys.path:
         sys.path.insert(0, commands.REPO_ROOT)
     _define_flags()
-    app.run(main)
+    cli.run(main)  # A user error (config_checks.UserInputError) prints one line, exit status 2.

@@ -33,32 +33,32 @@ SPLIT_FIELDS = ("train_split", "eval_split")
 
 
 def validate_data_config(data_cfg: mlc.ConfigDict) -> None:
-    """Raises ValueError naming the field, its value and what is allowed.
+    """Raises ConfigError (a ValueError) naming the field, its value and what is allowed.
 
     Args:
       data_cfg: the data section of a config (fields listed in load_source).
     """
     source = data_cfg.get("source")
     if source not in DATA_SOURCES:
-        raise ValueError(f"data.source={source!r}: allowed values are {DATA_SOURCES}")
+        raise ConfigError(f"data.source={source!r}: allowed values are {DATA_SOURCES}")
     val_fraction = base.data_field(data_cfg, "val_fraction", 0.0)
     if isinstance(val_fraction, bool) or not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
+        raise ConfigError(f"data.val_fraction={val_fraction!r}: must be in [0, 1)")
     if val_fraction > 0 and source != "folder":
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction={val_fraction!r} applies to data.source='folder' only; for "
             "tfds hold out with split slicing, e.g. train_split='train[:90%]', "
             "eval_split='train[90%:]'"
         )
     name = data_cfg.get("name")
     if source == "embedded" and name not in (None, "", *embedded.EMBEDDED_NAMES):
-        raise ValueError(
+        raise ConfigError(
             f"data.name={name!r} with data.source='embedded': the embedded sample is "
             f"CIFAR-10 (name one of {embedded.EMBEDDED_NAMES}); use source='tfds' for other "
             "datasets"
         )
     if source in ("tfds", "folder") and not name:
-        raise ValueError(f"data.name={name!r}: name the tfds dataset or the image folder")
+        raise ConfigError(f"data.name={name!r}: name the tfds dataset or the image folder")
 
 
 def load_source(
@@ -84,7 +84,7 @@ def load_source(
     validate_data_config(data_cfg)
     seed = order.split_seed(data_cfg) if seed is None else seed
     if not isinstance(split, str) or not split:
-        raise ValueError(f"split={split!r}: expected a split name such as 'train'")
+        raise ConfigError(f"split={split!r}: expected a split name such as 'train'")
     if data_cfg.source == "embedded":
         return embedded.load_embedded(split)
     if data_cfg.source == "tfds":

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.data.sources import base
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -89,7 +90,7 @@ def load_folder(data_cfg: mlc.ConfigDict, split: str, seed: int) -> base.DataSou
         )
     paths, labels, codecs, pixels = files
     if not len(paths):
-        raise ValueError(f"split={split!r} of image folder {name!r} has no readable images")
+        raise ConfigError(f"split={split!r} of image folder {name!r} has no readable images")
     return base.DataSource(
         name=name,
         split=split,
@@ -104,14 +105,14 @@ def load_folder(data_cfg: mlc.ConfigDict, split: str, seed: int) -> base.DataSou
 def _open_folder(name: str, extract_dir: str | None) -> str:
     """Returns a directory for `name`, extracting it first if it is an archive."""
     if not os.path.exists(name):
-        raise ValueError(
+        raise MissingPathError(
             f"data.name={name!r}: no such image folder or archive; expected "
             "root/<split>/<class>/<image>, root/<class>/<image> or a .tar/.tar.gz of either"
         )
     if os.path.isdir(name):
         return name
     if not name.lower().endswith(ARCHIVE_SUFFIXES):
-        raise ValueError(f"data.name={name!r} is a file but not an archive {ARCHIVE_SUFFIXES}")
+        raise ConfigError(f"data.name={name!r} is a file but not an archive {ARCHIVE_SUFFIXES}")
     return extract_archive(name, extract_dir)
 
 
@@ -146,7 +147,7 @@ def extract_archive(path: str, extract_dir: str | None = None) -> str:
         with tarfile.open(path) as tar:
             tar.extractall(staging, filter="data")  # 'data' refuses links out of the tree.
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"data.name={path!r}: cannot extract the archive ({e})") from None
+        raise ConfigError(f"data.name={path!r}: cannot extract the archive ({e})") from None
     open(os.path.join(staging, _EXTRACTED_MARKER), "w").close()
     try:
         os.rename(staging, target)
@@ -186,12 +187,12 @@ def _find_tree_root(path: str, name: str) -> str:
             break
         path = subdirs[0]
     if not holds_classes and not holds_splits:
-        raise ValueError(
+        raise ConfigError(
             f"data.name={name!r}: found no images ({', '.join(IMAGE_EXTENSIONS)}) in "
             f"{path}/<class>/ or {path}/<split>/<class>/; images must sit in class folders"
         )
     if holds_classes and holds_splits:
-        raise ValueError(
+        raise ConfigError(
             f"data.name={name!r}: {path} mixes class folders with split folders; use either "
             "root/<class>/<image> or root/<split>/<class>/<image>"
         )
@@ -224,7 +225,7 @@ def _checked_files(directory: str, class_names: tuple[str, ...], strict: bool):
     checked, labels = _scan_class_folders(directory, class_names)
     bad = [f for f in checked if not f.ok]
     if bad and strict:
-        raise ValueError(
+        raise ConfigError(
             f"unreadable image {bad[0].path}: {bad[0].reason} ({len(bad)} unreadable in "
             f"{directory}; data.strict=True, set it to False to skip them)"
         )

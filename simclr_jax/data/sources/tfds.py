@@ -16,6 +16,7 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
+from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.data.sources import base
 
 
@@ -94,16 +95,16 @@ def load_tfds(data_cfg: mlc.ConfigDict, split: str) -> base.DataSource:
     except tfds.core.registered.DatasetNotFoundError:
         base_name = name.split("/")[0].split(":")[0]
         close = difflib.get_close_matches(base_name, tfds.list_builders(), n=5)
-        raise ValueError(
+        raise ConfigError(
             f"data.name={name!r} is not a tfds dataset{f'; did you mean {close}' if close else ''}."
             " List the names with `tfds.list_builders()` or see "
             "https://www.tensorflow.org/datasets/catalog"
         ) from None
     except ValueError as e:  # E.g. an unknown config such as 'imagenet2012_subset/2pct'.
-        raise ValueError(f"data.name={name!r}: {e}") from None
+        raise ConfigError(f"data.name={name!r}: {e}") from None
     if not builder.is_prepared():
         if not data_cfg.get("download", False):
-            raise FileNotFoundError(_not_prepared_message(builder, name))
+            raise MissingPathError(_not_prepared_message(builder, name))
         builder.download_and_prepare()
     available = list(builder.info.splits.keys())
     try:
@@ -121,7 +122,7 @@ def load_tfds(data_cfg: mlc.ConfigDict, split: str) -> base.DataSource:
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if image_key not in features or label_key not in features:
-        raise ValueError(
+        raise ConfigError(
             f"tfds dataset {name!r} has features {list(features.keys())}; expected an "
             "'image' and a 'label' feature (an image classification dataset)"
         )
