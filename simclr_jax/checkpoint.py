@@ -104,14 +104,20 @@ def restore_to_host(directory: str, step: int) -> Any:
     # Orbax's own test of completeness (a finished rename locally, commit_success.txt on GCS).
     if not files.isdir(directory) or step not in ocp.utils.checkpoint_steps(directory):
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}")
-    path = files.join(directory, str(step), "default")
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
+    # A manager (it saves nothing) over the directory the trainer's manager wrote: it reads
+    # the step's metadata where that manager put it (a checkpointer opened on <step>/default
+    # would log a warning about a missing metadata file at every restore).
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(
+        directory, item_handlers=ocp.StandardCheckpointHandler(), options=options
+    ) as manager:
         target = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-            checkpointer.metadata(path).item_metadata,
+            manager.item_metadata(step),
         )
-        return jax.tree_util.tree_map(np.asarray, checkpointer.restore(path, target))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return jax.tree_util.tree_map(np.asarray, restored)
 
 
 def latest_step(workdir: str) -> int | None:

@@ -134,6 +134,25 @@ def check_batch_split(batch_size: int, num_devices: int, process_count: int, fie
         fail(field, batch_size, f"it must be divisible by the {process_count} processes.")
 
 
+def check_batch_fits(batch_size: int, split, field: str, examples: int | None = None) -> None:
+    """A global batch must not exceed the examples it is drawn from (one step per epoch at least).
+
+    Args:
+      batch_size: the global batch size.
+      split: the data source it is drawn from (named in the message).
+      field: the config field of the batch size.
+      examples: how many of the split's examples are drawn (a label subset); None: all.
+    """
+    examples = split.num_examples if examples is None else examples
+    if batch_size > examples:
+        fail(
+            field,
+            batch_size,
+            f"it is larger than the {examples} examples it is drawn from ({split.name!r}, "
+            f"split {split.split!r}); lower it.",
+        )
+
+
 def micro_batch_per_device(micro_batch_size: int, batch_size: int, num_devices: int) -> int | None:
     """Per-device micro-batch size for the train step, or None when not micro-batching.
 

@@ -35,6 +35,10 @@ class TrainState:
 NO_NONFINITE_STEP = 2**31 - 1
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss, or the state an update produced, held a NaN or an infinity (check_finite)."""
+
+
 @flax.struct.dataclass
 class FirstNonFiniteStep(clu_metrics.Metric):
     """The earliest step (as logged and checkpointed: 1 = the first) at which a value was not
@@ -361,6 +365,29 @@ def train_step(
         ),
     )
     return new_state, metrics
+
+
+def check_finite(first_bad_loss: int, first_bad_state: int = NO_NONFINITE_STEP) -> None:
+    """Raises NonFiniteLossError naming the earliest step that went non-finite, if any.
+
+    Args:
+      first_bad_loss: the first step (1-based) whose loss was NaN/inf.
+      first_bad_state: the first step whose update made the train state NaN/inf.
+    """
+    if min(first_bad_loss, first_bad_state) == NO_NONFINITE_STEP:
+        return
+    if first_bad_loss <= first_bad_state:
+        what = f"the loss became non-finite at step {first_bad_loss}"
+    else:
+        what = (
+            f"the update of step {first_bad_state} made the parameters or optimizer state "
+            "non-finite (its loss was finite)"
+        )
+    raise NonFiniteLossError(
+        f"{what}; stopping without saving it or any later step. The last checkpoint in the "
+        "workdir is from before it: rerun the same command with a lower learning rate "
+        "(config.optim.base_lr), a higher config.loss.temperature or float32 to continue from it."
+    )
 
 
 def merge_metrics(acc: TrainMetrics | None, new: TrainMetrics) -> TrainMetrics:

@@ -41,11 +41,6 @@ from simclr_jax.eval import monitor
 from simclr_jax.metrics import MetricLogger
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss, or the state an update produced, held a NaN or an infinity; nothing from that
-    step on was saved."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Run:
     """What the loop needs, built once from the config and the data (`_build_run`).
@@ -116,11 +111,6 @@ def _build_run(
         config.train.get("micro_batch_size", 0), config.train.batch_size, len(devices)
     )
     steps_per_epoch = data_info.steps_per_epoch
-    if steps_per_epoch <= 0:
-        raise config_checks.ConfigError(
-            f"config.train.batch_size={config.train.batch_size} is larger than the training data "
-            f"({data_info.num_examples} examples): lower the batch size."
-        )
     # Durations are converted from epochs to steps here and nowhere else.
     if config.train.steps:
         total_steps = int(config.train.steps)
@@ -193,29 +183,6 @@ def _compute_scalars(metrics: steps.TrainMetrics) -> tuple[dict[str, float], int
     return scalars, first_bad_loss, first_bad_state
 
 
-def _check_finite(first_bad_loss: int, first_bad_state: int = steps.NO_NONFINITE_STEP) -> None:
-    """Raises NonFiniteLossError naming the earliest step that went non-finite, if any.
-
-    Args:
-      first_bad_loss: the first step (1-based) whose loss was NaN/inf.
-      first_bad_state: the first step whose update made the train state NaN/inf.
-    """
-    if min(first_bad_loss, first_bad_state) == steps.NO_NONFINITE_STEP:
-        return
-    if first_bad_loss <= first_bad_state:
-        what = f"the loss became non-finite at step {first_bad_loss}"
-    else:
-        what = (
-            f"the update of step {first_bad_state} made the parameters or optimizer state "
-            "non-finite (its loss was finite)"
-        )
-    raise NonFiniteLossError(
-        f"{what}; stopping without saving it or any later step. The last checkpoint in the "
-        "workdir is from before it: rerun the same command with a lower learning rate "
-        "(config.optim.base_lr), a higher config.loss.temperature or float32 to continue from it."
-    )
-
-
 def _write_json(path: str, payload: dict) -> None:
     """Process 0 writes payload to path (local or gs://) atomically."""
     if jax.process_index() == 0:
@@ -261,7 +228,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) ->
 
     Raises:
       config_checks.ConfigError: for a config the run cannot use, before compiling.
-      NonFiniteLossError: when the loss, or the state an update produces, becomes NaN or
+      steps.NonFiniteLossError: when the loss, or the state an update produces, becomes NaN or
         infinite (nothing from that step on is saved).
     """
     run, state, start_step, manager, batches = _setup(config, workdir, conv)
@@ -295,34 +262,39 @@ def _setup(config: mlc.ConfigDict, workdir: str, conv):
     # Every split the run will read is opened now, the eval split of the evaluation at the end
     # included: a mistyped split fails before the first step, not after training.
     if config.eval.knn or config.eval.get("every_epochs", 0.0):
-        sources.open_splits(config.data)
+        train_split, _ = sources.open_splits(config.data)
     else:
-        sources.open_split(config.data, "train_split")
+        train_split = sources.open_split(config.data, "train_split")
+    config_checks.check_batch_fits(config.train.batch_size, train_split, "train.batch_size")
     files.makedirs(workdir)
     _write_json(files.join(workdir, files.CONFIG_FILE), json.loads(config.to_json_best_effort()))
 
+    devices = _select_devices(config)
     manager = checkpoint.create_manager(
         workdir, max_to_keep=config.checkpoint.keep, asynchronous=config.checkpoint.asynchronous
     )
-    start_step_hint = manager.latest_step() or 0
-    devices = _select_devices(config)
-    mesh = sharding.create_mesh(devices)
-    # The rows of each global batch this host feeds (its block of the batch on
-    # CPU/GPU; other rows where a TPU mesh interleaves hosts' devices), so the
-    # data order is the same for any number of hosts.
-    batch_rows = distributed.process_batch_rows(mesh, config.train.batch_size)
-    train_ds, info = pipeline.build_pretrain_dataset(
-        config.data,
-        config.augment,
-        global_batch_size=config.train.batch_size,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_step=start_step_hint,
-        batch_rows=batch_rows,
-    )
-    run = _build_run(config, info, devices, mesh, conv)
-    state, start_step = _init_state(config, run, manager)
+    try:
+        start_step_hint = manager.latest_step() or 0
+        mesh = sharding.create_mesh(devices)
+        # The rows of each global batch this host feeds (its block of the batch on
+        # CPU/GPU; other rows where a TPU mesh interleaves hosts' devices), so the
+        # data order is the same for any number of hosts.
+        batch_rows = distributed.process_batch_rows(mesh, config.train.batch_size)
+        train_ds, info = pipeline.build_pretrain_dataset(
+            config.data,
+            config.augment,
+            global_batch_size=config.train.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            start_step=start_step_hint,
+            batch_rows=batch_rows,
+        )
+        run = _build_run(config, info, devices, mesh, conv)
+        state, start_step = _init_state(config, run, manager)
+    except BaseException:
+        manager.close()  # an open manager's threads would print a traceback at exit
+        raise
     assert start_step == start_step_hint, (start_step, start_step_hint)
     return run, state, start_step, manager, iter(pipeline.as_numpy_iterator(train_ds))
 
@@ -445,7 +417,7 @@ def _sync_metrics(run: Run, step: int, acc, throughput: hooks.Throughput, logger
     """The loop's only host sync: metrics since the last one; stops on a non-finite loss;
     logs them (TensorBoard, metrics.jsonl, the progress line) when `logger` is given."""
     scalars, first_bad_loss, first_bad_state = _compute_scalars(acc)
-    _check_finite(first_bad_loss, first_bad_state)
+    steps.check_finite(first_bad_loss, first_bad_state)
     scalars.update(throughput.lap())
     scalars["train/epoch"] = step / run.steps_per_epoch
     if logger is not None:

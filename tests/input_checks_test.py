@@ -113,3 +113,23 @@ def test_open_split_names_the_field_for_every_source(tmp_path):
         f"{str(folder)!r}"
     )
     assert "available splits ['test', 'train']" in str(error.value)
+
+
+def test_batches_larger_than_their_data_fail_up_front(tiny_pretrained_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "build_pretrain_dataset", _reached)
+    monkeypatch.setattr(pipeline, "build_finetune_dataset", _reached)
+    monkeypatch.setattr(features, "extract_encoder_features", _reached)
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.train_and_evaluate(tiny_config(train__batch_size=8192), str(tmp_path / "p"))
+    assert str(error.value) == (
+        "config.train.batch_size=8192 is invalid: it is larger than the 4000 examples it is "
+        "drawn from ('cifar10_sample', split 'train'); lower it."
+    )
+    config = _protocol(linear_config, tiny_pretrained_run, linear__mode="reference")
+    config.linear.batch_size = 8192
+    with pytest.raises(config_checks.ConfigError, match=r"^config.linear.batch_size=8192 is inv"):
+        linear.run(config, str(tmp_path / "l"))
+    # 10% of the labels: 400 examples.
+    config = _protocol(finetune_config, tiny_pretrained_run, finetune__batch_size=512)
+    with pytest.raises(config_checks.ConfigError, match=r"larger than the 400 examples"):
+        finetune.run(config, str(tmp_path / "f"))

@@ -228,11 +228,11 @@ def test_metrics_first_nonfinite_step_keeps_the_earliest():
     values = acc.compute()
     assert int(values["first_nonfinite_step"]) == 3
     assert int(values["first_nonfinite_state_step"]) == 2
-    with pytest.raises(train.NonFiniteLossError, match="loss became non-finite at step 3"):
-        train._check_finite(3)
-    with pytest.raises(train.NonFiniteLossError, match="update of step 2 made the param"):
-        train._check_finite(3, 2)
-    train._check_finite(steps.NO_NONFINITE_STEP, steps.NO_NONFINITE_STEP)  # all finite: no error
+    with pytest.raises(steps.NonFiniteLossError, match="loss became non-finite at step 3"):
+        steps.check_finite(3)
+    with pytest.raises(steps.NonFiniteLossError, match="update of step 2 made the param"):
+        steps.check_finite(3, 2)
+    steps.check_finite(steps.NO_NONFINITE_STEP, steps.NO_NONFINITE_STEP)  # all finite: no error
 
 
 def test_all_finite_checks_every_floating_leaf():
@@ -251,7 +251,7 @@ def test_an_update_that_makes_the_state_non_finite_is_never_saved(tmp_path):
     sane = dict(optim__name="sgd", checkpoint__every_steps=1, train__steps=4)
     train.train_and_evaluate(tiny_config(**sane, train__stop_at_step=2), workdir)
     assert checkpoint.latest_step(workdir) == 2
-    with pytest.raises(train.NonFiniteLossError, match="the update of step 3 made the param"):
+    with pytest.raises(steps.NonFiniteLossError, match="the update of step 3 made the param"):
         train.train_and_evaluate(tiny_config(**sane, optim__base_lr=1e39), workdir)
     assert checkpoint.latest_step(workdir) == 2
     with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -38,6 +38,8 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
+from simclr_jax.config_checks import ConfigError
+
 # Purposes folded into the seed so the permutation, shuffle and augmentation
 # streams never coincide, and pretraining and fine-tuning draw different crops.
 _PERMUTATION, _SHUFFLE, PRETRAIN_VIEWS, FINETUNE_VIEWS = 1, 2, 3, 4
@@ -62,7 +64,7 @@ def global_stream(source, pool, subset, *, seed, global_batch_size, rows):
     """
     steps = len(pool) // global_batch_size
     if steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} is larger than the data: {source.name!r} "
             f"({source.split}{', subset_indices' if subset is not None else ''}) holds only "
             f"{len(pool)} examples; lower the batch size"

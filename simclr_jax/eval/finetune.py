@@ -23,7 +23,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from simclr_jax import models, optim, sharding, steps
+from simclr_jax import config_checks, models, optim, sharding, steps
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
@@ -192,6 +192,11 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
     data_cfg, subset = subsets.resolve_finetune_data(
         config.data, fraction, ft.subset_seed, official_imagenet=ft.official_imagenet_subsets
     )
+    if subset is not None or data_cfg is config.data:  # (an official subset is another dataset)
+        examples = None if subset is None else len(subset)
+        config_checks.check_batch_fits(
+            ft.batch_size, inputs.train_split, "finetune.batch_size", examples
+        )
     ds, info = pipeline.build_finetune_dataset(
         data_cfg,
         config.augment,

@@ -27,12 +27,14 @@ class Inputs:
       mesh: the 1-D mesh over config.eval.num_devices devices (0: all).
       class_names: the dataset's class names (label i is class_names[i]).
       num_classes: len(class_names).
+      train_split: the opened data.train_split (its size, for the protocol's batch checks).
     """
 
     pretrained: pretrained_lib.Pretrained
     mesh: jax.sharding.Mesh
     class_names: tuple[str, ...]
     num_classes: int
+    train_split: sources.base.DataSource
 
 
 def open_inputs(config: mlc.ConfigDict, *, batch_fields: tuple[str, ...] = ()) -> Inputs:
@@ -68,6 +70,7 @@ def open_inputs(config: mlc.ConfigDict, *, batch_fields: tuple[str, ...] = ()) -
         mesh=sharding.create_mesh(devices),
         class_names=train.class_names,
         num_classes=train.num_classes,
+        train_split=train,
     )
 
 

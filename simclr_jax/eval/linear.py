@@ -29,7 +29,7 @@ import ml_collections as mlc
 import numpy as np
 import optax
 
-from simclr_jax import models, optim, sharding
+from simclr_jax import config_checks, models, optim, sharding
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
@@ -295,6 +295,10 @@ def run(config: mlc.ConfigDict, workdir: str, *, conv: models.ModuleDef = nn.Con
     num_classes = inputs.num_classes
     if config.linear.init_from_probe:
         _check_probe_classes(pretrained, num_classes)
+    if config.linear.mode == "reference":  # ('cached' clips its batch to the data)
+        config_checks.check_batch_fits(
+            config.linear.batch_size, inputs.train_split, "linear.batch_size"
+        )
 
     def train_feats(p):
         return features_lib.extract_encoder_features(
