@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from simclr_jax import sharding
+from simclr_jax.config_checks import ConfigError
 
 DEFAULT_TIMEOUT_S = 300
 DEFAULT_SLURM_PORT = 12355
@@ -71,7 +72,7 @@ def first_slurm_host(nodelist: str) -> str:
     """
     match = re.match(r"\s*([^,\[\s]+)(?:\[([^\]]+)\]([^,\s]*))?", nodelist or "")
     if not match:
-        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} is not a SLURM node list")
     prefix, ranges, suffix = match.groups()
     if ranges is None:
         return prefix
@@ -83,16 +84,18 @@ def _int(value, name: str, minimum: int) -> int:
     try:
         result = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not an integer; expected one >= {minimum}") from None
+        raise ConfigError(
+            f"{name}={value!r} is not an integer; expected one >= {minimum}"
+        ) from None
     if result < minimum:
-        raise ValueError(f"{name}={result} is out of range; expected an integer >= {minimum}")
+        raise ConfigError(f"{name}={result} is out of range; expected an integer >= {minimum}")
     return result
 
 
 def _check_address(address: str, name: str) -> str:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{name}={address!r} is not 'host:port' (e.g. 10.0.0.2:12355)")
+        raise ConfigError(f"{name}={address!r} is not 'host:port' (e.g. 10.0.0.2:12355)")
     return address
 
 
@@ -133,7 +136,7 @@ def resolve_settings(
 
     if address or count is not None or rank is not None:
         if address is None or count is None or rank is None:
-            raise ValueError(
+            raise ConfigError(
                 "a multi-process run needs all three of coordinator_address, num_processes and "
                 f"process_id (flags or {ENV_ADDRESS}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); got "
                 f"coordinator_address={address!r}, num_processes={count!r}, process_id={rank!r}"
@@ -155,7 +158,7 @@ def _explicit(mode: str, address, count, rank) -> Settings:
     count = _int(count, "num_processes", 1)
     rank = _int(rank, "process_id", 0)
     if rank >= count:
-        raise ValueError(f"process_id={rank} is out of range for num_processes={count}")
+        raise ConfigError(f"process_id={rank} is out of range for num_processes={count}")
     return Settings(mode, address, count, rank)
 
 

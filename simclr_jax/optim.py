@@ -263,7 +263,7 @@ def create_optimizer(
     """
     name = optim_cfg.get("name")
     if name not in config_checks.OPTIMIZERS:
-        raise ValueError(
+        raise config_checks.ConfigError(
             f"config.optim.name must be one of {config_checks.OPTIMIZERS}; got {name!r}."
         )
     base_lr = _cfg_float(optim_cfg, "base_lr")
@@ -274,9 +274,9 @@ def create_optimizer(
     _check_range("config.optim.weight_decay", weight_decay, low=0.0)
     nesterov = optim_cfg.get("nesterov", False)
     if not isinstance(nesterov, bool):
-        raise ValueError(f"config.optim.nesterov must be a bool; got {nesterov!r}.")
+        raise config_checks.ConfigError(f"config.optim.nesterov must be a bool; got {nesterov!r}.")
     if nesterov and name != "sgd":
-        raise ValueError(
+        raise config_checks.ConfigError(
             f"config.optim.nesterov=True is only supported for name='sgd'; got name={name!r}."
         )
 
@@ -287,7 +287,9 @@ def create_optimizer(
         _check_range("config.optim.trust_coefficient", trust_coefficient, 0.0, None, False)
         probe_wd = optim_cfg.get("probe_weight_decay", False)
         if not isinstance(probe_wd, bool):
-            raise ValueError(f"config.optim.probe_weight_decay must be a bool; got {probe_wd!r}.")
+            raise config_checks.ConfigError(
+                f"config.optim.probe_weight_decay must be a bool; got {probe_wd!r}."
+            )
         tx = lars(
             schedule,
             weight_decay=weight_decay,
@@ -316,7 +318,7 @@ def _cfg_float(cfg: mlc.ConfigDict, field: str, default: float | None = None) ->
     """A numeric config field as a float, with an error naming the field."""
     value = cfg.get(field, default)
     if not _is_real(value):
-        raise ValueError(f"config.optim.{field} must be a number; got {value!r}.")
+        raise config_checks.ConfigError(f"config.optim.{field} must be a number; got {value!r}.")
     return float(value)
 
 
@@ -348,4 +350,6 @@ def _check_range(
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
         interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
-        raise ValueError(f"{name} must be a finite number in {interval}; got {value!r}.")
+        raise config_checks.ConfigError(
+            f"{name} must be a finite number in {interval}; got {value!r}."
+        )

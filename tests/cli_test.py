@@ -170,3 +170,24 @@ def test_input_errors_of_evaluation_are_user_errors(tmp_path):
         finetune.build_finetune_model(tiny_config().model, 10, ft_proj_selector=5)
     with pytest.raises(ConfigError, match="classes but the dataset has"):
         pretrained_lib.check_num_classes(10, 100, head="probe", fix="retrain")
+
+
+def test_input_errors_of_training_and_the_sweep_are_user_errors():
+    from tiny_run import tiny_config
+
+    from simclr_jax import distributed, optim
+    from simclr_jax.data import views
+    from simclr_jax.sweep import launch
+
+    augment = tiny_config().augment
+    augment.flip_prob = 2.0
+    with pytest.raises(ConfigError, match=r"^config.augment.flip_prob=2.0: allowed range"):
+        views.validate_augment_config(augment)
+    optim_cfg = tiny_config().optim
+    optim_cfg.momentum = 1.5
+    with pytest.raises(ConfigError, match="config.optim.momentum"):
+        optim.create_optimizer(optim_cfg, batch_size=16, total_steps=10, warmup_steps=0)
+    with pytest.raises(ConfigError, match="is not 'host:port'"):
+        distributed.resolve_settings("localhost", 2, 0, env={})
+    with pytest.raises(ConfigError, match="platform='tpu7'"):
+        launch.launch_commands(None, "w", "tpu7")

@@ -40,6 +40,7 @@ import ml_collections as mlc
 import numpy as np
 import tensorflow as tf
 
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import order, sources, views
 from simclr_jax.data.sources import base
 
@@ -377,7 +378,7 @@ def _resolve_cache(data_cfg: mlc.ConfigDict, source: base.DataSource, num_held: 
             return False
         return source.decoded_bytes * num_held / source.num_examples <= CACHE_AUTO_MAX_BYTES
     if not isinstance(cache, bool):
-        raise ValueError(f"data.cache={cache!r}: must be True, False or None (automatic)")
+        raise ConfigError(f"data.cache={cache!r}: must be True, False or None (automatic)")
     return cache
 
 

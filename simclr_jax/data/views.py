@@ -10,6 +10,7 @@ augment.py.
 import ml_collections as mlc
 import tensorflow as tf
 
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import augment
 from simclr_jax.data.checks import check_int, check_number, check_pair, check_prob
 
@@ -74,11 +75,11 @@ def validate_augment_config(cfg):
     """
     missing = [f for f in AUGMENT_FIELDS if not hasattr(cfg, f)]
     if missing:
-        raise ValueError(f"augment config is missing fields {missing}; required: {AUGMENT_FIELDS}")
+        raise ConfigError(f"augment config is missing fields {missing}; required: {AUGMENT_FIELDS}")
     if hasattr(cfg, "keys"):
         unknown = sorted(set(cfg.keys()) - set(AUGMENT_FIELDS))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"augment config has unknown fields {unknown}; allowed: {AUGMENT_FIELDS}"
             )
     field_checks = {
@@ -99,7 +100,7 @@ def validate_augment_config(cfg):
         try:
             check(name, getattr(cfg, name))
         except ValueError as e:
-            raise ValueError(f"augment config field {e}") from None
+            raise ConfigError(f"config.augment.{e}") from None
 
 
 def pretrain_view(image, seed, cfg):

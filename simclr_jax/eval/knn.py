@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from simclr_jax import labels as labels_lib
 from simclr_jax import models, sharding
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.eval import features, reports
 from simclr_jax.eval import inputs as inputs_lib
 from simclr_jax.eval import pretrained as pretrained_lib
@@ -207,7 +208,7 @@ def knn_scores(
             train_labels, num_classes, train_features
         )
     if len(train_labels) == 0:
-        raise ValueError(f"the kNN memory has no example labelled in [0, {num_classes})")
+        raise ConfigError(f"the kNN memory has no example labelled in [0, {num_classes})")
     test_features = np.asarray(test_features, np.float32)
     if len(test_features) == 0:
         return np.zeros((0, num_classes), np.float32)

@@ -30,7 +30,6 @@ import numpy as np
 import optax
 
 from simclr_jax import config_checks, models, optim, sharding
-from simclr_jax.config_checks import ConfigError
 from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import inputs as inputs_lib
@@ -69,11 +68,15 @@ def _classifier_optimizer(linear_cfg, batch_size: int, total_steps: int):
 
 def _check_linear_config(linear_cfg) -> None:
     if linear_cfg.mode not in MODES:
-        raise ConfigError(f"config.linear.mode={linear_cfg.mode!r}: use one of {MODES}")
+        raise config_checks.ConfigError(
+            f"config.linear.mode={linear_cfg.mode!r}: use one of {MODES}"
+        )
     if not linear_cfg.epochs or linear_cfg.epochs <= 0:
-        raise ConfigError(f"config.linear.epochs={linear_cfg.epochs!r}: must be > 0")
+        raise config_checks.ConfigError(f"config.linear.epochs={linear_cfg.epochs!r}: must be > 0")
     if not linear_cfg.batch_size or linear_cfg.batch_size <= 0:
-        raise ConfigError(f"config.linear.batch_size={linear_cfg.batch_size!r}: must be > 0")
+        raise config_checks.ConfigError(
+            f"config.linear.batch_size={linear_cfg.batch_size!r}: must be > 0"
+        )
 
 
 def train_linear_on_features(
@@ -106,7 +109,7 @@ def train_linear_on_features(
     _check_linear_config(linear_cfg)
     labels, features = keep_labelled(labels, num_classes, features)
     if len(labels) == 0:
-        raise ValueError(
+        raise config_checks.ConfigError(
             "linear evaluation: the train split has no labelled example (labels in "
             f"[0, {num_classes})); set config.data.train_split to a labelled split"
         )

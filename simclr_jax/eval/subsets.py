@@ -54,7 +54,7 @@ def class_balanced_subset(
     labels = np.asarray(labels)
     classes = np.unique(labels[is_labelled(labels, num_classes)])
     if not len(classes):
-        raise ValueError(
+        raise ConfigError(
             f"the split has no labelled example (labels in [0, {num_classes})): fine-tuning "
             "needs labels; set config.data.train_split to a labelled split"
         )

@@ -86,7 +86,7 @@ def _flag_value(key: str, value, where: str) -> str:
         return value if isinstance(value, str) else repr(value)
     if isinstance(value, tuple | list):
         return repr(tuple(value))
-    raise ValueError(
+    raise config_checks.ConfigError(
         f"config field {key}={value!r} differs from {where} but main.py cannot set a "
         f"{type(value).__name__} from the command line; set it in a config file instead."
     )
@@ -116,7 +116,7 @@ def config_overrides(config_spec: str, target: mlc.ConfigDict, section: str) -> 
             if key in want
             else "is missing from config." + section + " but is in"
         )
-        raise ValueError(
+        raise config_checks.ConfigError(
             f"config.{section}.{key} {where} {config_spec}: main.py runs that file with "
             "--config.<field> overrides, so the two must have the same fields."
         )
@@ -127,14 +127,14 @@ def config_overrides(config_spec: str, target: mlc.ConfigDict, section: str) -> 
     try:
         rebuilt = flatten_config(_parse_main_flags(config_spec, overrides).to_dict())
     except Exception as e:  # absl's flag errors have no common base class worth naming
-        raise ValueError(
+        raise config_checks.ConfigError(
             f"config.{section}: main.py cannot take {overrides} on top of {config_spec}: {e} "
             "(a field that file sets to None can be overridden only if it is declared as "
             "mlc.FieldReference(None, field_type=...))."
         ) from e
     wrong = [k for k in sorted(want) if rebuilt.get(k) != want[k]]
     if wrong:
-        raise ValueError(
+        raise config_checks.ConfigError(
             f"config.{section}: the overrides of {config_spec} do not rebuild "
             f"{', '.join(f'{k}={want[k]!r} (parsed: {rebuilt.get(k)!r})' for k in wrong[:5])}."
         )

@@ -254,7 +254,7 @@ def check_cell_unchanged(cell: Cell, workdir: str) -> None:
         diff = sorted(k for k in set(new) | set(before) if new.get(k) != before.get(k))
         if diff:
             shown = ", ".join(f"{k}: {before.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-            raise ValueError(
+            raise config_checks.ConfigError(
                 f"cell {cell.name} in {workdir} was run with a different {kind} config ({shown}). "
                 "Use a new --workdir for the new recipe, or delete that cell's directory."
             )

@@ -10,6 +10,7 @@ import shlex
 import ml_collections as mlc
 
 from simclr_jax import files
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.sweep import commands, grid, results
 
 PLATFORMS = ("tpu", "slurm")
@@ -44,7 +45,7 @@ def launch_commands(
       The commands, one per line, with comments.
     """
     if platform not in PLATFORMS:
-        raise ValueError(f"platform={platform!r}: use one of {PLATFORMS}")
+        raise ConfigError(f"platform={platform!r}: use one of {PLATFORMS}")
     workdir = files.abspath(workdir)  # jobs may start in another directory
     cells, args = grid.prepare_cells(config, workdir)
     return format_launch_commands(
@@ -81,7 +82,7 @@ def format_launch_commands(
       The commands, one per line, with comments; finished cells as comments.
     """
     if platform not in PLATFORMS:
-        raise ValueError(f"platform={platform!r}: use one of {PLATFORMS}")
+        raise ConfigError(f"platform={platform!r}: use one of {PLATFORMS}")
     extra = DEFAULT_LAUNCHER_ARGS[platform] if launcher_args is None else launcher_args
     extra = f" {extra}" if extra else ""
     lines = [

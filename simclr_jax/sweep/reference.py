@@ -8,6 +8,8 @@ is measured. The report labels every number as ours or the paper's.
 
 import math
 
+from simclr_jax.config_checks import ConfigError
+
 # SimCLR paper (Chen et al. 2020, arXiv 2002.05709), appendix B.1, Table B.1
 # (also plotted in its Figure 9): ImageNet linear-evaluation top-1 (%) of
 # ResNet-50 for batch size x pretraining epochs, as (linear LR scaling,
@@ -78,7 +80,7 @@ def paper_top1(reference: str, batch_size: int, epochs: float, lr_scaling: str, 
       The paper's value, or None (other dataset, temperature or grid point).
     """
     if reference not in REFERENCES:
-        raise ValueError(f"reference={reference!r}: use one of {REFERENCES}")
+        raise ConfigError(f"reference={reference!r}: use one of {REFERENCES}")
     if reference != "imagenet" or not math.isclose(temperature, TABLE_B1_TEMPERATURE):
         return None
     if float(epochs) != int(epochs) or lr_scaling not in _TABLE_B1_COLUMN:

@@ -24,6 +24,7 @@ import os
 import ml_collections as mlc
 
 from simclr_jax import files, metrics
+from simclr_jax.config_checks import ConfigError
 from simclr_jax.sweep import grid, results
 from simclr_jax.sweep import reference as reference_lib
 
@@ -280,7 +281,7 @@ def write_report(rows, out_dir: str, meta: dict) -> dict[str, str]:
     """
     reference = meta.get("reference", "none")
     if reference not in reference_lib.REFERENCES:
-        raise ValueError(f"reference={reference!r}: use one of {reference_lib.REFERENCES}")
+        raise ConfigError(f"reference={reference!r}: use one of {reference_lib.REFERENCES}")
     files.makedirs(out_dir)
     paths = {
         "markdown": files.join(out_dir, MARKDOWN_FILE),

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import ml_collections as mlc
 
 from simclr_jax import files, metrics
+from simclr_jax.config_checks import ConfigError, MissingPathError
 from simclr_jax.sweep import commands, grid, report, results
 
 
@@ -58,7 +59,7 @@ class SubprocessStageRunner:
 
     def __call__(self, stage: Stage) -> int:
         if not os.path.isfile(commands.MAIN_PY):
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{commands.MAIN_PY} is missing: run the ablation from a source checkout"
             )
         argv = [sys.executable, commands.MAIN_PY, *stage.args]
@@ -171,7 +172,7 @@ def run_sweep(
       0 if every cell is finished, else 1 (failed or unfinished cells).
     """
     if files.is_remote(workdir):
-        raise ValueError(
+        raise ConfigError(
             f"workdir={workdir!r}: local runs need a local directory; for a TPU pod print "
             "the commands with --print_commands=tpu."
         )
