@@ -20,7 +20,7 @@ import functools
 import os
 import re
 import sys
-import tempfile
+import threading
 from collections.abc import Callable
 
 from simclr_jax.config_checks import UserInputError
@@ -84,8 +84,10 @@ def import_tensorflow_quietly() -> None:
     """Imports TensorFlow, dropping its start-up log lines below TF_CPP_MIN_LOG_LEVEL.
 
     TensorFlow's C++ code writes them straight to file descriptor 2, so for the import only
-    it points at a temporary file; afterwards the lines worth keeping are written to stderr.
-    Call it before anything else imports TensorFlow (a no-op once it is imported).
+    fd 2 is a pipe, and a thread forwards every line worth keeping to the real stderr as it
+    arrives (so a fatal message, e.g. of a CPU without the instructions TensorFlow was built
+    for, still shows before the process dies). Call it before anything else imports
+    TensorFlow (a no-op once it is imported).
     """
     if "tensorflow" in sys.modules:
         return
@@ -96,17 +98,22 @@ def import_tensorflow_quietly() -> None:
         return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not _is_start_up_noise(line, min_level))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+    read_end, write_end = os.pipe()
+
+    def forward():
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not _is_start_up_noise(line.decode(errors="replace"), min_level):
+                    os.write(saved, line)
+
+    forwarder = threading.Thread(target=forward, name="tf-import-stderr", daemon=True)
+    forwarder.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)  # fd 2 is now the pipe's only writer
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's writer: the forwarder reads to the end and stops
+        forwarder.join()
+        os.close(saved)

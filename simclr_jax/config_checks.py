@@ -44,13 +44,16 @@ def fail(field: str, value, fix: str):
     raise ConfigError(f"config.{field}={value!r} is invalid: {fix}")
 
 
-def _require_positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = False):
+def require_positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = False) -> None:
+    """Raises ConfigError unless config.<field> (dotted, e.g. 'eval.batch_size') is a number > 0
+    (>= 0 with allow_zero)."""
     value = config
     for part in field.split("."):
         value = value[part]
-    if value is None or value < 0 or (value == 0 and not allow_zero):
+    bad_type = value is None or isinstance(value, bool) or not isinstance(value, int | float)
+    if bad_type or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        fail(field, value, f"it must be {bound}.")
+        fail(field, value, f"it must be a number {bound}.")
 
 
 def validate_pretrain_config(config: mlc.ConfigDict) -> None:
@@ -68,11 +71,11 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
         fail("data.name", config.data.name, "name the tfds dataset or the image folder.")
     if config.model.depth not in MODEL_DEPTHS:
         fail("model.depth", config.model.depth, f"ResNet depths are {MODEL_DEPTHS}.")
-    _require_positive(config, "model.width_multiplier")
-    _require_positive(config, "model.base_width")
-    _require_positive(config, "model.head_layers")
-    _require_positive(config, "model.head_dim")
-    _require_positive(config, "model.sk_ratio", allow_zero=True)
+    require_positive(config, "model.width_multiplier")
+    require_positive(config, "model.base_width")
+    require_positive(config, "model.head_layers")
+    require_positive(config, "model.head_dim")
+    require_positive(config, "model.sk_ratio", allow_zero=True)
     if config.model.dtype not in DTYPES:
         fail("model.dtype", config.model.dtype, f"use one of {DTYPES}.")
     if not config.loss.temperature or config.loss.temperature <= 0:
@@ -81,22 +84,22 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
             config.loss.temperature,
             "the NT-Xent temperature must be > 0 (the paper uses 0.1-0.5).",
         )
-    _require_positive(config, "loss.loss_scale")
+    require_positive(config, "loss.loss_scale")
     if config.optim.name not in OPTIMIZERS:
         fail("optim.name", config.optim.name, f"use one of {OPTIMIZERS}.")
     if config.optim.lr_scaling not in LR_SCALINGS:
         fail("optim.lr_scaling", config.optim.lr_scaling, f"use one of {LR_SCALINGS}.")
-    _require_positive(config, "optim.base_lr")
-    _require_positive(config, "optim.weight_decay", allow_zero=True)
-    _require_positive(config, "optim.warmup_epochs", allow_zero=True)
-    _require_positive(config, "train.batch_size")
-    _require_positive(config, "train.epochs", allow_zero=True)
-    _require_positive(config, "train.steps", allow_zero=True)
+    require_positive(config, "optim.base_lr")
+    require_positive(config, "optim.weight_decay", allow_zero=True)
+    require_positive(config, "optim.warmup_epochs", allow_zero=True)
+    require_positive(config, "train.batch_size")
+    require_positive(config, "train.epochs", allow_zero=True)
+    require_positive(config, "train.steps", allow_zero=True)
     if not config.train.epochs and not config.train.steps:
         fail("train.epochs", config.train.epochs, "set train.epochs or train.steps > 0.")
     if config.train.parallelism not in PARALLELISM_MODES:
         fail("train.parallelism", config.train.parallelism, f"use one of {PARALLELISM_MODES}.")
-    _require_positive(config, "train.num_devices", allow_zero=True)
+    require_positive(config, "train.num_devices", allow_zero=True)
     micro = config.train.get("micro_batch_size", 0)
     if micro is None or micro < 0:
         fail("train.micro_batch_size", micro, "it must be >= 0 (0 turns micro-batching off).")
@@ -110,14 +113,14 @@ def validate_pretrain_config(config: mlc.ConfigDict) -> None:
     bn_mode = config.train.get("micro_batch_bn", "micro")
     if bn_mode not in MICRO_BATCH_BN_MODES:
         fail("train.micro_batch_bn", bn_mode, f"use one of {MICRO_BATCH_BN_MODES}.")
-    _require_positive(config, "train.log_every_steps")
-    _require_positive(config, "train.stop_at_step", allow_zero=True)
-    _require_positive(config, "checkpoint.every_steps")
-    _require_positive(config, "checkpoint.keep")
-    _require_positive(config, "eval.knn_k")
-    _require_positive(config, "eval.knn_temperature")
-    _require_positive(config, "eval.batch_size")
-    _require_positive(config, "eval.every_epochs", allow_zero=True)
+    require_positive(config, "train.log_every_steps")
+    require_positive(config, "train.stop_at_step", allow_zero=True)
+    require_positive(config, "checkpoint.every_steps")
+    require_positive(config, "checkpoint.keep")
+    require_positive(config, "eval.knn_k")
+    require_positive(config, "eval.knn_temperature")
+    require_positive(config, "eval.batch_size")
+    require_positive(config, "eval.every_epochs", allow_zero=True)
 
 
 def check_batch_split(batch_size: int, num_devices: int, process_count: int, field: str) -> None:

@@ -19,10 +19,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from simclr_jax import config_checks
+
 DATA_AXIS = "data"
 
 
-def select_devices(num_devices: int = 0) -> list[jax.Device]:
+def select_devices(num_devices: int = 0, field: str = "train.num_devices") -> list[jax.Device]:
     """Returns the devices a run uses: all of them, or the first `num_devices`.
 
     Args:
@@ -30,23 +32,26 @@ def select_devices(num_devices: int = 0) -> list[jax.Device]:
         must not exceed jax.device_count() (only supported on a single process,
         because other hosts' devices cannot be left out without leaving hosts
         idle).
+      field: the config field num_devices came from (named in errors).
 
     Returns:
       A list of devices in the order jax.devices() gives.
+
+    Raises:
+      config_checks.ConfigError: for a count the run cannot use.
     """
     devices = jax.devices()
     if num_devices == 0:
         return devices
     if num_devices < 0 or num_devices > len(devices):
-        raise ValueError(
-            f"config.train.num_devices={num_devices} is not available: this run sees "
-            f"{len(devices)} devices. Use 0 for all of them or a count in [1, {len(devices)}]."
+        config_checks.fail(
+            field,
+            num_devices,
+            f"this run sees {len(devices)} devices: use 0 for all of them or a count in "
+            f"[1, {len(devices)}].",
         )
     if jax.process_count() > 1:
-        raise ValueError(
-            "config.train.num_devices must be 0 (all devices) in a multi-process run; "
-            f"got {num_devices}."
-        )
+        config_checks.fail(field, num_devices, "a multi-process run uses all devices: use 0.")
     return devices[:num_devices]
 
 

@@ -35,8 +35,12 @@ class TrainState:
 NO_NONFINITE_STEP = 2**31 - 1
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss, or the state an update produced, held a NaN or an infinity (check_finite)."""
+class NonFiniteLossError(config_checks.UserInputError, FloatingPointError):
+    """The loss, or the state an update produced, held a NaN or an infinity (check_finite).
+
+    A user error (main.py prints it as one line, exit status 2): the fix is a lower learning
+    rate, a higher temperature or float32, then a rerun from the last checkpoint.
+    """
 
 
 @flax.struct.dataclass
@@ -62,14 +66,24 @@ class FirstNonFiniteStep(clu_metrics.Metric):
 
 
 @flax.struct.dataclass
+class LabelledMean(clu_metrics.Average):
+    """A mean over the labelled examples of the steps merged: each step contributes the model
+    output (sum over its labelled examples, their count); NaN when none was labelled."""
+
+    @classmethod
+    def from_model_output(cls, values: jax.Array, **_) -> "LabelledMean":
+        return cls(total=values[0], count=values[1].astype(jnp.int32))
+
+
+@flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
     """Per-step training metrics; averaged over the steps of a logging interval."""
 
     loss: clu_metrics.Average.from_output("loss")
     contrastive_acc: clu_metrics.Average.from_output("contrastive_acc")
     entropy: clu_metrics.Average.from_output("entropy")
-    probe_loss: clu_metrics.Average.from_output("probe_loss")
-    probe_top1: clu_metrics.Average.from_output("probe_top1")
+    probe_loss: LabelledMean.from_output("probe_loss")  # (sum, count) per step
+    probe_top1: LabelledMean.from_output("probe_top1")
     learning_rate: clu_metrics.LastValue.from_output("learning_rate")
     param_norm: clu_metrics.LastValue.from_output("param_norm")
     grad_norm: clu_metrics.Average.from_output("grad_norm")
@@ -142,16 +156,16 @@ def _probe_sums(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def _probe_count(labels: jax.Array, num_classes: int, axis_name) -> jax.Array:
-    """Labelled rows on every device (the probe's mean is over these), at least 1; float32."""
-    count = jnp.sum(is_labelled(labels, num_classes)).astype(jnp.float32)
-    return jnp.maximum(_psum(count, axis_name), 1.0)
+    """Labelled rows on every device (the probe's mean is over these); float32."""
+    return _psum(jnp.sum(is_labelled(labels, num_classes)).astype(jnp.float32), axis_name)
 
 
 def _probe_loss_share(ce_sum, count, axis_name):
     """This device's term of the probe loss: after the gradients' pmean over the D devices,
-    D * ce_sum / count sums to the mean cross-entropy over every device's labelled rows."""
+    D * ce_sum / count sums to the mean cross-entropy over every device's labelled rows
+    (0, with no gradient, when no row is labelled)."""
     devices = 1 if axis_name is None else jax.lax.psum(1, axis_name)
-    return ce_sum * devices / count
+    return ce_sum * devices / jnp.maximum(count, 1.0)
 
 
 def _full_batch_grads(
@@ -305,10 +319,10 @@ def train_step(
     Returns:
       The new state and this step's metrics (global averages). The online probe's loss and
       top-1 are means over the labelled rows of the global batch (labels outside
-      [0, classes), e.g. tfds's -1 for unlabelled examples, are masked; 0 when none is
-      labelled). first_nonfinite_step / first_nonfinite_state_step: this step's number
-      (1-based, as logged and checkpointed) when its loss / the state it produced holds a NaN or
-      an infinity, else NO_NONFINITE_STEP.
+      [0, classes), e.g. tfds's -1 for unlabelled examples, are masked; NaN over a logging
+      interval without any labelled row). first_nonfinite_step / first_nonfinite_state_step:
+      this step's number (1-based, as logged and checkpointed) when its loss / the state it
+      produced holds a NaN or an infinity, else NO_NONFINITE_STEP.
     """
     n = batch["view1"].shape[0]
     common = dict(
@@ -354,8 +368,8 @@ def train_step(
         loss=loss_value,
         contrastive_acc=aux["contrastive_acc"],
         entropy=aux["entropy"],
-        probe_loss=_psum(ce_sum, axis_name) / count,
-        probe_top1=_psum(correct, axis_name) / count,
+        probe_loss=jnp.stack([_psum(ce_sum, axis_name), count]),
+        probe_top1=jnp.stack([_psum(correct, axis_name), count]),
         learning_rate=learning_rate_fn(state.step),
         param_norm=optax.tree.norm(state.params),
         grad_norm=optax.tree.norm(grads),

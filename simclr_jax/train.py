@@ -372,13 +372,16 @@ def _train_loop(
             log_now = hooks.every(step, config.train.log_every_steps) or is_last
             save_now = hooks.every(step, config.checkpoint.every_steps) or is_last
             stop_now = preemption.stop_now(at_sync=log_now or save_now or step == stop_at)
-            if log_now or save_now or stop_now:
+            monitor_now = _monitor_due(config, run, step, is_last=is_last, stopping=stop_now)
+            # The sync checks the state is finite: before every save, and before the monitor
+            # evaluates it.
+            if log_now or save_now or stop_now or monitor_now:
                 _sync_metrics(run, step, acc, throughput, logger if log_now else None)
                 acc = None
                 if save_now or stop_now:
                     checkpoint.save(manager, step, run.to_host_state(state))
                 throughput.restart()  # the speed excludes checkpointing
-            if _monitor_due(config, run, step, is_last=is_last, stopping=stop_now):
+            if monitor_now:
                 # Every host reaches this step: the feature extraction's collectives match.
                 monitor.run_monitor(evaluator(), run.to_host_state(state), step, logger)
                 throughput.restart()  # and evaluations
@@ -414,8 +417,8 @@ def _first_step(step_fn, state, batch):
 
 
 def _sync_metrics(run: Run, step: int, acc, throughput: hooks.Throughput, logger) -> None:
-    """The loop's only host sync: metrics since the last one; stops on a non-finite loss;
-    logs them (TensorBoard, metrics.jsonl, the progress line) when `logger` is given."""
+    """The loop's only host sync: metrics since the last one; stops on a non-finite loss or
+    state; logs them (TensorBoard, metrics.jsonl, the progress line) when `logger` is given."""
     scalars, first_bad_loss, first_bad_state = _compute_scalars(acc)
     steps.check_finite(first_bad_loss, first_bad_state)
     scalars.update(throughput.lap())

@@ -71,6 +71,7 @@ def test_other_errors_and_results_pass_through():
     assert cli.exit_on_user_error(lambda argv: argv)(["a"]) == ["a"]
 
 
+@pytest.mark.slow
 def test_run_exits_2_for_a_user_error_and_shows_the_traceback_of_a_bug():
     program = """
         import sys
@@ -121,6 +122,7 @@ def test_start_up_noise_filter_follows_tf_cpp_min_log_level():
     assert kept[3] == [python_warning]
 
 
+@pytest.mark.slow
 def test_tensorflow_imports_quietly_unless_asked_for_its_logs():
     program = """
         import sys

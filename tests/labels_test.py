@@ -7,32 +7,17 @@ with the unlabelled rows unevenly spread over the devices, full batch and micro-
 linear classifier, fine-tuning subsets and the reports.
 """
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from stub_model import StubModel
 
 from simclr_jax import labels as labels_lib
 from simclr_jax import models, sharding, steps
 from simclr_jax.eval import linear, reports, subsets
 
 CLASSES = 3
-
-
-class _Stub(nn.Module):
-    """A per-example encoder (no BatchNorm mixing rows) with the pretraining model's outputs."""
-
-    probe: nn.Module
-
-    @nn.compact
-    def __call__(self, images, train: bool):
-        h = nn.Dense(8)(images.reshape(images.shape[0], -1))
-        seen = self.variable("batch_stats", "mean", jnp.zeros, (8,))
-        if train and not self.is_initializing():
-            seen.value = h.mean(0)
-        return {"h": h, "z": nn.Dense(4)(h), "probe_logits": self.probe(jax.lax.stop_gradient(h))}
 
 
 def _reference_probe(h, w, b, labels):
@@ -60,7 +45,7 @@ def test_the_probe_learns_only_from_labelled_rows(devices, micro):
     labels = rng.integers(0, CLASSES, n).astype(np.int32)
     labels[:4] = -1  # all of device 0's rows on 8 devices
     labels[[9, 17, 30]] = [-1, CLASSES, 7]  # and a few more, also out of range above
-    model = _Stub(probe=models.LinearHead(num_classes=CLASSES))
+    model = StubModel(probe=models.LinearHead(num_classes=CLASSES))
     tx = optax.sgd(1.0)  # the update is minus the gradient
     state = steps.create_train_state(model, tx, jax.random.key(0), (4, 4, 3))
     mesh = sharding.create_mesh(jax.devices()[:devices])
@@ -91,7 +76,7 @@ def test_the_probe_learns_only_from_labelled_rows(devices, micro):
 
 
 def test_a_batch_without_labels_leaves_the_probe_unchanged():
-    model = _Stub(probe=models.LinearHead(num_classes=CLASSES))
+    model = StubModel(probe=models.LinearHead(num_classes=CLASSES))
     tx = optax.sgd(1.0)
     state = steps.create_train_state(model, tx, jax.random.key(0), (4, 4, 3))
     rng = np.random.default_rng(1)
@@ -113,7 +98,8 @@ def test_a_batch_without_labels_leaves_the_probe_unchanged():
     ):
         np.testing.assert_array_equal(old, new)
     values = jax.device_get(metrics.compute())
-    assert values["probe_loss"] == 0.0 and values["probe_top1"] == 0.0
+    # No labelled row in the interval: the probe's metrics say so (NaN), not 0.
+    assert np.isnan(values["probe_loss"]) and np.isnan(values["probe_top1"])
 
 
 def test_mean_labelled_cross_entropy_value_and_gradient():
@@ -176,7 +162,7 @@ def test_finetune_subsets_never_draw_unlabelled_examples():
         chosen = subsets.class_balanced_subset(labels, fraction, 0, num_classes=CLASSES)
         assert np.all(labels[chosen] >= 0)
         assert np.bincount(labels[chosen]).tolist() == [round(20 * fraction)] * CLASSES
-    with pytest.raises(ValueError, match="no labelled example"):
+    with pytest.raises(ValueError, match="no example labelled in"):
         subsets.class_balanced_subset(np.full(5, -1), 0.5, 0, num_classes=CLASSES)
 
 
@@ -263,3 +249,9 @@ def test_pretraining_and_protocols_on_train_plus_unlabelled(stl_like_dir, tmp_pa
     protocol.finetune.epochs = 1.0
     out = finetune.run(protocol, str(tmp_path / "finetune"))
     assert out["labelled_examples"] == TRAIN // 2  # half of each class, no unlabelled row
+    protocol.finetune.label_fraction = 1.0
+    out = finetune.run(protocol, str(tmp_path / "finetune_all"))
+    assert out["labelled_examples"] == TRAIN  # every labelled row, no unlabelled one
+    protocol.data.train_split = "unlabelled"
+    with pytest.raises(ValueError, match="train_split='unlabelled' is invalid: it has no ex"):
+        finetune.run(protocol, str(tmp_path / "finetune_none"))

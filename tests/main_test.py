@@ -72,6 +72,7 @@ def assert_one_line_user_error(proc, *expected):
         assert noise not in both, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -97,6 +98,7 @@ def test_a_user_error_prints_one_line_and_exits_2(tmp_path, args, expected):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_a_bad_split_of_pretraining_fails_before_training(tmp_path):
     """The issue's example: the end-of-run evaluation's split used to fail after training."""
     proc = run_main(

@@ -213,8 +213,8 @@ def test_metrics_first_nonfinite_step_keeps_the_earliest():
             loss=jnp.float32(loss),
             contrastive_acc=0.0,
             entropy=0.0,
-            probe_loss=0.0,
-            probe_top1=0.0,
+            probe_loss=jnp.array([0.0, 1.0]),  # (sum, count)
+            probe_top1=jnp.array([0.0, 1.0]),
             learning_rate=0.0,
             param_norm=0.0,
             grad_norm=0.0,
@@ -241,6 +241,38 @@ def test_all_finite_checks_every_floating_leaf():
     for bad in (np.nan, np.inf, -np.inf):
         assert not bool(steps.all_finite({**tree, "m": [jnp.zeros(2), jnp.float32(bad)]}))
     assert bool(steps.all_finite({"count": jnp.int32(1)}))  # no floating leaf
+
+
+def test_train_step_numbers_the_non_finite_step_as_logged():
+    """Through train_step: a NaN input makes the loss non-finite at step state.step + 1; a huge
+    learning rate overflows the state while the loss of that step was still finite."""
+    import optax
+    from stub_model import StubModel
+
+    model = StubModel(probe=models.LinearHead(num_classes=3))
+    rng = np.random.default_rng(0)
+    batch = {
+        "view1": rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+        "view2": rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, 8).astype(np.int32),
+    }
+
+    def one_step(tx, batch, start):
+        state = steps.create_train_state(model, tx, jax.random.key(0), (4, 4, 3))
+        state = state.replace(step=jnp.int32(start))
+        _, metrics = steps.train_step(
+            state, batch, model=model, tx=tx, learning_rate_fn=lambda _: 0.0, temperature=0.5,
+            loss_scale=1.0, axis_name=None, sync_batch_stats=False,
+        )  # fmt: skip
+        values = metrics.compute()
+        return int(values["first_nonfinite_step"]), int(values["first_nonfinite_state_step"])
+
+    fine = one_step(optax.sgd(0.1), batch, 6)
+    assert fine == (steps.NO_NONFINITE_STEP, steps.NO_NONFINITE_STEP)
+    bad = dict(batch, view1=batch["view1"].copy())
+    bad["view1"][0, 0, 0, 0] = np.nan
+    assert one_step(optax.sgd(0.1), bad, 6) == (7, 7)  # the 7th step, saved as step 7
+    assert one_step(optax.sgd(1e39), batch, 6) == (steps.NO_NONFINITE_STEP, 7)
 
 
 @pytest.mark.slow

@@ -111,7 +111,7 @@ def host_stream(
     per_host = min(len(h) for h in hosts)
     steps = per_host // batch
     if steps == 0:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={global_batch_size} needs {batch} examples per process, but "
             f"process {int(np.argmin([len(h) for h in hosts]))} of {process_count} holds "
             f"only {per_host} of the {sum(len(h) for h in hosts)} examples of {source.name!r} "

@@ -51,20 +51,20 @@ def open_inputs(config: mlc.ConfigDict, *, batch_fields: tuple[str, ...] = ()) -
     Raises:
       config_checks.ConfigError: a batch size that does not split over the devices and
         processes, a non-positive eval field, or a split that does not exist.
-      FileNotFoundError / ValueError: from pretrained.load_pretrained (init_from).
+      config_checks.MissingPathError / ConfigError: from pretrained.load_pretrained
+        (init_from missing, or not matching its config.json).
     """
     for field in ("eval.batch_size", "eval.knn_k", "eval.knn_temperature"):
-        value = _get(config, field)
-        if value is None or isinstance(value, bool) or value <= 0:
-            config_checks.fail(field, value, "it must be > 0.")
+        config_checks.require_positive(config, field)
     pipeline.configure_tensorflow()
-    pretrained = pretrained_lib.load_pretrained(config.init_from)
     train, _ = sources.open_splits(config.data)
-    devices = sharding.select_devices(config.eval.num_devices)
+    pretrained = pretrained_lib.load_pretrained(config.init_from)
+    devices = sharding.select_devices(config.eval.num_devices, "eval.num_devices")
     for field in ("eval.batch_size", *batch_fields):
-        config_checks.check_batch_split(
-            _get(config, field), len(devices), jax.process_count(), field
-        )
+        batch_size = config
+        for part in field.split("."):
+            batch_size = batch_size[part]
+        config_checks.check_batch_split(batch_size, len(devices), jax.process_count(), field)
     return Inputs(
         pretrained=pretrained,
         mesh=sharding.create_mesh(devices),
@@ -72,10 +72,3 @@ def open_inputs(config: mlc.ConfigDict, *, batch_fields: tuple[str, ...] = ()) -
         num_classes=train.num_classes,
         train_split=train,
     )
-
-
-def _get(config: mlc.ConfigDict, field: str):
-    value = config
-    for part in field.split("."):
-        value = value[part]
-    return value

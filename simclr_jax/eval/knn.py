@@ -192,7 +192,8 @@ def knn_scores(
 
     Raises:
       ValueError: k, temperature, chunk_size or block_size not positive; feature
-        and label counts differ; no memory row has a label.
+        and label counts differ.
+      ConfigError: no memory row has a label (the train split is unlabelled).
     """
     for name, value in (("k", k), ("chunk_size", chunk_size), ("block_size", block_size)):
         if value <= 0:
@@ -208,7 +209,10 @@ def knn_scores(
             train_labels, num_classes, train_features
         )
     if len(train_labels) == 0:
-        raise ConfigError(f"the kNN memory has no example labelled in [0, {num_classes})")
+        raise ConfigError(
+            f"the kNN memory (config.data.train_split) has no example labelled in "
+            f"[0, {num_classes}): use a split with labels, such as 'train'"
+        )
     test_features = np.asarray(test_features, np.float32)
     if len(test_features) == 0:
         return np.zeros((0, num_classes), np.float32)

@@ -34,7 +34,7 @@ from simclr_jax.data import pipeline
 from simclr_jax.eval import features as features_lib
 from simclr_jax.eval import inputs as inputs_lib
 from simclr_jax.eval import pretrained as pretrained_lib
-from simclr_jax.eval import reports
+from simclr_jax.eval import reports, subsets
 from simclr_jax.labels import keep_labelled, mean_labelled_cross_entropy
 
 MODES = ("cached", "reference")
@@ -104,7 +104,7 @@ def train_linear_on_features(
       The trained LinearHead parameters.
 
     Raises:
-      ValueError: when no row has a label in [0, num_classes).
+      ConfigError: for a bad linear config, or when no row has a label in [0, num_classes).
     """
     _check_linear_config(linear_cfg)
     labels, features = keep_labelled(labels, num_classes, features)
@@ -200,6 +200,7 @@ def train_linear_reference(
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        subset_indices=subsets.labelled_subset(config.data),  # (None: every example labelled)
     )
     total_steps = int(math.ceil(linear_cfg.epochs * info.steps_per_epoch))
     model = _FrozenEncoderClassifier(
@@ -258,8 +259,7 @@ def _check_probe_classes(pretrained, num_classes: int) -> None:
 def _linear_once(pretrained, config, mesh, num_classes, train_feats, seed, conv):
     """Trains the classifier for `pretrained`; returns eval-split logits and labels."""
     init = None
-    if config.linear.init_from_probe:
-        _check_probe_classes(pretrained, num_classes)
+    if config.linear.init_from_probe:  # (its class count is checked up front, in run)
         init = {"dense": pretrained.params["probe"]["dense"]}
     eval_feats, eval_labels = features_lib.extract_encoder_features(
         pretrained, config, config.data.eval_split, mesh, conv=conv

@@ -48,15 +48,15 @@ def class_balanced_subset(
       Sorted int64 indices into the split.
 
     Raises:
-      ValueError: for a fraction outside (0, 1], or when no example is labelled.
+      ConfigError: for a fraction outside (0, 1], or when no example is labelled.
     """
     fraction = check_fraction(fraction)
     labels = np.asarray(labels)
     classes = np.unique(labels[is_labelled(labels, num_classes)])
     if not len(classes):
         raise ConfigError(
-            f"the split has no labelled example (labels in [0, {num_classes})): fine-tuning "
-            "needs labels; set config.data.train_split to a labelled split"
+            f"the split has no example labelled in [0, {num_classes}): a label subset needs "
+            "labels; set config.data.train_split to a labelled split"
         )
     chosen = []
     for cls in classes:
@@ -69,17 +69,41 @@ def class_balanced_subset(
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def split_labels(data_cfg: mlc.ConfigDict) -> np.ndarray:
-    """Labels of the train split in the pipeline's fixed order (no image decoding)."""
-    return _labels_and_classes(data_cfg)[0]
+def split_labels(data_cfg: mlc.ConfigDict) -> tuple[np.ndarray, int]:
+    """(labels of the train split in the pipeline's fixed order, the class count).
 
-
-def _labels_and_classes(data_cfg: mlc.ConfigDict) -> tuple[np.ndarray, int]:
+    Indexable sources read their table; a tfds split is read once without decoding
+    its images (a pass over its records).
+    """
     source = sources.load_source(data_cfg, data_cfg.train_split)
     if source.indexable:
         return source.table_rows(np.arange(source.num_examples))["label"], source.num_classes
     labels = [b.numpy() for b in source.records(0, 1).map(lambda r: r["label"]).batch(8192)]
     return np.concatenate(labels), source.num_classes
+
+
+def labelled_subset(data_cfg: mlc.ConfigDict) -> np.ndarray | None:
+    """The train split's labelled examples, for a protocol that trains on every label.
+
+    Args:
+      data_cfg: the config's data section.
+
+    Returns:
+      None when every example is labelled (the whole split), else the sorted int64
+      indices of the examples labelled in [0, num_classes).
+
+    Raises:
+      ConfigError: when no example of the split is labelled.
+    """
+    labels, num_classes = split_labels(data_cfg)
+    labelled = is_labelled(labels, num_classes)
+    if not labelled.any():
+        raise ConfigError(
+            f"config.data.train_split={data_cfg.train_split!r} is invalid: it has no example "
+            f"labelled in [0, {num_classes}) (unlabelled examples carry -1), and this protocol "
+            "trains on labels; use a labelled split such as 'train'."
+        )
+    return None if labelled.all() else np.flatnonzero(labelled).astype(np.int64)
 
 
 def resolve_finetune_data(
@@ -95,12 +119,13 @@ def resolve_finetune_data(
         subsets (tfds imagenet2012_subset/1pct|10pct) instead of a drawn one.
 
     Returns:
-      (data_cfg, subset_indices): indices None means the whole train split (at fraction 1;
-      the fine-tuning loss masks the unlabelled rows of a split that has them).
+      (data_cfg, subset_indices): indices None means the whole train split. At fraction 1
+      they are the labelled examples of a split that has unlabelled ones (labelled_subset);
+      unlabelled examples are never in a subset.
     """
     fraction = check_fraction(fraction)
     if fraction == 1.0:
-        return data_cfg, None
+        return data_cfg, labelled_subset(data_cfg)
     if (
         official_imagenet
         and data_cfg.source == "tfds"
@@ -110,5 +135,5 @@ def resolve_finetune_data(
         official = mlc.ConfigDict(data_cfg.to_dict())
         official.name = IMAGENET_OFFICIAL[fraction]
         return official, None
-    labels, num_classes = _labels_and_classes(data_cfg)
+    labels, num_classes = split_labels(data_cfg)
     return data_cfg, class_balanced_subset(labels, fraction, seed, num_classes=num_classes)

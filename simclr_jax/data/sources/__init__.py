@@ -106,14 +106,18 @@ def open_split(data_cfg: mlc.ConfigDict, field: str) -> base.DataSource:
       The DataSource of that split.
 
     Raises:
-      ConfigError: 'config.data.<field>=<value> is invalid: ...' with the available splits.
+      ConfigError: 'config.data.<field>=<value> is invalid: ...' with the available splits,
+        or for an empty split.
     """
     if field not in SPLIT_FIELDS:
         raise ValueError(f"field={field!r}: expected one of {SPLIT_FIELDS}")
     try:
-        return load_source(data_cfg, data_cfg[field])
+        source = load_source(data_cfg, data_cfg[field])
     except base.UnknownSplitError as e:
         raise ConfigError(f"config.data.{field}={data_cfg[field]!r} is invalid: {e}") from None
+    if source.num_examples == 0:
+        raise ConfigError(f"config.data.{field}={data_cfg[field]!r} is invalid: it is empty.")
+    return source
 
 
 def open_splits(data_cfg: mlc.ConfigDict) -> tuple[base.DataSource, base.DataSource]:
