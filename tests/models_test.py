@@ -7,6 +7,9 @@ shard_map / pmap against single-device BatchNorm on the whole batch.
 
 import functools
 import importlib
+import json
+import os
+import tarfile
 
 import flax.linen as nn
 import jax
@@ -172,16 +175,19 @@ def np_sk(x, p, stride, stats, path):
     return a * wa + b * (1.0 - wa)
 
 
-def np_block(x, bp, kind, stride, out_width, resnet_d, stats, name):
-    """One residual block (basic or bottleneck; SK convs when resnet_d) in NumPy."""
-    need_proj = stride != 1 or x.shape[-1] != out_width
-    assert ("proj_conv" in bp) == need_proj, (name, sorted(bp))
+def np_block(x, bp, kind, stride, out_width, resnet_d, stats, name, projection):
+    """One residual block (basic or bottleneck; SK convs when resnet_d) in NumPy.
+
+    `projection`: the block has a projection shortcut (the first block of a stage), else an
+    identity one.
+    """
+    assert ("proj_conv" in bp) == projection, (name, sorted(bp))
 
     def conv_bn(y, conv, bn, s):
         return np_bn(np_conv(y, bp[conv]["kernel"], s), bp[bn], stats, (name, bn))
 
     shortcut = x
-    if need_proj:
+    if projection:
         pooled = np_avg_shortcut(x, stride) if resnet_d else x
         shortcut = conv_bn(pooled, "proj_conv", "proj_bn", 1 if resnet_d else stride)
     if kind == "basic":
@@ -226,7 +232,7 @@ def np_resnet(params, x, depth, cifar_stem, sk_ratio, base_width, running=None):
         for index in range(num_blocks):
             name = f"block{stage + 1}_{index}"
             stride = 2 if stage > 0 and index == 0 else 1
-            x = np_block(x, p[name], kind, stride, out_width, resnet_d, stats, name)
+            x = np_block(x, p[name], kind, stride, out_width, resnet_d, stats, name, index == 0)
     return x.mean(axis=(1, 2)), stats
 
 
@@ -234,11 +240,95 @@ def np_resnet(params, x, depth, cifar_stem, sk_ratio, base_width, running=None):
 
 
 def test_reference_parameter_counts():
+    # The reference's counts (BN gamma/beta counted, moving statistics not), read from
+    # checkpoints its TF2 code wrote. ResNet-18 includes the first stage's projection shortcut
+    # (64 * 64 + 2 * 64 more than a shortcut only where the shape changes).
     r50 = _count(_init_shapes(models.resnet(50), 64)[1]["params"])
     r18 = _count(_init_shapes(models.resnet(18, cifar_stem=True))[1]["params"])
     print(f"\nResNet-50 1x params: {r50:,}; ResNet-18 CIFAR-stem params: {r18:,}")
     assert r50 == 23_508_032
-    assert r18 == 11_168_832
+    assert r18 == 11_173_056
+
+
+def _encoder_layout(params, batch_stats):
+    """{unit: sorted [(kind, shape)]}, units 'stem' or (stage, block) from 0, kinds 'kernel',
+    'bn' (scale/bias) and 'stat' (running mean/var); and the set of blocks with a projection."""
+    kinds = {"kernel": "kernel", "scale": "bn", "bias": "bn", "mean": "stat", "var": "stat"}
+    layout, projected = {}, set()
+    for tree in (params, batch_stats):
+        for path, leaf in traverse_util.flatten_dict(tree).items():
+            if path[0].startswith("stem"):
+                unit = "stem"
+            else:
+                stage, index = path[0].removeprefix("block").split("_")
+                unit = (int(stage) - 1, int(index))
+                if "proj_conv" in path:
+                    projected.add(unit)
+            layout.setdefault(unit, []).append((kinds[path[-1]], tuple(leaf.shape)))
+    return {unit: sorted(v) for unit, v in layout.items()}, projected
+
+
+def _reference_layout(prefix):
+    """_encoder_layout of the reference encoder in a TF2 checkpoint written by its code."""
+    tf = pytest.importorskip("tensorflow")
+    kinds = {"kernel": "kernel", "gamma": "bn", "beta": "bn"}
+    kinds.update(moving_mean="stat", moving_variance="stat")
+    layout, projected = {}, set()
+    for name, shape in tf.train.load_checkpoint(prefix).get_variable_to_shape_map().items():
+        # e.g. model/resnet_model/block_groups/0/layers/0/shortcut_layers/0/conv2d/kernel/
+        # .ATTRIBUTES/VARIABLE_VALUE; the stem is model/resnet_model/initial_conv_relu_max_pool/.
+        parts = name.split("/")
+        if parts[:2] != ["model", "resnet_model"]:
+            continue  # heads, optimizer slots, global step
+        if parts[2] == "initial_conv_relu_max_pool":
+            unit = "stem"
+        else:
+            assert parts[2] == "block_groups", name
+            unit = (int(parts[3]), int(parts[5]))
+            if parts[6] in ("shortcut_layers", "projection_layers"):
+                projected.add(unit)
+        layout.setdefault(unit, []).append((kinds[parts[-3]], tuple(shape)))
+    return {unit: sorted(v) for unit, v in layout.items()}, projected
+
+
+# Checkpoints written by the reference TF2 code, next to the repository (../shared/fixtures).
+REFERENCE_FIXTURES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "shared",
+    "fixtures",
+    "simclr_tf2",
+)
+
+
+@pytest.mark.parametrize(
+    "archive,expected_params",
+    [("r18_cifar", 11_173_056), ("r50_sk1_64px", 35_215_584)],
+)
+def test_encoder_variables_match_a_reference_checkpoint(archive, expected_params, tmp_path):
+    """Every conv kernel and BN variable of the reference encoder, block by block, has its
+    counterpart of the same shape here (and no other), and the first block of every stage has
+    a projection shortcut in both."""
+    path = os.path.join(REFERENCE_FIXTURES, f"{archive}.tar.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"the reference checkpoint fixture {path} is not available")
+    with tarfile.open(path) as tar:
+        tar.extractall(tmp_path, filter="data")
+    with open(tmp_path / archive / "meta.json") as f:
+        meta = json.load(f)
+    ref_layout, ref_projected = _reference_layout(str(tmp_path / archive / "model_dir" / "ckpt-0"))
+    module = models.resnet(
+        meta["resnet_depth"], meta["width_multiplier"], meta["cifar_stem"], meta["sk_ratio"]
+    )
+    _, variables = _init_shapes(module, meta["image_size"])
+    layout, projected = _encoder_layout(variables["params"], variables["batch_stats"])
+    assert sorted(layout, key=str) == sorted(ref_layout, key=str)
+    for unit, shapes in ref_layout.items():
+        assert layout[unit] == shapes, unit
+    assert projected == ref_projected == {(stage, 0) for stage in range(4)}
+    ref_params = sum(
+        int(np.prod(shape)) for v in ref_layout.values() for kind, shape in v if kind != "stat"
+    )
+    assert ref_params == _count(variables["params"]) == expected_params
 
 
 @pytest.mark.parametrize("width,paper", [(2, 94e6), (4, 375e6)])
@@ -258,8 +348,11 @@ def test_output_width_every_depth(depth):
     assert h.shape == (2, expected) and h.dtype == jnp.float32
     assert models.representation_dim(depth, 2) == expected
     assert models.resnet(depth, 2).output_dim == expected
-    blocks = sum(models.BLOCK_COUNTS[depth][1])
-    assert sum(k.startswith("block") for k in variables["params"]) == blocks
+    stages = models.BLOCK_COUNTS[depth][1]
+    assert sum(k.startswith("block") for k in variables["params"]) == sum(stages)
+    # As the reference: a projection shortcut on the first block of every stage only.
+    projected = {k for k, v in variables["params"].items() if "proj_conv" in v}
+    assert projected == {f"block{stage}_0" for stage in range(1, 5)}
 
 
 def test_selective_kernel_resnet50_builds():
@@ -268,7 +361,7 @@ def test_selective_kernel_resnet50_builds():
     n = _count(params)
     print(f"\nResNet-50 1x SK(0.0625) params: {n:,} (SimCLRv2 paper: ~35M)")
     assert h.shape == (2, 2048)
-    assert 34e6 < n < 36.5e6
+    assert n == 35_215_584  # the reference's count (fixtures/simclr_tf2/r50_sk1_64px)
     # ResNet-D stem: 3x3 convs 32w, 32w, 64w.
     assert [params[f"stem_conv{i}"]["kernel"].shape for i in (1, 2, 3)] == [
         (3, 3, 3, 32),
@@ -317,7 +410,9 @@ def test_bottleneck_block_init_and_numpy_reference(sk_ratio, stride):
 
     def make_block(train):
         norm = functools.partial(nn.BatchNorm, use_running_average=not train, epsilon=EPS)
-        return resnet_module.BottleneckBlock(8, stride, conv, norm, sk_ratio > 0, sk_ratio)
+        return resnet_module.BottleneckBlock(
+            8, stride, conv, norm, sk_ratio > 0, sk_ratio, projection=True
+        )
 
     x = jax.random.normal(jax.random.key(1), (6, 8, 8, 16))
     variables = jax.jit(make_block(False).init)(jax.random.key(0, impl="unsafe_rbg"), x)
@@ -341,8 +436,22 @@ def test_bottleneck_block_init_and_numpy_reference(sk_ratio, stride):
     rand = _random_variables(block, x)
     y, _ = jax.jit(lambda v, x: block.apply(v, x, mutable=["batch_stats"]))(rand, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), rand["params"])
-    y_ref = np_block(xn, p, "bottleneck", stride, 32, sk_ratio > 0, {}, "block")
+    y_ref = np_block(xn, p, "bottleneck", stride, 32, sk_ratio > 0, {}, "block", True)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_cls,features", [("BasicBlock", 8), ("BottleneckBlock", 2)])
+def test_a_block_without_projection_cannot_change_the_shape(block_cls, features):
+    conv = functools.partial(nn.Conv, use_bias=False)
+    norm = functools.partial(nn.BatchNorm, use_running_average=True)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 8), jnp.float32)
+    for strides in (1, 2):
+        block = getattr(resnet_module, block_cls)(features, strides, conv, norm)
+        if strides == 1:  # same shape: an identity shortcut is fine
+            assert "proj_conv" not in jax.eval_shape(block.init, jax.random.key(0), x)["params"]
+        else:
+            with pytest.raises(ValueError, match=r"changes the shape.*pass projection=True"):
+                jax.eval_shape(block.init, jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("sk_ratio", [0.0, 0.0625])

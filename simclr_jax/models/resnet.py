@@ -11,10 +11,10 @@ Structure, following the SimCLR reference code (google-research/simclr, tf2/resn
   for strided convs on even sizes, e.g. (0, 1) for a 3x3 stride-2 conv).
 - BatchNorm momentum 0.9, epsilon 1e-5, the last BN of every residual block starts with
   gamma = 0 so each block starts as relu(shortcut).
-- Projection shortcut (1x1 conv + BN) whenever the block changes the shape (stride or width).
-  The reference always adds one to the first block of a stage, including ResNet-18/34's first
-  stage where the shape does not change; we follow the shape rule, which is what gives the
-  reference parameter counts (ResNet-18 CIFAR = 11,168,832, ResNet-50 = 23,508,032).
+- The first block of every stage has a projection shortcut (1x1 conv + BN), also where its
+  input and output shapes match (ResNet-18/34's first stage); the other blocks have identity
+  shortcuts. This is the reference's BlockGroup (use_projection=True on its first block) and
+  gives its parameter counts: ResNet-18 CIFAR = 11,173,056, ResNet-50 = 23,508,032.
 - sk_ratio > 0 (SimCLRv2): bottleneck 3x3 convs become selective-kernel convs, the ImageNet stem
   becomes the ResNet-D stem (three 3x3 convs) and projection shortcuts average-pool before
   their 1x1 conv (ResNet-D). Basic blocks (18/34) keep plain 3x3 convs, as in the reference.
@@ -191,8 +191,35 @@ class SelectiveKernel(nn.Module):
         return jnp.sum(branches * mixing, axis=-2)
 
 
+def _shortcut(block: nn.Module, x: jax.Array, out_features: int) -> tuple[jax.Array, jax.Array]:
+    """(residual branch input, shortcut) of a block; called inside its compact __call__.
+
+    With block.projection (the first block of a stage), a projection shortcut whatever the
+    shapes, as the reference. Otherwise an identity shortcut, split off with block.fork when the
+    conv class offers one; an identity cannot change the shape, so that is an error.
+    """
+    if block.projection:
+        shortcut = _projection_shortcut(
+            x, out_features, block.strides, block.conv, block.norm, block.resnet_d
+        )
+        return x, shortcut
+    if block.strides != 1 or x.shape[-1] != out_features:
+        raise ValueError(
+            f"{type(block).__name__} {block.name or '(unnamed)'} changes the shape (strides "
+            f"{block.strides}, {x.shape[-1]} -> {out_features} channels) but has an identity "
+            "shortcut: pass projection=True (the first block of every stage has one)."
+        )
+    if block.fork is not None:
+        return block.fork(x)
+    return x, x
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34); the stride sits on the first conv."""
+    """Two 3x3 convs (ResNet-18/34); the stride sits on the first conv.
+
+    `projection` gives the block a projection shortcut (the first block of a stage), else it
+    has an identity one.
+    """
 
     features: int
     strides: int
@@ -201,16 +228,11 @@ class BasicBlock(nn.Module):
     resnet_d: bool = False
     sk_ratio: float = 0.0  # Unused: the reference has no SK in basic blocks.
     fork: Callable | None = None
+    projection: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shortcut = x
-        if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = _projection_shortcut(
-                x, self.features, self.strides, self.conv, self.norm, self.resnet_d
-            )
-        elif self.fork is not None:
-            x, shortcut = self.fork(x)
+        x, shortcut = _shortcut(self, x, self.features)
         y = _conv(self.conv, self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = _conv(self.conv, self.features, 3, 1, "conv2")(y)
@@ -219,7 +241,10 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 -> 3x3 (strided, v1.5) -> 1x1 (4x wide) bottleneck; SK replaces the 3x3 if enabled."""
+    """1x1 -> 3x3 (strided, v1.5) -> 1x1 (4x wide) bottleneck; SK replaces the 3x3 if enabled.
+
+    `projection` as in BasicBlock.
+    """
 
     features: int
     strides: int
@@ -228,17 +253,12 @@ class BottleneckBlock(nn.Module):
     resnet_d: bool = False
     sk_ratio: float = 0.0
     fork: Callable | None = None
+    projection: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         out_features = BOTTLENECK_EXPANSION * self.features
-        shortcut = x
-        if self.strides != 1 or x.shape[-1] != out_features:
-            shortcut = _projection_shortcut(
-                x, out_features, self.strides, self.conv, self.norm, self.resnet_d
-            )
-        elif self.fork is not None:
-            x, shortcut = self.fork(x)
+        x, shortcut = _shortcut(self, x, out_features)
         y = _conv(self.conv, self.features, 1, 1, "conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         if self.sk_ratio > 0:
@@ -355,6 +375,7 @@ class ResNet(nn.Module):
                     resnet_d=resnet_d,
                     sk_ratio=self.sk_ratio,
                     fork=getattr(self.conv, "fork_shortcut", None),
+                    projection=index == 0,
                     name=f"block{stage + 1}_{index}",
                 )(x)
         # Pool in float32 so the bf16 path loses nothing in the final reduction.
