@@ -3,8 +3,9 @@
   pip install torch==2.13.0   # optional dependency, CPU build
   python benchmarks/peer_torch.py --batch=64 --steps=10 --warmup=2 --threads=2 --json=t.json
 
-ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool; projection shortcut only when
-the shape changes, last BN of each block zero-initialised), the 3-layer BN projection head
+ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool; a projection shortcut on the
+first block of every stage, as the reference and simclr_jax; last BN of each block
+zero-initialised), the 3-layer BN projection head
 (no bias; 512-512-128, last BN without beta), NT-Xent with tau 0.5 over both views (both
 views in one forward pass), momentum SGD, channels_last memory format, random data,
 torch.set_num_threads(--threads). One image = two views. Written from scratch for this
@@ -24,7 +25,7 @@ from torch.nn import functional
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, projection: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
@@ -32,7 +33,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout, momentum=0.1, eps=1e-5)
         nn.init.zeros_(self.bn2.weight)
         self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
+        if projection:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
             )
@@ -55,7 +56,8 @@ class SimCLRNet(nn.Module):
         for stage in range(4):
             cout = width * 2**stage
             for index in range(2):
-                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and index == 0 else 1))
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(BasicBlock(cin, cout, stride, projection=index == 0))
                 cin = cout
         self.blocks = nn.Sequential(*layers)
         last_bn = nn.BatchNorm1d(head_dim, affine=True)

@@ -58,3 +58,80 @@ def test_knn_memory_compiles_old_and_new_steps_at_small_shapes(tmp_path):
         assert row["argument_gib"] > 0 and row["total_gib"] >= row["argument_gib"]
     # The memory's share of a device's arguments shrinks with the device count.
     assert rows[2]["argument_gib"] < rows[1]["argument_gib"] < rows[0]["argument_gib"]
+
+
+def _model_conv_macs(module, size: int) -> int:
+    """Forward multiply-accumulates per image of every conv in `module`, read from its own
+    layers (output size x kernel size), independently of the benchmark's formula."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import traverse_util
+
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def init(x):
+        return module.init_with_output(
+            jax.random.key(0),
+            x,
+            train=False,
+            capture_intermediates=lambda mdl, _: isinstance(mdl, nn.Conv),
+            mutable=["params", "batch_stats", "intermediates"],
+        )
+
+    _, variables = jax.eval_shape(init, images)
+    kernels = traverse_util.flatten_dict(variables["params"])
+    macs = 0
+    for path, (out,) in traverse_util.flatten_dict(variables["intermediates"]).items():
+        kernel = kernels[path[:-1] + ("kernel",)]  # path ends in '__call__'
+        macs += int(np.prod(out.shape[1:3])) * int(np.prod(kernel.shape))
+    return macs
+
+
+@pytest.mark.parametrize(
+    "depth,size,cifar_stem,expected_gmacs", [(18, 32, True, 0.5596), (50, 224, False, 4.0871)]
+)
+def test_analytic_macs_match_the_model_layers(depth, size, cifar_stem, expected_gmacs):
+    from simclr_jax import models
+
+    train_step = _load("train_step")
+    head_layers, head_dim = 3, 128
+    macs = train_step.analytic_encoder_macs(depth, 64, size, cifar_stem, head_layers, head_dim)
+    dim = models.representation_dim(depth)
+    head = dim * dim * (head_layers - 1) + dim * head_dim
+    model = models.resnet(depth, cifar_stem=cifar_stem)
+    assert macs == _model_conv_macs(model, size) + head
+    # The encoder's published counts: ResNet-50 at 224 px 4.09 G; ResNet-18 CIFAR 0.5596 G
+    # with the reference's first-stage projection shortcut (0.5554 G without it).
+    assert (macs - head) / 1e9 == pytest.approx(expected_gmacs, abs=5e-5)
+
+
+def test_peer_torch_model_has_the_same_encoder_parameters():
+    pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from simclr_jax import models
+
+    peer_torch = _load("peer_torch")
+    # Encoder only (stem and blocks); BN running statistics are buffers, not parameters.
+    peer = peer_torch.SimCLRNet(width=8)
+    torch_shapes = sorted(
+        tuple(p.shape) for part in (peer.stem, peer.blocks) for p in part.parameters()
+    )
+    module = models.resnet(18, cifar_stem=True, base_width=8)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), images)
+    # torch conv weights are [out, in, kh, kw]; flax kernels [kh, kw, in, out].
+    ours = sorted(
+        (x.shape[3], x.shape[2], x.shape[0], x.shape[1]) if x.ndim == 4 else tuple(x.shape)
+        for x in jax.tree.leaves(params["params"])
+    )
+    assert torch_shapes == ours
+    full = peer_torch.SimCLRNet()
+    count = sum(
+        int(np.prod(p.shape)) for part in (full.stem, full.blocks) for p in part.parameters()
+    )
+    assert count == 11_173_056
