@@ -21,8 +21,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from simclr_jax import files
+from simclr_jax.config_checks import ConfigError
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# Why a checkpoint's shapes can differ from the model its own config builds.
+OLD_ARCHITECTURE_NOTE = (
+    "checkpoints written before the ResNet's first stage got its projection shortcut (as the "
+    "reference SimCLR code has) lack block1_0's proj_conv and proj_bn and cannot be loaded "
+    "(docs/model_and_loss.md)"
+)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -66,6 +73,61 @@ def abstract_like(state: Any, shardings: Any) -> Any:
     )
 
 
+def _path_name(path: tuple) -> str:
+    """'params/encoder/block1_0/conv1/kernel': a pytree path as names, whether its nodes are
+    dicts, dataclass fields or sequences (a saved state's metadata has dicts where the state
+    has dataclasses)."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return "/".join(names)
+
+
+def shape_mismatch(expected: Any, saved: Any, prefixes: tuple[str, ...] = ("",)) -> str | None:
+    """The first (sorted) difference between two pytrees' array shapes, or None.
+
+    Args:
+      expected: the tree the model builds (arrays or jax.ShapeDtypeStruct).
+      saved: the tree in the checkpoint (arrays or orbax array metadata).
+      prefixes: compare only the leaves whose path starts with one of these.
+
+    Returns:
+      '<path> is <shape> in the checkpoint but <shape> in the model (None = missing)', or
+      None when every leaf has the same shape in both.
+    """
+
+    def shapes(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        named = {_path_name(path): tuple(np.shape(leaf)) for path, leaf in leaves}
+        return {k: v for k, v in named.items() if k.startswith(prefixes)}
+
+    exp, got = shapes(expected), shapes(saved)
+    for key in sorted(set(exp) | set(got)):
+        if exp.get(key) != got.get(key):
+            return (
+                f"{key} is {got.get(key)} in the checkpoint but {exp.get(key)} in the model "
+                "(None = missing)"
+            )
+    return None
+
+
+def _step_metadata(directory: str, step: int) -> Any:
+    """The saved pytree's metadata (shapes, dtypes) of one step, without reading its arrays."""
+    # A manager (it saves nothing) over the directory the trainer's manager wrote: it reads
+    # the step's metadata where that manager put it (a checkpointer opened on <step>/default
+    # would log a warning about a missing metadata file at every restore).
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(
+        directory, item_handlers=ocp.StandardCheckpointHandler(), options=options
+    ) as manager:
+        return manager.item_metadata(step)
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None) -> Any:
     """Restores the latest (or the given) step into the target structure.
 
@@ -77,10 +139,25 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
 
     Returns:
       The restored state.
+
+    Raises:
+      ConfigError: the saved parameters or BN statistics differ in shape from the model's
+        (a checkpoint of another architecture), before any array is read.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    # Only the parameters and BN statistics (plain dicts in both trees): they describe the
+    # architecture; orbax still checks the rest (the optimizer state) itself.
+    mismatch = shape_mismatch(
+        abstract_state, _step_metadata(manager.directory, step), ("params/", "batch_stats/")
+    )
+    if mismatch:
+        raise ConfigError(
+            f"the checkpoint at {files.join(str(manager.directory), str(step))} does not match "
+            f"the model this run builds: {mismatch}. Resume it with the config.model it was "
+            f"written with, or start a new workdir; {OLD_ARCHITECTURE_NOTE}."
+        )
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
 
@@ -105,9 +182,7 @@ def restore_to_host(directory: str, step: int) -> Any:
     if not files.isdir(directory) or step not in ocp.utils.checkpoint_steps(directory):
         raise FileNotFoundError(f"no complete checkpoint of step {step} in {directory}")
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    # A manager (it saves nothing) over the directory the trainer's manager wrote: it reads
-    # the step's metadata where that manager put it (a checkpointer opened on <step>/default
-    # would log a warning about a missing metadata file at every restore).
+    # As _step_metadata: a manager that saves nothing, over the trainer's directory.
     options = ocp.CheckpointManagerOptions(create=False)
     with ocp.CheckpointManager(
         directory, item_handlers=ocp.StandardCheckpointHandler(), options=options

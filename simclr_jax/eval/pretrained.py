@@ -73,20 +73,13 @@ def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
 
 
 def _check_shapes(expected: Any, restored: Any, where: str) -> None:
-    exp = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in _flatten(expected)}
-    got = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in _flatten(restored)}
-    for key in sorted(set(exp) | set(got)):
-        if exp.get(key) != got.get(key):
-            raise ConfigError(
-                f"the checkpoint at {where} does not match the architecture in its config.json: "
-                f"{key} is {got.get(key)} in the checkpoint but {exp.get(key)} in the model "
-                "built from config.json (None = missing). Point config.init_from at the workdir "
-                "the checkpoint was trained in, whose config.json describes it."
-            )
-
-
-def _flatten(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+    mismatch = checkpoint.shape_mismatch(expected, restored)
+    if mismatch:
+        raise ConfigError(
+            f"the checkpoint at {where} does not match the architecture in its config.json: "
+            f"{mismatch}. Point config.init_from at the workdir the checkpoint was trained in, "
+            f"whose config.json describes it; {checkpoint.OLD_ARCHITECTURE_NOTE}."
+        )
 
 
 def load_pretrained(init_from: str) -> Pretrained:
