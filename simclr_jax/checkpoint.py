@@ -26,8 +26,8 @@ from simclr_jax.config_checks import ConfigError
 CHECKPOINT_SUBDIR = "checkpoints"
 # Why a checkpoint's shapes can differ from the model its own config builds.
 OLD_ARCHITECTURE_NOTE = (
-    "checkpoints written before the ResNet's first stage got its projection shortcut (as the "
-    "reference SimCLR code has) lack block1_0's proj_conv and proj_bn and cannot be loaded "
+    "ResNet-18/34 checkpoints written before the first stage got its projection shortcut (as "
+    "the reference SimCLR code has) lack block1_0's proj_conv and proj_bn and cannot be loaded "
     "(docs/model_and_loss.md)"
 )
 
