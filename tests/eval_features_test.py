@@ -172,5 +172,5 @@ def test_encoder_features_are_per_example_with_the_running_bn_statistics():
 
     with nn.intercept_methods(check_batch_norm):
         reference = encoder.apply(variables, images[:2], train=False)
-    assert len(seen) == 1 + 8 * 2 + 3  # stem, two per basic block, three projection shortcuts
+    assert len(seen) == 1 + 8 * 2 + 4  # stem, two per basic block, one shortcut per stage
     np.testing.assert_allclose(h[:2], np.asarray(reference), rtol=1e-5, atol=1e-5)

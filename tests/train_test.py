@@ -160,7 +160,17 @@ def test_loss_decreases_on_a_fixed_batch():
     for _ in range(30):
         state, metrics = step_fn(state, batch)
         losses.append(float(metrics.compute()["loss"]))
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    # NT-Xent cannot fall below the loss of the optimal embedding: both views of an image equal
+    # and the 16 images' embeddings on a regular simplex (pairwise cosine -1/15), where each
+    # anchor's loss is log(1 + 30 exp(-(1 + 1/15) / 0.5)) = 1.516 (Graf et al. 2021, "Dissecting
+    # supervised contrastive learning", Thm. 1). At temperature 0.5 the untrained loss (~2.2)
+    # sits only ~0.7 above that floor, so the test asks the excess over the floor to shrink:
+    # measured 0.70 -> 0.08 (ratio 0.11) on an Intel Xeon (Ice Lake); bound 0.3.
+    n = 16
+    floor = np.log(1 + (2 * n - 2) * np.exp(-(1 + 1 / (n - 1)) / 0.5))
+    assert min(losses) > floor - 1e-3, (floor, losses)
+    excess = np.array(losses) - floor
+    assert np.mean(excess[-5:]) < 0.3 * np.mean(excess[:3]), losses
     assert step_fn._cache_size() == 1  # 30 steps, one compilation
 
 
