@@ -5,27 +5,17 @@ The reference (google-research/simclr, tf2/) builds a Keras `model.Model` with `
 and saves it with `tf.train.Checkpoint(model=...)`. Its variables are named by the object
 graph, e.g. `model/resnet_model/block_groups/0/layers/0/conv2d_bn_layers/0/conv2d/kernel`.
 
-Names are matched by structure, not by string tables:
-- Each variable's name is a path through the checkpoint's object graph
-  (`_CHECKPOINTABLE_OBJECT_GRAPH`) that avoids Keras' alias lists (`variables`,
-  `trainable_variables`, `keras_api`, `layer_with_weights-N`, ...), so a SavedModel whose
-  checkpoint keys are aliases still yields structural names. The `.ATTRIBUTES/VARIABLE_VALUE`
-  suffix and everything before the first `resnet_model`, `_projection_head` or
-  `supervised_head` component are dropped, so any root object (`model/`, a SavedModel's
-  exported module) works.
-- Inside a residual block or the stem, the reference keeps its layers in lists
-  (`conv2d_bn_layers/3`, `conv_relu_dropblock_layers/5`, ...) whose indices also count
-  parameter-free layers (DropBlock, IdentityLayer, padding, pooling). Layers are therefore
-  taken in list order and matched by kind: conv, BN, or selective-kernel conv.
-- The architecture comes from the shapes: stem (one 3x3 conv = CIFAR stem, one 7x7 conv =
-  ImageNet stem, three 3x3 convs = SimCLRv2's ResNet-D stem), blocks per stage and block kind
-  (depth), the first block's width (width multiplier), selective-kernel convs and their
-  reduction width (sk_ratio), the projection head's layers and widths, and the supervised
-  head's classes. Everything is then checked against the model built from that architecture.
+Each variable is named by a path through the checkpoint's object graph
+(`_CHECKPOINTABLE_OBJECT_GRAPH`) that avoids Keras' alias lists (`variables`,
+`trainable_variables`, `keras_api`, `layer_with_weights-N`, ...), so a SavedModel whose
+checkpoint keys are aliases still yields structural names. The `.ATTRIBUTES/VARIABLE_VALUE`
+suffix and everything before the first `resnet_model`, `_projection_head` or
+`supervised_head` component are dropped, so any root object (`model/`, a SavedModel's exported
+module) works. Optimizer slots, `optimizer/...`, `global_step` and `save_counter` are not
+model variables; any other name outside the three parts is an error.
 
-Weights need no transposes: TF conv kernels are HWIO and dense kernels [in, out], as in Flax.
-BN: gamma -> scale, beta -> bias, moving_mean / moving_variance -> batch_stats mean / var; the
-reference's epsilon (1e-5) and momentum (0.9) are this package's defaults.
+The released TF2 SavedModels (converted from TF1 by the authors) were not available to check
+their names against; reference_layout maps what is found here.
 """
 
 import collections
@@ -67,22 +57,6 @@ ANCHORS = {
 }
 # Bookkeeping outside the model: never imported.
 _SKIPPED_LEAVES = frozenset({"global_step", "save_counter", OBJECT_GRAPH_KEY})
-_BN_VARIABLES = {
-    "gamma": ("params", "scale"),
-    "beta": ("params", "bias"),
-    "moving_mean": ("batch_stats", "mean"),
-    "moving_variance": ("batch_stats", "var"),
-}
-# A selective-kernel conv's sublayers (tf2/resnet.py SK_Conv2D) -> ours (SelectiveKernel).
-_SK_SUBLAYERS = {
-    "conv2d_fixed_padding/conv2d": "conv",
-    "batch_norm_relu/bn": "bn",
-    "conv2d_0": "fc1",
-    "batch_norm_relu_1/bn": "fc1_bn",
-    "conv2d_1": "fc2",
-}
-# SimCLRv2's only published ratio; used when the shapes allow it (see _infer_sk_ratio).
-DEFAULT_SK_RATIO = 0.0625
 
 
 @dataclasses.dataclass
@@ -235,69 +209,3 @@ def read_reference(path: str) -> ReferenceVariables:
             "is it a checkpoint of the SimCLR TF2 code (google-research/simclr, tf2/)?"
         )
     return ReferenceVariables(prefix=prefix, parts=parts, full_names=full_names, step=step)
-
-
-# ----------------------------------------------------------------------------- structure
-
-
-@dataclasses.dataclass
-class Layer:
-    """One reference layer that holds variables, in list order inside its block or stem.
-
-    kind: 'conv', 'bn' or 'sk'; index: its position in the reference list; ref: its name
-    prefix inside the part; variables: {name inside the layer: array}.
-    """
-
-    kind: str
-    index: int
-    ref: str
-    variables: dict[str, np.ndarray]
-
-
-def _layer_kind(names: set[str], ref: str) -> str:
-    if names == {"conv2d/kernel"}:
-        return "conv"
-    if names and all(n.startswith("bn/") and n[3:] in _BN_VARIABLES for n in names):
-        return "bn"
-    if names and all(n.rsplit("/", 1)[0] in _SK_SUBLAYERS for n in names):
-        return "sk"
-    raise ConfigError(
-        f"unexpected variables {sorted(names)} in reference layer {ref!r}: expected a conv "
-        "(conv2d/kernel), a BN (bn/gamma, ...) or a selective-kernel conv"
-    )
-
-
-def group_layers(variables: dict[str, np.ndarray]) -> dict[tuple, list[Layer]]:
-    """Groups the encoder's variables into units: 'stem', or (stage, block, list name).
-
-    Returns:
-      {unit: its Layers in list order}; unit is ('stem',) or (stage, block, list name).
-
-    Raises:
-      ConfigError: naming a variable that fits no unit or layer.
-    """
-    stem = re.compile(r"^initial_conv_relu_max_pool/(\d+)/(.+)$")
-    block = re.compile(r"^block_groups/(\d+)/layers/(\d+)/([a-z_0-9]+_layers)/(\d+)/(.+)$")
-    found: dict[tuple, dict[int, dict[str, np.ndarray]]] = {}
-    refs: dict[tuple, str] = {}
-    for name, value in variables.items():
-        if match := stem.match(name):
-            unit, index, rest = ("stem",), int(match[1]), match[2]
-            refs[unit] = "initial_conv_relu_max_pool"
-        elif match := block.match(name):
-            unit = (int(match[1]), int(match[2]), match[3])
-            index, rest = int(match[4]), match[5]
-            refs[unit] = f"block_groups/{match[1]}/layers/{match[2]}/{match[3]}"
-        else:
-            raise ConfigError(
-                f"unexpected encoder variable resnet_model/{name} in the reference checkpoint"
-            )
-        found.setdefault(unit, {}).setdefault(index, {})[rest] = value
-    units = {}
-    for unit, layers in found.items():
-        units[unit] = []
-        for index in sorted(layers):
-            ref = f"{refs[unit]}/{index}"
-            kind = _layer_kind(set(layers[index]), ref)
-            units[unit].append(Layer(kind, index, ref, layers[index]))
-    return units
