@@ -85,9 +85,15 @@ def _check_against_model(
                 f"architecture read from its shapes has no {ours}"
             )
         if expected[path] != got[path]:
+            hint = ""
+            if path[1] == "probe":
+                hint = (
+                    ": the supervised head reads another layer than h; pass the reference "
+                    "run's --ft_proj_selector"
+                )
             raise ConfigError(
                 f"{tree.origin[path]} has shape {got[path]} but the architecture read from the "
-                f"checkpoint's shapes needs {expected[path]} for {ours}"
+                f"checkpoint's shapes needs {expected[path]} for {ours}{hint}"
             )
 
 
@@ -245,7 +251,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
-    cli.import_tensorflow_quietly()
     summary = convert(
         _FROM.value,
         _OUT.value,

@@ -20,13 +20,12 @@ their names against; reference_layout maps what is found here.
 
 import collections
 import dataclasses
-import os
 import re
 from typing import Any
 
 import numpy as np
 
-from simclr_jax import cli
+from simclr_jax import cli, files
 from simclr_jax.config_checks import ConfigError, MissingPathError
 
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -91,17 +90,20 @@ def resolve_prefix(path: str) -> str:
     Raises:
       MissingPathError: nothing readable as a TF checkpoint is there.
     """
-    import tensorflow as tf
-
-    if tf.io.gfile.exists(path + ".index"):
+    if files.is_remote(path):  # files reads remote paths through TensorFlow.
+        cli.import_tensorflow_quietly()
+    if files.exists(path + ".index"):
         return path
-    if tf.io.gfile.isdir(path):
+    if files.isdir(path):
         for candidate in (
-            os.path.join(path, "variables", "variables"),
-            os.path.join(path, "saved_model", "variables", "variables"),
+            files.join(path, "variables", "variables"),
+            files.join(path, "saved_model", "variables", "variables"),
         ):
-            if tf.io.gfile.exists(candidate + ".index"):
+            if files.exists(candidate + ".index"):
                 return candidate
+        cli.import_tensorflow_quietly()
+        import tensorflow as tf
+
         latest = tf.train.latest_checkpoint(path)
         if latest:
             return latest
@@ -168,11 +170,11 @@ def read_reference(path: str) -> ReferenceVariables:
       MissingPathError: path is not a TF checkpoint.
       ConfigError: a variable belongs to no part of the model, or there is no encoder.
     """
+    prefix = resolve_prefix(path)  # Before importing TensorFlow: a bad path fails fast.
     cli.import_tensorflow_quietly()
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-    prefix = resolve_prefix(path)
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
