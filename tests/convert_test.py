@@ -251,8 +251,14 @@ STEM_KERNEL = "initial_conv_relu_max_pool/0/conv2d/kernel"
             lambda p: p.pop("linear_layers/2/bn_relu/bn/gamma"),
             "lacks the variable for params/head/bn_2/scale, shape (128,)",
         ),
+        (
+            "supervised",
+            lambda p: p.update({"linear_layer/dense/kernel": np.zeros((128, 10), np.float32)}),
+            "needs (512, 10) for params/probe/dense/kernel: the supervised head reads another "
+            "layer than h; pass the reference run's --ft_proj_selector",
+        ),
     ],
-    ids=["missing", "wrong_shape", "unexpected", "no_such_depth", "missing_in_head"],
+    ids=["missing", "wrong_shape", "unexpected", "no_such_depth", "missing_in_head", "probe"],
 )
 def test_a_variable_that_does_not_fit_is_named(r18_reference, part, edit, message):
     with pytest.raises(ConfigError) as error:
