@@ -1,4 +1,4 @@
-"""Reading checkpoints of the reference SimCLR TF2 code into this package's Flax variables.
+"""Finding and reading a checkpoint of the reference SimCLR TF2 code, and naming its variables.
 
 The reference (google-research/simclr, tf2/) builds a Keras `model.Model` with `resnet_model`
 (tf2/resnet.py), `_projection_head` and, with linear eval, `supervised_head` (tf2/model.py),

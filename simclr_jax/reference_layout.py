@@ -128,6 +128,8 @@ class VariableTree:
         self.origin: dict[tuple[str, ...], str] = {}
 
     def put(self, path: tuple[str, ...], value: np.ndarray, part: str, ref: str) -> None:
+        """Places `value` at path ('params' | 'batch_stats', module..., leaf); `ref` is its
+        name inside reference part `part`."""
         node = self.variables[path[0]]
         for name in path[1:-1]:
             node = node.setdefault(name, {})
@@ -135,10 +137,12 @@ class VariableTree:
         self.origin[path] = self.reference.full_names[(part, ref)]
 
     def conv(self, module: tuple[str, ...], layer: Layer, part: str = "encoder") -> None:
+        """Places a conv layer's kernel as module/kernel."""
         ((name, value),) = layer.variables.items()
         self.put(("params", *module, "kernel"), value, part, f"{layer.ref}/{name}")
 
     def bn(self, module: tuple[str, ...], variables: dict, ref: str, part: str = "encoder"):
+        """Places BN variables ({'bn/gamma' or 'gamma': array, ...}) of reference layer `ref`."""
         for name, value in variables.items():
             collection, leaf = BN_VARIABLES[name.rsplit("/", 1)[-1]]
             self.put((collection, *module, leaf), value, part, f"{ref}/{name}")
@@ -222,7 +226,18 @@ def _infer_sk_ratio(sk_shapes: list[tuple[int, int]]) -> float:
 
 
 def map_encoder(tree: VariableTree, variables: dict) -> dict[str, Any]:
-    """Maps the encoder; returns the architecture fields of config.model it determines."""
+    """Places the encoder's variables and reads its architecture from their shapes.
+
+    Args:
+      tree: where to place them (under 'encoder').
+      variables: ReferenceVariables.parts['encoder'].
+
+    Returns:
+      config.model fields: depth, width_multiplier, cifar_stem, sk_ratio.
+
+    Raises:
+      ConfigError: naming the variable, layer or block that fits no reference ResNet.
+    """
     units = group_layers(variables)
     if ("stem",) not in units:
         raise ConfigError("the reference checkpoint has no stem (resnet_model/initial_conv_...)")
@@ -266,7 +281,18 @@ def map_encoder(tree: VariableTree, variables: dict) -> dict[str, Any]:
 
 
 def map_head(tree: VariableTree, variables: dict) -> dict[str, Any]:
-    """Maps the projection head; returns its config.model fields."""
+    """Places the projection head's variables (under 'head').
+
+    Args:
+      tree: where to place them.
+      variables: ReferenceVariables.parts['head'] (non-empty).
+
+    Returns:
+      config.model fields: head_layers, head_dim, head_hidden_dim.
+
+    Raises:
+      ConfigError: naming a variable that is not a head layer's.
+    """
     layers: dict[int, dict[str, np.ndarray]] = {}
     for name, value in variables.items():
         match = _HEAD_NAME.match(name)
@@ -300,7 +326,18 @@ def map_head(tree: VariableTree, variables: dict) -> dict[str, Any]:
 
 
 def map_supervised(tree: VariableTree, variables: dict) -> int:
-    """Maps the supervised head onto the probe; returns its number of classes."""
+    """Places the supervised head's dense layer as the probe's.
+
+    Args:
+      tree: where to place it (under 'probe').
+      variables: ReferenceVariables.parts['supervised'] (non-empty).
+
+    Returns:
+      Its number of classes.
+
+    Raises:
+      ConfigError: naming a variable that is not the head's kernel or bias.
+    """
     for name, value in variables.items():
         if name not in _SUPERVISED_NAMES:
             raise ConfigError(f"unexpected supervised-head variable supervised_head/{name}")
