@@ -151,6 +151,11 @@ def _split_part(name: str) -> tuple[str, str] | None:
             return ANCHORS[component], "/".join(components[i + 1 :])
     if components[-1] in _SKIPPED_LEAVES or "optimizer" in components:
         return None
+    if "base_model" in components:
+        raise ConfigError(
+            f"variable {name!r} is named as in the reference's TF1 code (base_model/conv2d_N/...), "
+            "which is not supported: give a checkpoint of its TF2 code (names with resnet_model/)"
+        )
     raise ConfigError(
         f"unexpected variable {name!r} in the reference checkpoint: it belongs to none of "
         f"{sorted(set(ANCHORS))} (a SimCLR TF2 model's parts)"

@@ -195,6 +195,10 @@ def test_a_variable_outside_the_model_is_named(r18_reference, tmp_path):
     prefix = tf.train.Checkpoint(root=root).write(str(tmp_path / "ckpt"))
     with pytest.raises(ConfigError, match="unexpected variable 'model/ema_model/kernel' in the"):
         reference_checkpoint.read_reference(prefix)
+    tf1, _ = _trackable_tree({"base_model/conv2d_3/kernel": np.zeros((1, 1, 2, 2), np.float32)})
+    prefix = tf.train.Checkpoint(root=tf1).write(str(tmp_path / "tf1"))
+    with pytest.raises(ConfigError, match="named as in the reference's TF1 code"):
+        reference_checkpoint.read_reference(prefix)
 
 
 def _edited(reference, part, edit):
