@@ -214,10 +214,12 @@ def save_state_dict(
         import collections
 
         torch = import_optional("torch")
-        buffer = io.BytesIO()
-        torch.save(
-            collections.OrderedDict((k, torch.from_numpy(v)) for k, v in state.items()), buffer
+        # torch wants writable arrays (jax hands out read-only ones); copy only those.
+        tensors = collections.OrderedDict(
+            (k, torch.from_numpy(v if v.flags.writeable else v.copy())) for k, v in state.items()
         )
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
         data = buffer.getbuffer()
     files.write_bytes(path, data)
     return path
@@ -234,25 +236,24 @@ def load_state_dict(path: str) -> tuple[dict, dict[str, str]]:
       (model_config JSON, step) and {} for a torch.save file.
     """
     torch = import_optional("torch")
-    data = files.read_bytes(path)
     if path.endswith(".safetensors"):
-        st_torch = import_optional("safetensors.torch")
-        st = import_optional("safetensors")
-        with st.safe_open(_spill(path, data), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return st_torch.load(data), metadata
-    return torch.load(io.BytesIO(data), weights_only=True), {}
+        if not files.is_remote(path):
+            return _read_safetensors(path)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # safe_open reads local files only
+            local = f"{tmp}/export.safetensors"
+            with open(local, "wb") as f:
+                f.write(files.read_bytes(path))
+            return _read_safetensors(local)
+    return torch.load(io.BytesIO(files.read_bytes(path)), weights_only=True), {}
 
 
-def _spill(path: str, data: bytes) -> str:
-    """A local path holding `data` (safe_open reads local files only)."""
-    if not files.is_remote(path):
-        return path
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
-        f.write(data)
-    return f.name
+def _read_safetensors(local_path: str) -> tuple[dict, dict[str, str]]:
+    safetensors = import_optional("safetensors")
+    with safetensors.safe_open(local_path, framework="pt") as f:
+        # safe_open objects are not iterable: keys() is their API.
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
 
 def architecture_from_config(model_cfg: Mapping) -> dict:

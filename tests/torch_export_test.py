@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import flax
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from simclr_jax import cli, export, models, torch_export, torch_resnet
+from simclr_jax import cli, export, files, models, torch_export, torch_resnet
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.eval import pretrained as pretrained_lib
 
@@ -137,6 +138,19 @@ def test_resnet50_torch_copy_matches_flax_through_safetensors_file(tmp_path):
     # torchvision's own max-pool (padding 1 on both sides) picks other windows: not our model.
     model.maxpool = torch.nn.MaxPool2d(3, 2, padding=1)
     assert np.abs(torch_h(model, x) - expected).max() > 1e-3  # measured 7.7e-3
+
+
+def test_both_formats_round_trip_through_remote_storage():
+    """gs:// and other remote outputs go through simclr_jax.files (here its ram:// backend)."""
+    _, variables = random_variables(model_config(18, cifar_stem=True, base_width=4), 32)
+    state = torch_export.torchvision_state_dict(variables["params"], variables["batch_stats"])
+    workdir = f"ram://torch_export_test_{uuid.uuid4().hex}"
+    files.makedirs(workdir)
+    for name, fmt in (("e.pt", "torchvision"), ("e.safetensors", "safetensors")):
+        path = torch_export.save_state_dict(state, f"{workdir}/{name}", fmt, {"step": "3"})
+        loaded, metadata = torch_export.load_state_dict(path)
+        assert_same_state(loaded, state)
+        assert metadata == ({"step": "3"} if fmt == "safetensors" else {})
 
 
 @pytest.mark.parametrize("size", [7, 8, 9, 16])
