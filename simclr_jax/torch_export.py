@@ -102,14 +102,16 @@ def check_exportable(model_cfg: Mapping) -> None:
 
 
 def loads_into_torchvision(model_cfg: Mapping) -> bool:
-    """Whether the export loads strictly into torchvision.models.resnet{depth}() (fc=Identity).
+    """Whether torchvision.models.resnet{depth}() (fc=Identity) takes the export as it is.
 
     Args:
       model_cfg: the pretraining run's config.model.
 
     Returns:
-      True for the ImageNet stem, depth 50/101/152, width_multiplier 1, base_width 64 and
-      sk_ratio 0; False otherwise (use build_torch_encoder).
+      True for the ImageNet stem, depth 50/101/152, width_multiplier 1, base_width 64,
+      sk_ratio 0 and BN epsilon 1e-5 (torchvision's, which a state_dict does not carry): the
+      state_dict loads strictly and, with the max-pool swapped (module docstring), the outputs
+      are ours. False otherwise (use build_torch_encoder).
     """
     return (
         not model_cfg.get("cifar_stem", False)
@@ -117,6 +119,7 @@ def loads_into_torchvision(model_cfg: Mapping) -> bool:
         and _get(model_cfg, "width_multiplier", 1) == 1
         and _get(model_cfg, "base_width", 64) == 64
         and _get(model_cfg, "sk_ratio", 0.0) == 0
+        and _get(model_cfg, "bn_epsilon", 1e-5) == 1e-5
     )
 
 

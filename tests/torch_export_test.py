@@ -220,6 +220,9 @@ def test_resnet18_cifar_export_differs_from_torchvision_resnet18_where_expected(
     assert not torch_export.loads_into_torchvision(model_config(18, cifar_stem=False))
     assert not torch_export.loads_into_torchvision(model_config(50, cifar_stem=True))
     assert not torch_export.loads_into_torchvision(model_config(50, False, width_multiplier=2))
+    not_torch_eps = model_config(50, cifar_stem=False)
+    not_torch_eps.bn_epsilon = 1e-3  # loads, but torchvision's BN would use 1e-5
+    assert not torch_export.loads_into_torchvision(not_torch_eps)
 
 
 # --- What cannot be exported, and a missing torch. -------------------------------------------
