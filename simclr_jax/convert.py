@@ -235,31 +235,34 @@ def convert(source: str, out: str, *, ft_proj_selector: int = 0, num_classes: in
     return {**summary, "model": model_config}
 
 
-_FROM = flags.DEFINE_string(
-    "from", None, "Reference checkpoint prefix (model_dir/ckpt-N), model_dir, or SavedModel."
-)
-_OUT = flags.DEFINE_string("out", None, "Workdir to create (use it as --config.init_from).")
-_FT_PROJ_SELECTOR = flags.DEFINE_integer(
-    "ft_proj_selector", 0, "The reference run's --ft_proj_selector (0: supervised head on h)."
-)
-_NUM_CLASSES = flags.DEFINE_integer(
-    "num_classes", 1000, "Classes of a new probe when the checkpoint has no usable one."
-)
+def _define_flags() -> None:
+    # Defined only when run as a program, not at import: the other command-line modules
+    # (simclr_jax.export, simclr_jax.embed) have an --out of their own.
+    flags.DEFINE_string(
+        "from", None, "Reference checkpoint prefix (model_dir/ckpt-N), model_dir, or SavedModel."
+    )
+    flags.DEFINE_string("out", None, "Workdir to create (use it as --config.init_from).")
+    flags.DEFINE_integer(
+        "ft_proj_selector", 0, "The reference run's --ft_proj_selector (0: supervised head on h)."
+    )
+    flags.DEFINE_integer(
+        "num_classes", 1000, "Classes of a new probe when the checkpoint has no usable one."
+    )
+    flags.mark_flags_as_required(["from", "out"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+    f = flags.FLAGS
+    out = f.out
     summary = convert(
-        _FROM.value,
-        _OUT.value,
-        ft_proj_selector=_FT_PROJ_SELECTOR.value,
-        num_classes=_NUM_CLASSES.value,
+        f["from"].value, out, ft_proj_selector=f.ft_proj_selector, num_classes=f.num_classes
     )
     model = summary["model"]
     print(
-        f"wrote {_OUT.value}: ResNet-{model['depth']} {model['width_multiplier']}x "
+        f"wrote {out}: ResNet-{model['depth']} {model['width_multiplier']}x "
         f"sk_ratio {model['sk_ratio']} cifar_stem {model['cifar_stem']}, step {summary['step']}; "
         f"imported {', '.join(summary['imported'])}"
         + (f"; initialised {', '.join(summary['initialised'])}" if summary["initialised"] else "")
@@ -269,5 +272,5 @@ def main(argv):
 if __name__ == "__main__":
     # Quiet TensorFlow's start-up logs, as main.py does (set TF_CPP_MIN_LOG_LEVEL=0 to see them).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    flags.mark_flags_as_required(["from", "out"])
+    _define_flags()
     cli.run(main)

@@ -160,26 +160,27 @@ def load_exported_model_config(path: str) -> dict:
         return json.loads(str(data[MODEL_CONFIG_KEY]))
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pretraining workdir or checkpoint step dir.")
-_OUT = flags.DEFINE_string("out", "encoder.npz", "Output path (.npz, .pt/.pth, .safetensors).")
-_INCLUDE_HEAD = flags.DEFINE_bool(
-    "include_head", True, "Also export the projection head (npz only)."
-)
-# A string, not an enum flag, so a wrong value is one `error:` line like the other inputs.
-_FORMAT = flags.DEFINE_string(
-    "format", "npz", "npz (Flax paths), torchvision (torch.save state_dict) or safetensors."
-)
+def _define_flags() -> None:
+    # Defined only when run as a program, not at import: the other command-line modules
+    # (simclr_jax.convert, simclr_jax.embed) have an --out of their own.
+    flags.DEFINE_string("workdir", None, "Pretraining workdir or checkpoint step dir.")
+    flags.DEFINE_string("out", "encoder.npz", "Output path (.npz, .pt/.pth, .safetensors).")
+    flags.DEFINE_bool("include_head", True, "Also export the projection head (npz only).")
+    # A string, not an enum flag, so a wrong value is one `error:` line like the other inputs.
+    flags.DEFINE_string(
+        "format", "npz", "npz (Flax paths), torchvision (torch.save state_dict) or safetensors."
+    )
+    flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    path = export_encoder(
-        _WORKDIR.value, _OUT.value, include_head=_INCLUDE_HEAD.value, fmt=_FORMAT.value
-    )
+    f = flags.FLAGS
+    path = export_encoder(f.workdir, f.out, include_head=f.include_head, fmt=f.format)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
+    _define_flags()
     cli.run(main)  # A user error (bad --out, missing checkpoint) prints one line, exit status 2.
