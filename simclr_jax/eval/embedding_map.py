@@ -7,10 +7,10 @@ geometry the kNN evaluation uses. `plot_map` writes the points as a PNG
 (matplotlib, Agg backend) of FIGURE_PIXELS, one colour per class with a legend of
 the class names; unlabelled examples (simclr_jax.labels) are grey.
 
-Cost: exact neighbours plus Barnes-Hut t-SNE grow a little faster than linearly;
-on 2 CPU cores 1,000 points take seconds and 5,000 about a minute, hence the
-subsample (`subsample_rows`) of the command-line tool. UMAP's first run compiles
-its numba kernels (about a minute, cached afterwards).
+Cost on 2 CPU cores (docs/embeddings.md): t-SNE of 1,000 points 4 s, of 4,000 points
+19 s; UMAP of 1,000 points 16 s, plus about 25 s compiling its numba kernels on first
+use. Both grow faster than linearly, hence the command-line tool's subsample
+(`subsample_rows`).
 """
 
 import io
@@ -92,7 +92,10 @@ def map_2d(features: np.ndarray, method: str = "tsne", *, seed: int = 0) -> np.n
             import umap
         except ImportError:
             raise ConfigError(f"method='umap' needs umap-learn: {UMAP_INSTALL}") from None
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), random_state=seed)
+        # A seed makes UMAP single-threaded; saying n_jobs=1 keeps it from warning so.
+        reducer = umap.UMAP(
+            n_components=2, n_neighbors=min(15, len(x) - 1), random_state=seed, n_jobs=1
+        )
         points = reducer.fit_transform(x)
     return np.asarray(points, np.float32)
 
