@@ -123,6 +123,31 @@ def test_tsne_separates_well_separated_clusters_and_unlabelled_points_are_drawn(
         assert image.size == embedding_map.FIGURE_PIXELS
 
 
+def test_an_image_folder_override_gives_each_row_its_file_and_folder_class(
+    tiny_pretrained_run, tmp_path
+):
+    rng = np.random.default_rng(0)
+    written = {}
+    for split in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            os.makedirs(tmp_path / "images" / split / name)
+            for i in range(3 + label):
+                path = str(tmp_path / "images" / split / name / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), np.uint8)).save(path)
+                written[path] = label
+    overrides = {"data.source": "folder", "data.name": str(tmp_path / "images")}
+    overrides["eval.batch_size"] = 256  # the executable the other tests compiled
+    config = embeddings.embed_config(tiny_pretrained_run, overrides)
+    with threadpool_limits(1, user_api="openmp"):
+        embeddings.write_embeddings(str(tmp_path / "out"), config, "test")
+    with open(tmp_path / "out" / "paths.txt") as f:
+        paths = f.read().splitlines()
+    assert sorted(paths) == sorted(p for p in written if "/test/" in p)
+    labels = np.load(tmp_path / "out" / "labels.npy")
+    assert list(labels) == [written[p] for p in paths]
+    assert np.load(tmp_path / "out" / "embeddings.npy").shape[0] == 7
+
+
 def test_subsample_rows():
     np.testing.assert_array_equal(embedding_map.subsample_rows(7, 0, 0), np.arange(7))
     np.testing.assert_array_equal(embedding_map.subsample_rows(7, 9, 0), np.arange(7))
