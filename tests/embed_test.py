@@ -162,7 +162,7 @@ def test_user_errors(tiny_pretrained_run, tmp_path, monkeypatch):
         embeddings.embed_config("")
     with pytest.raises(FileNotFoundError, match="init_from=.* does not exist"):
         embeddings.embed_config(str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match=r"--config.data.nme: not a field"):
+    with pytest.raises(ConfigError, match=r"--config.data.nme: no such field.*mean 'name'"):
         embeddings.embed_config(tiny_pretrained_run, {"data.nme": "cifar10"})
     with pytest.raises(ConfigError, match=r"only the sections"):
         embeddings.embed_config(tiny_pretrained_run, {"model.base_width": 8})

@@ -21,6 +21,7 @@ Files written to `out` (local or gs://):
 """
 
 import dataclasses
+import difflib
 import io
 import json
 import time
@@ -103,13 +104,24 @@ def embed_config(
             )
         try:
             config.update_from_flattened_dict({key: value})
-        except (KeyError, AttributeError) as e:
-            raise config_checks.ConfigError(
-                f"--config.{key}: not a field of the pretraining run's config ({e})"
-            ) from None
+        except (KeyError, AttributeError):
+            raise config_checks.ConfigError(_unknown_field_message(config, key)) from None
         except TypeError as e:
             raise config_checks.ConfigError(f"--config.{key}={value!r}: {e}") from None
     return config
+
+
+def _unknown_field_message(config: mlc.ConfigDict, key: str) -> str:
+    *parents, name = key.split(".")
+    node = config
+    for part in parents:
+        if not isinstance(node.get(part), mlc.ConfigDict):
+            return f"--config.{key}: {'.'.join(parents)} is not a section of the run's config"
+        node = node[part]
+    fields = sorted(node.keys())
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"--config.{key}: no such field; config.{'.'.join(parents)} has {fields}{hint}"
 
 
 def open_split(config: mlc.ConfigDict, split: str) -> base.DataSource:
@@ -210,7 +222,7 @@ def write_embeddings(
       The summary written to embed.json.
     """
     embedding_map.check_method(method)  # before any work
-    rows = embedding_map.subsample_rows(0, max_examples, seed)  # checks max_examples
+    embedding_map.subsample_rows(0, max_examples, seed)  # raises for a bad max_examples
     start = time.perf_counter()
     print(f"embedding split {split!r} of {config.data.source}:{config.data.name}", flush=True)
     emb = embed_split(config, split, conv=conv)
