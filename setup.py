@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "numpy>=2.4,<2.5",
     "pillow",
     "matplotlib",
+    # t-SNE maps of the representations (python -m simclr_jax.embed).
+    "scikit-learn==1.9.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -27,6 +29,8 @@ EXTRAS_REQUIRE = {
     # Export to PyTorch (simclr_jax.torch_export; `--format=torchvision|safetensors`): the CPU
     # wheel is enough. CI installs it so tests/torch_export_test.py runs.
     "torch": ["torch==2.13.0", "safetensors"],
+    # UMAP maps (python -m simclr_jax.embed --method=umap); its numba kernels compile on first use.
+    "umap": ["umap-learn==0.5.12"],
 }
 
 setuptools.setup(

@@ -235,7 +235,9 @@ def build_eval_dataset(
 
     Returns:
       A finite dataset of {'image': float32 [b, S, S, 3], 'label': int32 [b],
-      'mask': bool [b]}; its cardinality is the number of batches.
+      'mask': bool [b], 'index': int64 [b] (the example's position in the split's
+      fixed order, DataSource 'index'; -1 for padding)}; its cardinality is the
+      number of batches.
     """
     views.validate_augment_config(aug_cfg)
     base.check_process(process_index, process_count)
@@ -261,6 +263,7 @@ def build_eval_dataset(
             "image": views.eval_view(source.decode(r), aug_cfg),
             "label": r["label"],
             "mask": tf.constant(True),
+            "index": tf.cast(r["index"], tf.int64),
         },
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -273,6 +276,7 @@ def build_eval_dataset(
         "image": tf.zeros([size, size, 3], tf.float32),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
+        "index": tf.constant(-1, tf.int64),
     }
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - mine))
     ds = ds.batch(batch, drop_remainder=True)

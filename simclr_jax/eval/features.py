@@ -4,7 +4,8 @@
 an evaluation split (padded, masked batches from pipeline.build_eval_dataset)
 on every host's devices and returns the whole split's outputs on every host.
 `extract_encoder_features` is that for a restored encoder's h (inference-mode
-BatchNorm) with the eval preprocessing.
+BatchNorm) with the eval preprocessing; `encode_split` also returns batch columns
+such as each example's 'index' in the split.
 """
 
 import functools
@@ -25,36 +26,44 @@ def extract_features(
     embed_fn: Callable[[jax.Array], dict[str, jax.Array]],
     batches: Iterable[dict[str, np.ndarray]],
     mesh: jax.sharding.Mesh,
+    *,
+    batch_keys: tuple[str, ...] = (),
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Runs `embed_fn` over every batch and keeps the unpadded rows.
 
     Args:
       embed_fn: function from a global image batch [B, H, W, 3] to a dict of
         per-example outputs (e.g. {'h': [B, C], 'probe_logits': [B, K]}).
-      batches: this host's batches {'image', 'label', 'mask'} (padded, masked).
+      batches: this host's batches {'image', 'label', 'mask', ...} (padded, masked).
       mesh: the device mesh the global batch is sharded over.
+      batch_keys: integer columns of the batches to return beside the outputs,
+        row-aligned with them (e.g. 'index', the example's position in the split).
 
     Returns:
       (outputs, labels): every output for the whole split as float32 NumPy
-      arrays and the int32 labels, gathered from every process (all processes
-      get the same arrays) with the padding removed.
+      arrays (and each batch key as int64), and the int32 labels, gathered from
+      every process (all processes get the same arrays) with the padding removed.
     """
     outputs, labels, masks = [], [], []
     for batch in batches:
         images = sharding.make_global_batch({"image": batch["image"]}, mesh)["image"]
         out = embed_fn(images)
+        # int32 on the way: without jax_enable_x64 an int64 column would be cast anyway.
+        columns = {k: np.asarray(batch[k], np.int32) for k in batch_keys}
         if jax.process_count() > 1:
             # Labels and masks travel as global arrays like the images, so their
             # rows land where the outputs' rows do whatever the mesh's process
             # layout (gathering the host-local arrays in process order would not
             # match on meshes that interleave hosts).
             local = {"label": batch["label"], "mask": np.asarray(batch["mask"], np.int32)}
-            global_ = sharding.make_global_batch(local, mesh)
+            global_ = sharding.make_global_batch({**local, **columns}, mesh)
             out, global_ = multihost_utils.process_allgather((out, global_), tiled=True)
             label, mask = global_["label"], global_["mask"]
+            columns = {k: global_[k] for k in batch_keys}
         else:
             label, mask = batch["label"], batch["mask"]
-        outputs.append(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), out))
+        out = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), out)
+        outputs.append({**out, **{k: np.asarray(v, np.int64) for k, v in columns.items()}})
         labels.append(np.asarray(label))
         masks.append(np.asarray(mask, bool))
     if not outputs:
@@ -85,16 +94,40 @@ def extract_encoder_features(
     Returns:
       (features [N, C] float32, labels [N] int32).
     """
+    out, labels = encode_split(pretrained, config, split, mesh, conv=conv)
+    return out["h"], labels
+
+
+def encode_split(
+    pretrained: pretrained_lib.Pretrained,
+    config: mlc.ConfigDict,
+    split: str,
+    mesh,
+    *,
+    conv: models.ModuleDef = nn.Conv,
+    batch_keys: tuple[str, ...] = (),
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """extract_encoder_features, also returning batch columns such as 'index'.
+
+    Args:
+      pretrained, config, split, mesh, conv: as for extract_encoder_features.
+      batch_keys: columns of the eval batches to return, e.g. ('index',): each
+        example's position in the split's fixed order (pipeline.build_eval_dataset).
+
+    Returns:
+      ({'h': [N, C] float32, **{key: [N] int64}}, labels [N] int32).
+    """
     encoder = models.build_encoder(pretrained.model_config, conv=conv)
     variables = jax.device_put(
         {"params": pretrained.params["encoder"], "batch_stats": pretrained.batch_stats["encoder"]},
         sharding.replicated_sharding(mesh),
     )
-
-    out, labels = extract_features(
-        lambda images: _encode(encoder, variables, images), eval_batches(config, split), mesh
+    return extract_features(
+        lambda images: _encode(encoder, variables, images),
+        eval_batches(config, split),
+        mesh,
+        batch_keys=batch_keys,
     )
-    return out["h"], labels
 
 
 def eval_batches(config: mlc.ConfigDict, split: str):

@@ -49,16 +49,16 @@ class Pretrained:
         }
 
 
-def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
+def _resolve_checkpoint(init_from: str, field: str = "config.init_from") -> tuple[str, int, str]:
     """(checkpoints directory, step, config.json path) for a workdir or a step dir."""
     if not init_from:
         raise ConfigError(
-            "config.init_from is empty: set it to a pretraining workdir or to one of its "
-            "checkpoint step directories, e.g. --config.init_from=workdirs/quickstart"
+            f"{field} is empty: set it to a pretraining workdir or to one of its "
+            f"checkpoint step directories, e.g. --{field}=workdirs/quickstart"
         )
     path = files.abspath(init_from)
     if not files.exists(path):
-        raise MissingPathError(f"config.init_from={init_from!r} does not exist ({path})")
+        raise MissingPathError(f"{field}={init_from!r} does not exist ({path})")
     name = files.basename(path)
     if name.isdigit() and files.isdir(path):
         ckpt_dir = files.dirname(path)
@@ -66,10 +66,36 @@ def _resolve_checkpoint(init_from: str) -> tuple[str, int, str]:
     step = checkpoint.latest_step(path)
     if step is None:
         raise MissingPathError(
-            f"config.init_from={init_from!r} holds no checkpoint: expected a pretraining workdir "
+            f"{field}={init_from!r} holds no checkpoint: expected a pretraining workdir "
             f"with {checkpoint.CHECKPOINT_SUBDIR}/<step>/ inside, or a step directory itself"
         )
     return checkpoint.checkpoint_dir(path), step, files.join(path, files.CONFIG_FILE)
+
+
+def _read_run_config(config_path: str, init_from: str, field: str) -> dict:
+    if not files.exists(config_path) or files.isdir(config_path):
+        raise MissingPathError(
+            f"{config_path} is missing: the architecture of the checkpoint in "
+            f"{field}={init_from!r} is read from its pretraining run's config.json"
+        )
+    return json.loads(files.read_text(config_path))
+
+
+def load_run_config(init_from: str, *, field: str = "config.init_from") -> mlc.ConfigDict:
+    """The whole config.json of the pretraining run that wrote init_from's checkpoint.
+
+    Args:
+      init_from: a pretraining workdir or a checkpoint step dir.
+      field: the flag or config field init_from came from (named in errors).
+
+    Returns:
+      The run's config (data, augment, model, ...) as an unlocked ConfigDict.
+
+    Raises:
+      ConfigError / MissingPathError: as load_pretrained.
+    """
+    _, _, config_path = _resolve_checkpoint(init_from, field)
+    return mlc.ConfigDict(_read_run_config(config_path, init_from, field))
 
 
 def _check_shapes(expected: Any, restored: Any, where: str) -> None:
@@ -82,11 +108,12 @@ def _check_shapes(expected: Any, restored: Any, where: str) -> None:
         )
 
 
-def load_pretrained(init_from: str) -> Pretrained:
+def load_pretrained(init_from: str, *, field: str = "config.init_from") -> Pretrained:
     """Restores a pretraining checkpoint and the model config it was trained with.
 
     Args:
       init_from: a pretraining workdir (latest step) or a checkpoint step dir.
+      field: the flag or config field init_from came from (named in errors).
 
     Returns:
       The Pretrained checkpoint (arrays on the host).
@@ -97,13 +124,8 @@ def load_pretrained(init_from: str) -> Pretrained:
       MissingPathError (a FileNotFoundError): the path, a checkpoint or config.json
         is missing.
     """
-    ckpt_dir, step, config_path = _resolve_checkpoint(init_from)
-    if not files.exists(config_path) or files.isdir(config_path):
-        raise MissingPathError(
-            f"{config_path} is missing: the architecture of the checkpoint in "
-            f"config.init_from={init_from!r} is read from its pretraining run's config.json"
-        )
-    model_config = mlc.ConfigDict(json.loads(files.read_text(config_path))["model"])
+    ckpt_dir, step, config_path = _resolve_checkpoint(init_from, field)
+    model_config = mlc.ConfigDict(_read_run_config(config_path, init_from, field)["model"])
     restored = checkpoint.restore_to_host(ckpt_dir, step)
     params = dict(restored["params"])
     batch_stats = dict(restored["batch_stats"])
