@@ -23,25 +23,27 @@ from ml_collections import config_dict, config_flags
 
 from simclr_jax import cli  # imports neither jax nor TensorFlow
 
-_INIT_FROM = flags.DEFINE_string(
-    "init_from", None, "Pretraining workdir (its latest checkpoint) or checkpoints/<step> dir."
-)
-_OUT = flags.DEFINE_string("out", None, "Output directory (local or gs://).")
-_SPLIT = flags.DEFINE_string("split", "", "Split spec to embed; '' = the run's data.eval_split.")
-_METHOD = flags.DEFINE_string("method", "tsne", "2-D map: 'tsne' (scikit-learn) or 'umap'.")
-_MAX_EXAMPLES = flags.DEFINE_integer(
-    "max_examples", 5000, "Most points on the map (a seeded subset; 0: all)."
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the map's subset and of t-SNE/UMAP.")
-# Overrides of the run's config, field by field; the sections are filled from config.json,
-# so the flag accepts any field name and embeddings.embed_config checks it against the run.
-_CONFIG = config_flags.DEFINE_config_dict(
-    "config",
-    config_dict.ConfigDict({"data": {}, "augment": {}, "eval": {}}),
-    "Overrides of the pretraining run's config: --config.data.name=cifar10, ...",
-    lock_config=False,
-    accept_new_attributes=True,
-)
+
+def _define_flags() -> None:
+    # Defined only when run as a program, not at import, like the other command-line modules
+    # (simclr_jax.export and simclr_jax.convert have an --out of their own).
+    flags.DEFINE_string(
+        "init_from", None, "Pretraining workdir (its latest checkpoint) or checkpoints/<step> dir."
+    )
+    flags.DEFINE_string("out", None, "Output directory (local or gs://).")
+    flags.DEFINE_string("split", "", "Split spec to embed; '' = the run's data.eval_split.")
+    flags.DEFINE_string("method", "tsne", "2-D map: 'tsne' (scikit-learn) or 'umap'.")
+    flags.DEFINE_integer("max_examples", 5000, "Most points on the map (a seeded subset; 0: all).")
+    flags.DEFINE_integer("seed", 0, "Seed of the map's subset and of t-SNE/UMAP.")
+    # Overrides of the run's config, field by field; the sections are filled from config.json,
+    # so the flag accepts any field name and embeddings.embed_config checks it against the run.
+    config_flags.DEFINE_config_dict(
+        "config",
+        config_dict.ConfigDict({"data": {}, "augment": {}, "eval": {}}),
+        "Overrides of the pretraining run's config: --config.data.name=cifar10, ...",
+        lock_config=False,
+        accept_new_attributes=True,
+    )
 
 
 def main(argv):
@@ -57,22 +59,24 @@ def main(argv):
     from simclr_jax.config_checks import ConfigError
     from simclr_jax.eval import embedding_map, embeddings
 
-    if not _OUT.value:
+    f = flags.FLAGS
+    if not f.out:
         raise ConfigError("--out is empty: name the output directory, e.g. --out=embeddings")
-    embedding_map.check_method(_METHOD.value)
+    embedding_map.check_method(f.method)
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
-    config = embeddings.embed_config(_INIT_FROM.value or "", overrides)
-    split = _SPLIT.value or config.data.eval_split
+    config = embeddings.embed_config(f.init_from or "", overrides)
+    split = f.split or config.data.eval_split
     embeddings.write_embeddings(
-        _OUT.value,
+        f.out,
         config,
         split,
-        method=_METHOD.value,
-        max_examples=_MAX_EXAMPLES.value,
-        seed=_SEED.value,
+        method=f.method,
+        max_examples=f.max_examples,
+        seed=f.seed,
     )
-    print(f"wrote embeddings.npy, labels.npy, indices.npy and map.png to {_OUT.value}")
+    print(f"wrote embeddings.npy, labels.npy, indices.npy and map.png to {f.out}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)
