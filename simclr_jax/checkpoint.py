@@ -32,6 +32,14 @@ OLD_ARCHITECTURE_NOTE = (
 )
 
 
+def old_architecture_hint(mismatch: str) -> str:
+    """'; <OLD_ARCHITECTURE_NOTE>' when a shape_mismatch message is that of an older
+    ResNet-18/34 checkpoint (block1_0's projection shortcut missing), else ''."""
+    if "block1_0/proj_" in mismatch and " is None in the checkpoint" in mismatch:
+        return f"; {OLD_ARCHITECTURE_NOTE}"
+    return ""
+
+
 def checkpoint_dir(workdir: str) -> str:
     """workdir/checkpoints, absolute for local paths (gs:// paths are kept as they are)."""
     return files.join(files.abspath(workdir), CHECKPOINT_SUBDIR)
@@ -156,7 +164,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
         raise ConfigError(
             f"the checkpoint at {files.join(str(manager.directory), str(step))} does not match "
             f"the model this run builds: {mismatch}. Resume it with the config.model it was "
-            f"written with, or start a new workdir; {OLD_ARCHITECTURE_NOTE}."
+            f"written with, or start a new workdir{old_architecture_hint(mismatch)}."
         )
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 

@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import pytest
+from optional_deps import import_or_skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,7 +109,7 @@ def test_analytic_macs_match_the_model_layers(depth, size, cifar_stem, expected_
 
 
 def test_peer_torch_model_has_the_same_encoder_parameters():
-    pytest.importorskip("torch")
+    import_or_skip("torch", "torch")
     import jax
     import jax.numpy as jnp
     import numpy as np

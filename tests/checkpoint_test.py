@@ -46,27 +46,36 @@ def test_restore_of_the_same_architecture(manager):
 
 
 @pytest.mark.parametrize(
-    "params,pattern",
+    "params,pattern,old_resnet",
     [
-        # A variable the checkpoint lacks (as block1_0's projection shortcut in checkpoints
-        # written before the ResNet had it).
+        # block1_0's projection shortcut missing: a ResNet-18/34 checkpoint written before the
+        # first stage had one; the message says so.
+        (
+            _params(block1_0={"proj_conv": {"kernel": jnp.ones((1, 1, 4, 4))}}),
+            r"params/encoder/block1_0/proj_conv/kernel is None in the checkpoint but "
+            r"\(1, 1, 4, 4\) in the model",
+            True,
+        ),
+        # Any other missing variable or shape: no such note.
         (
             _params(proj={"kernel": jnp.ones((1, 1, 4, 4))}),
             r"params/encoder/proj/kernel is None in the checkpoint but \(1, 1, 4, 4\) in the model",
+            False,
         ),
         (
             {"encoder": {"conv": {"kernel": jnp.ones((3, 3, 3, 8))}, "bn": {"scale": jnp.ones(4)}}},
             r"params/encoder/conv/kernel is \(3, 3, 3, 4\) in the checkpoint but \(3, 3, 3, 8\)",
+            False,
         ),
     ],
 )
-def test_restore_of_another_architecture_names_the_variable(manager, params, pattern):
+def test_restore_of_another_architecture_names_the_variable(manager, params, pattern, old_resnet):
     with pytest.raises(config_checks.ConfigError, match=pattern) as err:
         checkpoint.restore(manager, _abstract(_state(params)))
     message = str(err.value)
     assert "\n" not in message
     assert "checkpoints/2 does not match the model this run builds" in message
-    assert "projection shortcut" in message
+    assert ("projection shortcut" in message) == old_resnet
 
 
 def test_shape_mismatch_reads_dataclass_fields_and_dict_keys_alike():

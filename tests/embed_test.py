@@ -4,6 +4,7 @@ decoded images, the labels and ids of the split, the map picture; t-SNE separate
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -176,10 +177,19 @@ def test_user_errors(tiny_pretrained_run, tmp_path, monkeypatch):
         embeddings.embed_split(config, "val")
     with pytest.raises(ConfigError, match="method='pca'"):
         embeddings.write_embeddings(str(tmp_path), config, "test", method="pca")
-    with pytest.raises(ConfigError, match="max_examples=-1"):
-        embeddings.write_embeddings(str(tmp_path), config, "test", max_examples=-1)
+    for bad in (-1, 3):  # fewer than the 4 points of a map: refused before any work
+        with pytest.raises(ConfigError, match=f"max_examples={bad}: use 0 .* at least 4"):
+            embeddings.write_embeddings(str(tmp_path / "out"), config, "test", max_examples=bad)
+    assert not os.path.exists(tmp_path / "out")
+    # A workdir without the run's data (as simclr_jax.convert writes): one line, no traceback.
+    imported = tmp_path / "imported"
+    shutil.copytree(tiny_pretrained_run, imported)
+    run_config = json.loads((imported / "config.json").read_text())
+    (imported / "config.json").write_text(json.dumps({"model": run_config["model"]}))
+    with pytest.raises(ConfigError, match="no data or augment section"):
+        embeddings.embed_config(str(imported))
     monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
-    with pytest.raises(ConfigError, match=r"needs umap-learn: pip install 'simclr_jax\[umap\]'"):
+    with pytest.raises(ConfigError, match=r"needs umap-learn: pip install -e '\.\[umap\]'"):
         embedding_map.map_2d(np.eye(8), "umap")
 
 

@@ -20,11 +20,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import pytest
-import torch
+from optional_deps import import_or_skip
 
-from simclr_jax import cli, export, files, models, torch_export, torch_resnet
-from simclr_jax.config_checks import ConfigError
-from simclr_jax.eval import pretrained as pretrained_lib
+torch = import_or_skip("torch", "torch")
+import_or_skip("safetensors", "torch")
+
+# torch_resnet imports torch: after the skip above.
+from simclr_jax import cli, export, files, models, torch_export, torch_resnet  # noqa: E402
+from simclr_jax.config_checks import ConfigError  # noqa: E402
+from simclr_jax.eval import pretrained as pretrained_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "torchvision_resnet_keys.json")

@@ -2,7 +2,7 @@
 
 `map_2d(features, method)` places every row of h in the plane: t-SNE with
 scikit-learn (default) or UMAP with umap-learn (the optional extra
-`pip install 'simclr_jax[umap]'`), both on l2-normalised rows, the cosine
+`pip install -e '.[umap]'`), both on l2-normalised rows, the cosine
 geometry the kNN evaluation uses. `plot_map` writes the points as a PNG
 (matplotlib, Agg backend) of FIGURE_PIXELS, one colour per class with a legend of
 the class names; unlabelled examples (simclr_jax.labels) are grey.
@@ -23,11 +23,13 @@ from simclr_jax.config_checks import ConfigError
 
 METHODS = ("tsne", "umap")
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
-UMAP_INSTALL = "pip install 'simclr_jax[umap]' (or: pip install umap-learn==0.5.12)"
+UMAP_INSTALL = "pip install -e '.[umap]' in the repository (or: pip install umap-learn==0.5.12)"
 # The picture: FIGURE_INCHES at DPI, so FIGURE_PIXELS (width, height).
 FIGURE_INCHES = (8.0, 6.5)
 DPI = 100
 FIGURE_PIXELS = (int(FIGURE_INCHES[0] * DPI), int(FIGURE_INCHES[1] * DPI))
+# The fewest rows a map is made of (t-SNE's perplexity needs a few neighbours).
+MIN_MAP_ROWS = 4
 # Beyond this many classes one colour per class cannot be told apart: no legend.
 MAX_LEGEND_CLASSES = 20
 
@@ -50,10 +52,13 @@ def subsample_rows(num_rows: int, max_rows: int, seed: int) -> np.ndarray:
       int64 [min(N, max_rows)] row indices in increasing order.
 
     Raises:
-      ConfigError: for a negative max_rows.
+      ConfigError: for a negative max_rows or one below MIN_MAP_ROWS.
     """
-    if max_rows < 0:
-        raise ConfigError(f"max_examples={max_rows}: use 0 for all rows or a positive count")
+    if max_rows < 0 or 0 < max_rows < MIN_MAP_ROWS:
+        raise ConfigError(
+            f"max_examples={max_rows}: use 0 for all rows or a count of at least {MIN_MAP_ROWS} "
+            "(the fewest points a 2-D map is made of)"
+        )
     if max_rows == 0 or num_rows <= max_rows:
         return np.arange(num_rows, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -77,8 +82,10 @@ def map_2d(features: np.ndarray, method: str = "tsne", *, seed: int = 0) -> np.n
     """
     check_method(method)
     x = np.asarray(features, np.float32)
-    if x.ndim != 2 or len(x) < 4:
-        raise ConfigError(f"a 2-D map needs at least 4 rows of features; got shape {x.shape}")
+    if x.ndim != 2 or len(x) < MIN_MAP_ROWS:
+        raise ConfigError(
+            f"a 2-D map needs at least {MIN_MAP_ROWS} rows of features; got shape {x.shape}"
+        )
     # Cosine geometry: on unit vectors squared distances are 2 - 2 cos.
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if method == "tsne":

@@ -89,6 +89,15 @@ def embed_config(
       MissingPathError: init_from or its config.json is missing.
     """
     run = pretrained_lib.load_run_config(init_from, field=field)
+    missing = [name for name in ("data", "augment") if name not in run]
+    if missing:
+        # E.g. a workdir written by simclr_jax.convert: the reference checkpoint names no data.
+        raise config_checks.ConfigError(
+            f"{field}={init_from!r}: its config.json has no {' or '.join(missing)} section, so "
+            "there is no run's data to embed (a checkpoint imported with simclr_jax.convert); "
+            "embed the output of a pretraining run, or evaluate the imported encoder with the "
+            "kNN / linear-eval protocols, whose configs name the data"
+        )
     config = mlc.ConfigDict()
     config.init_from = init_from
     config.data = run.data
@@ -229,6 +238,11 @@ def write_embeddings(
     encode_seconds = time.perf_counter() - start
     n, d = emb.h.shape
     print(f"encoded {n:,} examples to h [{n}, {d}] in {encode_seconds:.1f}s", flush=True)
+    if n < embedding_map.MIN_MAP_ROWS:  # before anything is written
+        raise config_checks.ConfigError(
+            f"split {split!r} of {config.data.source}:{config.data.name} has {n} examples; a "
+            f"2-D map needs at least {embedding_map.MIN_MAP_ROWS}"
+        )
     files.makedirs(out)
     _save_npy(files.join(out, "embeddings.npy"), emb.h)
     _save_npy(files.join(out, "labels.npy"), emb.labels)

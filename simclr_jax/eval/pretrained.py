@@ -104,7 +104,7 @@ def _check_shapes(expected: Any, restored: Any, where: str) -> None:
         raise ConfigError(
             f"the checkpoint at {where} does not match the architecture in its config.json: "
             f"{mismatch}. Point config.init_from at the workdir the checkpoint was trained in, "
-            f"whose config.json describes it; {checkpoint.OLD_ARCHITECTURE_NOTE}."
+            f"whose config.json describes it{checkpoint.old_architecture_hint(mismatch)}."
         )
 
 
