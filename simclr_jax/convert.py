@@ -200,10 +200,11 @@ def convert(source: str, out: str, *, ft_proj_selector: int = 0, num_classes: in
 
     Raises:
       MissingPathError: source is not a TF checkpoint.
-      ConfigError: a variable does not fit, or out already holds a checkpoint.
+      ConfigError: a variable does not fit, or out already holds a workdir (a checkpoint or
+        a config.json).
     """
-    if checkpoint.latest_step(out) is not None:
-        raise ConfigError(f"--out={out!r} already holds a checkpoint: choose a new directory")
+    if checkpoint.latest_step(out) is not None or files.exists(files.join(out, "config.json")):
+        raise ConfigError(f"--out={out!r} already holds a workdir: choose a new directory")
     reference = ref_lib.read_reference(source)
     model_config, variables, report = convert_variables(
         reference, ft_proj_selector=ft_proj_selector, num_classes=num_classes

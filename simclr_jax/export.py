@@ -35,6 +35,8 @@ BATCH_STATS_PREFIX = "batch_stats/"
 MODEL_CONFIG_KEY = "__model_config__"
 STEP_KEY = "__step__"
 FORMATS = ("npz", *torch_export.TORCH_FORMATS)
+# --out's default file name per format: encoder<suffix>.
+DEFAULT_SUFFIX = {"npz": ".npz", "torchvision": ".pt", "safetensors": ".safetensors"}
 
 
 def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
@@ -164,7 +166,11 @@ def _define_flags() -> None:
     # Defined only when run as a program, not at import: the other command-line modules
     # (simclr_jax.convert, simclr_jax.embed) have an --out of their own.
     flags.DEFINE_string("workdir", None, "Pretraining workdir or checkpoint step dir.")
-    flags.DEFINE_string("out", "encoder.npz", "Output path (.npz, .pt/.pth, .safetensors).")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output path (.npz, .pt/.pth, .safetensors); default encoder.<format's suffix>.",
+    )
     flags.DEFINE_bool("include_head", True, "Also export the projection head (npz only).")
     # A string, not an enum flag, so a wrong value is one `error:` line like the other inputs.
     flags.DEFINE_string(
@@ -177,7 +183,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    path = export_encoder(f.workdir, f.out, include_head=f.include_head, fmt=f.format)
+    out = f.out or "encoder" + DEFAULT_SUFFIX.get(f.format, ".npz")
+    path = export_encoder(f.workdir, out, include_head=f.include_head, fmt=f.format)
     print(f"wrote {path}")
 
 

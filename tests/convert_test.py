@@ -294,6 +294,16 @@ def test_a_supervised_head_on_a_head_layer_is_dropped_with_a_warning(r18_referen
         convert.convert_variables(r18_reference, ft_proj_selector=4)
 
 
+def test_an_existing_workdir_is_not_overwritten(converted, fixtures_dir, tmp_path):
+    source = str(fixtures_dir / "r18_cifar" / "model_dir")
+    with pytest.raises(ConfigError, match="already holds a workdir"):
+        convert.convert(source, converted("r18_cifar"))  # its checkpoint
+    (tmp_path / "config.json").write_text("{}")  # a config.json alone
+    with pytest.raises(ConfigError, match="already holds a workdir"):
+        convert.convert(source, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
 def test_a_missing_source_is_a_missing_path(tmp_path):
     with pytest.raises(MissingPathError, match="is not a TF checkpoint"):
         reference_checkpoint.read_reference(str(tmp_path / "nothing"))
