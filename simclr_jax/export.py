@@ -25,7 +25,7 @@ import io
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from simclr_jax import cli, files, torch_export
 from simclr_jax.config_checks import ConfigError
@@ -182,6 +182,7 @@ def _define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # as main.py: orbax logs every restore at INFO
     f = flags.FLAGS
     out = f.out or "encoder" + DEFAULT_SUFFIX.get(f.format, ".npz")
     path = export_encoder(f.workdir, out, include_head=f.include_head, fmt=f.format)
