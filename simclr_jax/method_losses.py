@@ -234,7 +234,7 @@ def moco_v3_loss(
       temperature: tau > 0 (1.0 for ResNet-50 in the paper; 0.2 for ViT).
       axis_name: the mapped device axis, or None. The keys are all-gathered (after the
         stop_gradient: no cotangent crosses devices); this device builds its n rows of
-        the logits, [n, N].
+        the logits, [n, N], never the [N, N] matrix.
 
     Returns:
       (loss, metrics): loss float32 scalar, the module's value/gradient convention;
@@ -247,8 +247,9 @@ def moco_v3_loss(
     _validate_2d(q1=q1, q2=q2, k1=k1, k2=k2)
     _validate_scalar("temperature", temperature, allow_zero=False)
     n = q1.shape[0]
-    k1_all = _gather(l2_normalize(jax.lax.stop_gradient(k1)), axis_name)
-    k2_all = _gather(l2_normalize(jax.lax.stop_gradient(k2)), axis_name)
+    # Gathered in the input dtype (bfloat16 keys cross devices at half the bytes).
+    k1_all = l2_normalize(_gather(jax.lax.stop_gradient(k1), axis_name))
+    k2_all = l2_normalize(_gather(jax.lax.stop_gradient(k2), axis_name))
     labels = _device_index(axis_name) * n + jnp.arange(n)
     ce_12, correct_12 = _infonce_rows(l2_normalize(q1), k2_all, labels, temperature)
     ce_21, correct_21 = _infonce_rows(l2_normalize(q2), k1_all, labels, temperature)

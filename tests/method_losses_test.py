@@ -364,3 +364,34 @@ def test_parameter_gradient_pmean_is_the_global_gradient(mesh):
         )
     )(w, x1, x2)
     np.testing.assert_allclose(np.asarray(got)[5], want, rtol=1e-5, atol=1e-5)
+
+
+def _largest_value(jaxpr):
+    """Most elements of any value a jaxpr (sub-jaxprs included) produces."""
+    biggest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr.
+                if hasattr(sub, "eqns"):
+                    biggest = max(biggest, _largest_value(sub))
+    return biggest
+
+
+@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
+def test_no_device_builds_the_whole_feature_matrix(mesh, name):
+    """Forward and backward hold the gathered [N, d] views and [d / D, d] blocks, never [d, d]."""
+    loss_fn, _, _ = CASES[name]
+    dim = 64  # N * d = 1536 < d * d = 4096, so a [d, d] value would be the largest.
+    inputs = make_inputs(name, N_GLOBAL, dim, seed=1)
+    fn = jax.shard_map(
+        lambda *a: value_and_grads(loss_fn, list(a), axis_name=AXIS)[1],
+        mesh=mesh,
+        in_specs=(P(AXIS), P(AXIS)),
+        out_specs=(P(AXIS), P(AXIS)),
+    )
+    inner = jax.make_jaxpr(fn)(*inputs).jaxpr.eqns[0].params["jaxpr"]
+    biggest = _largest_value(getattr(inner, "jaxpr", inner))
+    assert biggest == N_GLOBAL * dim, biggest
