@@ -121,7 +121,7 @@ def _feature_block(
     """This device's rows of the [d, d] matrix a^T b: its block of features, never all d rows.
 
     Device k owns the features [k * r, (k + 1) * r), r = ceil(d / D); the last blocks are
-    zero-padded (its padded rows are zero and marked invalid). Across the D devices the
+    zero-padded (their padded rows are zero and marked invalid). Across the D devices the
     blocks tile the whole matrix, so each device computes N d^2 / D products (as many as a
     local [d, d] matrix of its n rows would take) and holds [r, d], not [d, d].
 
