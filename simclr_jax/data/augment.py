@@ -24,6 +24,10 @@ keep them, so that published numbers stay comparable:
   kernel_size // 2 pixels, and uses kernel_size // 2 as its radius.
 - Colour jitter clips to [0, 1] after each of its four ops.
 
+Solarisation (random_solarize, from BYOL, not in SimCLR) inverts the pixels at
+or above SOLARIZE_THRESHOLD = 0.5, BYOL's official form on [0, 1] floats; see
+solarize for how this compares with the 128 of PIL-based code.
+
 One difference by design: blur runs here, per image on the host, while the
 reference applies it batch-wise on the accelerator (benchmarks/input_pipeline.py
 measures its host cost).
@@ -41,6 +45,12 @@ REFERENCE_MIN_OBJECT_COVERED = 0.1
 CENTER_CROP_SKIP_MAX_SIZE = 32
 # Contrast and saturation factors are 1 +- 0.8 * strength and must stay >= 0.
 MAX_JITTER_STRENGTH = 1.25
+# Per-op jitter magnitudes (brightness, contrast, saturation, hue); a contrast or
+# saturation factor 1 - m must stay >= 0, and a hue shift of 0.5 is half the circle.
+MAX_JITTER_MAGNITUDES = (1.0, 1.0, 1.0, 0.5)
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+# BYOL (Grill et al. 2020, appendix B; its official code's solarize): x -> x if x < 0.5 else 1 - x.
+SOLARIZE_THRESHOLD = 0.5
 BRIGHTNESS_MODES = ("multiplicative", "additive")
 
 
@@ -138,39 +148,82 @@ def sample_crop_box(
     return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def sample_color_jitter_params(seed, *, strength, brightness_mode="multiplicative"):
+def jitter_magnitudes(strength):
+    """SimCLR's jitter magnitudes for a strength s: (0.8 s, 0.8 s, 0.8 s, 0.2 s).
+
+    Args:
+      strength: jitter strength s in [0, 1.25] (SimCLR, Chen et al. 2020, appendix A).
+
+    Returns:
+      A tuple of Python floats (brightness, contrast, saturation, hue).
+    """
+    check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
+    s = 0.8 * strength
+    return (s, s, s, 0.2 * strength)
+
+
+def _check_magnitudes(magnitudes):
+    if not isinstance(magnitudes, tuple | list) or len(magnitudes) != 4:
+        raise ValueError(
+            f"magnitudes={magnitudes!r}: expected 4 numbers (brightness, contrast, saturation, hue)"
+        )
+    for name, m, hi in zip(JITTER_OPS, magnitudes, MAX_JITTER_MAGNITUDES, strict=True):
+        check_number(f"jitter_{name}", m, 0.0, hi)
+    return tuple(magnitudes)
+
+
+def _resolve_magnitudes(strength, magnitudes):
+    """Exactly one of strength / magnitudes -> the four magnitudes, checked."""
+    if (strength is None) == (magnitudes is None):
+        raise ValueError(
+            f"strength={strength!r}, magnitudes={magnitudes!r}: give exactly one of the two"
+        )
+    if magnitudes is None:
+        return jitter_magnitudes(strength)
+    return _check_magnitudes(magnitudes)
+
+
+def sample_color_jitter_params(
+    seed, *, strength=None, magnitudes=None, brightness_mode="multiplicative"
+):
     """Samples the colour-jitter factors and the order of the four ops.
 
     Args:
       seed: int32/int64 tensor of shape [2].
       strength: jitter strength s in [0, 1.25]; brightness, contrast and
-        saturation use 0.8 s, hue 0.2 s.
+        saturation use the magnitude 0.8 s, hue 0.2 s (jitter_magnitudes).
+      magnitudes: instead of strength, the four magnitudes (b, c, s, h) directly,
+        as BYOL gives them (0.4, 0.4, 0.2, 0.1); each in [0, MAX_JITTER_MAGNITUDES].
       brightness_mode: 'multiplicative' (SimCLR v2: factor uniform in
-        [max(0, 1 - 0.8 s), 1 + 0.8 s]) or 'additive' (v1: delta uniform in
-        [-0.8 s, 0.8 s]).
+        [max(0, 1 - b), 1 + b]) or 'additive' (SimCLR v1 and BYOL: delta uniform
+        in [-b, b]).
 
     Returns:
-      A dict of scalar float32 tensors 'brightness', 'contrast', 'saturation',
-      'hue' and an int32 tensor 'order' [4], a permutation of (brightness=0,
-      contrast=1, saturation=2, hue=3) giving the order they are applied in.
+      A dict of scalar float32 tensors 'brightness', 'contrast' (uniform in
+      [1 - c, 1 + c]), 'saturation' (uniform in [1 - s, 1 + s]), 'hue' (uniform
+      in [-h, h]) and an int32 tensor 'order' [4], a permutation of
+      (brightness=0, contrast=1, saturation=2, hue=3) giving the order they are
+      applied in.
+
+    Raises:
+      ValueError: both or neither of strength and magnitudes, or a value out of range.
     """
-    check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
+    b, c, sat, h = _resolve_magnitudes(strength, magnitudes)
     check_brightness_mode(brightness_mode)
     seeds = sub_seeds(seed, 5)
-    s = 0.8 * strength
 
     def uniform(i, lo, hi):
         return tf.random.stateless_uniform([], seed=seeds[i], minval=lo, maxval=hi)
 
     if brightness_mode == "multiplicative":
-        brightness = uniform(0, max(0.0, 1.0 - s), 1.0 + s)
+        brightness = uniform(0, max(0.0, 1.0 - b), 1.0 + b)
     else:
-        brightness = uniform(0, -s, s)
+        brightness = uniform(0, -b, b)
     return {
         "brightness": brightness,
-        "contrast": uniform(1, 1.0 - s, 1.0 + s),
-        "saturation": uniform(2, 1.0 - s, 1.0 + s),
-        "hue": uniform(3, -0.2 * strength, 0.2 * strength),
+        "contrast": uniform(1, 1.0 - c, 1.0 + c),
+        "saturation": uniform(2, 1.0 - sat, 1.0 + sat),
+        "hue": uniform(3, -h, h),
         # argsort of i.i.d. uniforms is a uniformly random permutation.
         "order": tf.argsort(tf.random.stateless_uniform([4], seed=seeds[4])),
     }
@@ -250,7 +303,7 @@ def adjust_brightness(image, value, *, mode="multiplicative"):
     return _clip(out)
 
 
-def color_jitter(image, seed, *, strength, brightness_mode="multiplicative"):
+def color_jitter(image, seed, *, strength=None, magnitudes=None, brightness_mode="multiplicative"):
     """Brightness, contrast, saturation and hue jitter in a random order.
 
     Each of the four ops is always applied, with a factor drawn by
@@ -260,14 +313,18 @@ def color_jitter(image, seed, *, strength, brightness_mode="multiplicative"):
       image: [H, W, 3] float32 in [0, 1] or uint8.
       seed: int32/int64 tensor of shape [2].
       strength: jitter strength s in [0, 1.25] (1.0 ImageNet, 0.5 CIFAR).
-      brightness_mode: 'multiplicative' (v2) or 'additive' (v1).
+      magnitudes: instead of strength, the four magnitudes (brightness,
+        contrast, saturation, hue); see sample_color_jitter_params.
+      brightness_mode: 'multiplicative' (v2) or 'additive' (v1, BYOL).
 
     Returns:
       float32 image in [0, 1] of the input's shape.
     """
-    params = sample_color_jitter_params(seed, strength=strength, brightness_mode=brightness_mode)
+    params = sample_color_jitter_params(
+        seed, strength=strength, magnitudes=magnitudes, brightness_mode=brightness_mode
+    )
     image = _as_float_image(image)
-    if strength == 0:
+    if not any(_resolve_magnitudes(strength, magnitudes)):
         # All factors are neutral; skip the ops (and their rounding), as the reference does.
         return image
 
@@ -284,7 +341,9 @@ def color_jitter(image, seed, *, strength, brightness_mode="multiplicative"):
     return image
 
 
-def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="multiplicative"):
+def random_color_jitter(
+    image, seed, *, prob=0.8, strength=None, magnitudes=None, brightness_mode="multiplicative"
+):
     """Applies color_jitter with probability `prob`.
 
     Args:
@@ -292,6 +351,7 @@ def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="mul
       seed: int32/int64 tensor of shape [2].
       prob: probability in [0, 1] of jittering.
       strength: jitter strength, see color_jitter.
+      magnitudes: instead of strength, the four magnitudes, see color_jitter.
       brightness_mode: 'multiplicative' or 'additive', see color_jitter.
 
     Returns:
@@ -302,7 +362,11 @@ def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="mul
     return tf.cond(
         sample_decision(decide_seed, prob),
         lambda: color_jitter(
-            image, jitter_seed, strength=strength, brightness_mode=brightness_mode
+            image,
+            jitter_seed,
+            strength=strength,
+            magnitudes=magnitudes,
+            brightness_mode=brightness_mode,
         ),
         lambda: image,
     )
@@ -393,6 +457,47 @@ def random_blur(image, seed, *, prob=0.5, sigma_range=(0.1, 2.0), kernel_size=No
         sample_decision(decide_seed, prob),
         lambda: gaussian_blur(image, blur_seed, sigma_range=sigma_range, kernel_size=kernel_size),
         lambda: image,
+    )
+
+
+def solarize(image, *, threshold=SOLARIZE_THRESHOLD):
+    """Inverts the pixels at or above `threshold`: x -> x if x < threshold else 1 - x.
+
+    The form of BYOL's official code (Grill et al. 2020, appendix B, "solarization"),
+    on float images in [0, 1] with threshold 0.5. PIL-based code (solo-learn,
+    lightly: ImageOps.solarize) inverts uint8 pixels >= 128; on images that are
+    still on the uint8 grid the two agree exactly (127/255 < 0.5 <= 128/255).
+    Here the image is float after jitter and blur, so BYOL's 0.5 is the one that
+    carries over.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      threshold: number in [0, 1]; 0 inverts every pixel, 1 none.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    check_number("threshold", threshold, 0.0, 1.0)
+    image = _as_float_image(image)
+    return tf.where(image < threshold, image, 1.0 - image)
+
+
+def random_solarize(image, seed, *, prob=0.2, threshold=SOLARIZE_THRESHOLD):
+    """Applies solarize to the whole image with probability `prob` (BYOL: 0.0 / 0.2).
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1].
+      threshold: see solarize.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    check_number("threshold", threshold, 0.0, 1.0)
+    image = _as_float_image(image)
+    return tf.cond(
+        sample_decision(seed, prob), lambda: solarize(image, threshold=threshold), lambda: image
     )
 
 
