@@ -472,7 +472,7 @@ def solarize(image, *, threshold=SOLARIZE_THRESHOLD):
 
     Args:
       image: [H, W, 3] float32 in [0, 1] or uint8.
-      threshold: number in [0, 1]; 0 inverts every pixel, 1 none.
+      threshold: number in [0, 1]; 0 inverts every pixel, 1 only those equal to 1.
 
     Returns:
       float32 image in [0, 1] of the input's shape.
