@@ -224,9 +224,9 @@ def test_strength_is_the_simclr_magnitudes(strength):
 
 def test_jitter_magnitude_errors():
     x = _image(2, 2)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="give exactly one"):
         aug.color_jitter(x, _seed(0), strength=0.5, magnitudes=(0.4, 0.4, 0.2, 0.1))
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="give exactly one"):
         aug.color_jitter(x, _seed(0))
     with pytest.raises(ValueError, match="jitter_saturation=1.2"):
         aug.color_jitter(x, _seed(0), magnitudes=(0.4, 0.4, 1.2, 0.1))
