@@ -82,7 +82,8 @@ def _explicit_views(cfg):
 def test_simclr_views_are_unchanged(module):
     cfg = module.get_config().augment
     cfg.image_size = 40  # blur (ImageNet's p 0.5) with a 4-pixel kernel; fast
-    variants = [cfg, _as_old_config_json(cfg), _explicit_views(cfg)]
+    as_json = mlc.ConfigDict(json.loads(cfg.to_json_best_effort()))  # a run's config.json
+    variants = [cfg, as_json, _as_old_config_json(cfg), _explicit_views(cfg)]
     for i in range(4):
         expected = _previous_pretrain_view(_IMAGE, _seed(i), cfg).numpy()
         for variant in variants:
@@ -123,6 +124,10 @@ def test_byol_recipe():
         assert {k: r[k] for k in expected[view]} == expected[view]
     with pytest.raises(ConfigError, match="differ in.*blur_prob"):
         views.pretrain_view(_IMAGE, _seed(0), cfg)
+    # A run's config.json keeps the recipe.
+    reloaded = mlc.ConfigDict(json.loads(cfg.to_json_best_effort()))
+    for view in (1, 2):
+        assert views.view_recipe(reloaded, view) == views.view_recipe(cfg, view)
 
 
 _BATCHES = {}

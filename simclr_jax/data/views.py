@@ -216,7 +216,7 @@ def view_recipe(cfg, view):
 
     Returns:
       A dict of every field of AUGMENT_FIELDS and VIEW_FIELDS with its value for
-      this view, plus 'jitter_magnitudes': the (brightness, contrast, saturation,
+      this view (pairs as tuples), plus 'jitter_magnitudes': the (brightness, contrast, saturation,
       hue) magnitudes, each the view's jitter_<op>, else the shared one, else
       derived from the view's jitter_strength (augment.jitter_magnitudes).
 
@@ -228,6 +228,8 @@ def view_recipe(cfg, view):
         raise ValueError(f"view={view!r}: pretraining has views 1 and 2")
     validate_augment_config(cfg)
     recipe = {name: _get(cfg, name) for name in AUGMENT_FIELDS + tuple(VIEW_FIELDS)}
+    for name in ("crop_area_range", "crop_aspect_range", "blur_sigma_range"):
+        recipe[name] = tuple(recipe[name])  # a list after a JSON round trip
     section = _get(cfg, VIEWS[view - 1])
     for name in VIEW_FIELDS if section is not None else ():
         value = section.get(name)
