@@ -55,6 +55,23 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.augment.blur_prob = 0.0
     config.augment.blur_sigma_range = (0.1, 2.0)
     config.augment.eval_crop_fraction = 0.875
+    # Per-op jitter magnitudes (brightness, contrast, saturation, hue); None: derived from
+    # jitter_strength s as 0.8 s, 0.8 s, 0.8 s, 0.2 s (BYOL's are 0.4, 0.4, 0.2, 0.1).
+    config.augment.jitter_brightness = mlc.FieldReference(None, field_type=float)
+    config.augment.jitter_contrast = mlc.FieldReference(None, field_type=float)
+    config.augment.jitter_saturation = mlc.FieldReference(None, field_type=float)
+    config.augment.jitter_hue = mlc.FieldReference(None, field_type=float)
+    # Solarisation (x -> 1 - x where x >= 0.5) probability, applied last; not in SimCLR.
+    config.augment.solarize_prob = 0.0
+    # Per-view recipes: the fields above describe both views; a field set here overrides them
+    # for that view only, e.g. BYOL's --config.augment.view1.blur_prob=1.0
+    # --config.augment.view2.blur_prob=0.1 (configs/augment_recipes.py sets the whole recipe).
+    # Each section holds flip_prob, jitter_prob, jitter_strength, jitter_brightness,
+    # jitter_contrast, jitter_saturation, jitter_hue, brightness_mode, grayscale_prob,
+    # blur_prob and solarize_prob, all None (the shared value); crop, image size and blur
+    # sigma stay shared. The views always use different seeds.
+    config.augment.view1 = view_overrides()
+    config.augment.view2 = view_overrides()
 
     config.model = mlc.ConfigDict()
     config.model.depth = 18
@@ -135,6 +152,27 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; the only one is 'runlocal'")
     return config
+
+
+def view_overrides() -> mlc.ConfigDict:
+    """A per-view augment section with every field None (typed, so the command line can set it).
+
+    Its fields are simclr_jax.data.views.VIEW_FIELDS (tests/views_test.py checks they agree).
+    """
+    fields = {
+        "flip_prob": float,
+        "jitter_prob": float,
+        "jitter_strength": float,
+        "jitter_brightness": float,
+        "jitter_contrast": float,
+        "jitter_saturation": float,
+        "jitter_hue": float,
+        "brightness_mode": str,
+        "grayscale_prob": float,
+        "blur_prob": float,
+        "solarize_prob": float,
+    }
+    return mlc.ConfigDict({k: mlc.FieldReference(None, field_type=t) for k, t in fields.items()})
 
 
 def apply_runlocal(config: mlc.ConfigDict) -> None:

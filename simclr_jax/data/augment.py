@@ -22,7 +22,11 @@ keep them, so that published numbers stay comparable:
   failed draws the whole image is used.
 - Gaussian blur pads with zeros ('SAME' convolution), which darkens a border of
   kernel_size // 2 pixels, and uses kernel_size // 2 as its radius.
-- Colour jitter clips to [0, 1] after each of its four ops.
+- Colour jitter (color.py) clips to [0, 1] after each of its four ops.
+
+Solarisation (random_solarize, from BYOL, not in SimCLR) inverts the pixels at
+or above SOLARIZE_THRESHOLD = 0.5, BYOL's official form on [0, 1] floats; see
+solarize for how this compares with the 128 of PIL-based code.
 
 One difference by design: blur runs here, per image on the host, while the
 reference applies it batch-wise on the accelerator (benchmarks/input_pipeline.py
@@ -31,7 +35,52 @@ measures its host cost).
 
 import tensorflow as tf
 
-from simclr_jax.data.checks import check_int, check_number, check_pair, check_prob
+from simclr_jax.data.checks import check_int, check_number, check_pair
+from simclr_jax.data.color import (
+    BRIGHTNESS_MODES,
+    JITTER_OPS,
+    MAX_JITTER_MAGNITUDES,
+    MAX_JITTER_STRENGTH,
+    adjust_brightness,
+    check_brightness_mode,
+    color_jitter,
+    jitter_magnitudes,
+    random_color_jitter,
+    random_grayscale,
+    sample_color_jitter_params,
+    to_grayscale,
+)
+from simclr_jax.data.op_inputs import as_float_image, as_seed, clip, sample_decision, sub_seeds
+
+# The colour ops live in color.py, the seed and image inputs in op_inputs.py; this
+# module is the one namespace of every op (views.py and the tests use augment.<op>).
+__all__ = [
+    "BRIGHTNESS_MODES",
+    "CENTER_CROP_SKIP_MAX_SIZE",
+    "JITTER_OPS",
+    "MAX_JITTER_MAGNITUDES",
+    "MAX_JITTER_STRENGTH",
+    "REFERENCE_MIN_OBJECT_COVERED",
+    "SOLARIZE_THRESHOLD",
+    "adjust_brightness",
+    "center_crop",
+    "check_brightness_mode",
+    "color_jitter",
+    "gaussian_blur",
+    "jitter_magnitudes",
+    "random_blur",
+    "random_color_jitter",
+    "random_flip",
+    "random_grayscale",
+    "random_resized_crop",
+    "random_solarize",
+    "sample_color_jitter_params",
+    "sample_crop_box",
+    "sample_decision",
+    "solarize",
+    "sub_seeds",
+    "to_grayscale",
+]
 
 # The reference passes min_object_covered=0.1 with the whole image as the object,
 # which makes 0.1 the effective lower bound of the crop area fraction.
@@ -39,67 +88,14 @@ REFERENCE_MIN_OBJECT_COVERED = 0.1
 # The centre crop is skipped for images this small that already have the output
 # size, as the reference does for CIFAR (it disables test_crop at <= 32 px).
 CENTER_CROP_SKIP_MAX_SIZE = 32
-# Contrast and saturation factors are 1 +- 0.8 * strength and must stay >= 0.
-MAX_JITTER_STRENGTH = 1.25
-BRIGHTNESS_MODES = ("multiplicative", "additive")
+# BYOL (Grill et al. 2020, appendix B; its official code's solarize): x -> x if x < 0.5 else 1 - x.
+SOLARIZE_THRESHOLD = 0.5
 
 
 # ----------------------------------------------------------------------------
-# Argument and tensor helpers (argument values are checked once, at trace time).
-
-
-def check_brightness_mode(value):
-    """Raises ValueError unless `value` is one of BRIGHTNESS_MODES."""
-    if value not in BRIGHTNESS_MODES:
-        raise ValueError(f"brightness_mode={value!r}: allowed values are {BRIGHTNESS_MODES}")
-
-
-def _as_seed(seed):
-    """Returns `seed` as an int64 [2] tensor (int32 and int64 seeds agree)."""
-    seed = tf.convert_to_tensor(seed)
-    if seed.dtype not in (tf.int32, tf.int64):
-        raise ValueError(f"seed has dtype {seed.dtype.name}: expected int32 or int64")
-    if not seed.shape.is_compatible_with([2]):
-        raise ValueError(f"seed has shape {seed.shape}: expected [2]")
-    return tf.cast(tf.ensure_shape(seed, [2]), tf.int64)
-
-
-def sub_seeds(seed, num):
-    """Splits a seed (int32/int64 [2]) into `num` independent int64 [2] seeds."""
-    return tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), num=num))
-
-
-def _as_float_image(image):
-    """Converts to float32 in [0, 1] and checks the [H, W, 3] layout."""
-    image = tf.convert_to_tensor(image)
-    if not image.shape.is_compatible_with([None, None, 3]):
-        raise ValueError(f"image has shape {image.shape}: expected [height, width, 3]")
-    if image.dtype != tf.float32:
-        image = tf.image.convert_image_dtype(image, tf.float32)
-    return image
-
-
-def _clip(image):
-    return tf.clip_by_value(image, 0.0, 1.0)
-
-
-# ----------------------------------------------------------------------------
-# Sampled decisions and parameters (public so tests can check their statistics;
-# the ops below use exactly these helpers).
-
-
-def sample_decision(seed, prob):
-    """Returns a scalar bool tensor that is True with probability `prob`.
-
-    Args:
-      seed: int32/int64 tensor of shape [2].
-      prob: probability in [0, 1]; 0 is never and 1 is always true.
-
-    Returns:
-      A scalar tf.bool tensor.
-    """
-    check_prob("prob", prob)
-    return tf.random.stateless_uniform([], seed=_as_seed(seed)) < prob
+# Sampled parameters (public so tests can check their statistics; the ops below
+# use exactly these helpers; sample_decision is in op_inputs.py, the colour-jitter
+# parameters in color.py).
 
 
 def sample_crop_box(
@@ -128,7 +124,7 @@ def sample_crop_box(
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.cast(image_shape, tf.int32),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=_as_seed(seed),
+        seed=as_seed(seed),
         min_object_covered=REFERENCE_MIN_OBJECT_COVERED,
         aspect_ratio_range=tuple(float(a) for a in aspect_range),
         area_range=tuple(float(a) for a in area_range),
@@ -136,44 +132,6 @@ def sample_crop_box(
         use_image_if_no_bounding_boxes=True,
     )
     return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
-def sample_color_jitter_params(seed, *, strength, brightness_mode="multiplicative"):
-    """Samples the colour-jitter factors and the order of the four ops.
-
-    Args:
-      seed: int32/int64 tensor of shape [2].
-      strength: jitter strength s in [0, 1.25]; brightness, contrast and
-        saturation use 0.8 s, hue 0.2 s.
-      brightness_mode: 'multiplicative' (SimCLR v2: factor uniform in
-        [max(0, 1 - 0.8 s), 1 + 0.8 s]) or 'additive' (v1: delta uniform in
-        [-0.8 s, 0.8 s]).
-
-    Returns:
-      A dict of scalar float32 tensors 'brightness', 'contrast', 'saturation',
-      'hue' and an int32 tensor 'order' [4], a permutation of (brightness=0,
-      contrast=1, saturation=2, hue=3) giving the order they are applied in.
-    """
-    check_number("strength", strength, 0.0, MAX_JITTER_STRENGTH)
-    check_brightness_mode(brightness_mode)
-    seeds = sub_seeds(seed, 5)
-    s = 0.8 * strength
-
-    def uniform(i, lo, hi):
-        return tf.random.stateless_uniform([], seed=seeds[i], minval=lo, maxval=hi)
-
-    if brightness_mode == "multiplicative":
-        brightness = uniform(0, max(0.0, 1.0 - s), 1.0 + s)
-    else:
-        brightness = uniform(0, -s, s)
-    return {
-        "brightness": brightness,
-        "contrast": uniform(1, 1.0 - s, 1.0 + s),
-        "saturation": uniform(2, 1.0 - s, 1.0 + s),
-        "hue": uniform(3, -0.2 * strength, 0.2 * strength),
-        # argsort of i.i.d. uniforms is a uniformly random permutation.
-        "order": tf.argsort(tf.random.stateless_uniform([4], seed=seeds[4])),
-    }
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +161,7 @@ def random_resized_crop(
       float32 [size, size, 3] in [0, 1] (clipped: bicubic overshoots).
     """
     check_int("size", size, 1)
-    image = _as_float_image(image)
+    image = as_float_image(image)
     box = sample_crop_box(
         tf.shape(image),
         seed,
@@ -213,7 +171,7 @@ def random_resized_crop(
     )
     crop = tf.slice(image, [box[0], box[1], 0], [box[2], box[3], 3])
     out = tf.image.resize(crop, [size, size], method=tf.image.ResizeMethod.BICUBIC)
-    return tf.ensure_shape(_clip(out), [size, size, 3])
+    return tf.ensure_shape(clip(out), [size, size, 3])
 
 
 def random_flip(image, seed, *, prob=0.5):
@@ -227,113 +185,10 @@ def random_flip(image, seed, *, prob=0.5):
     Returns:
       float32 image of the input's shape.
     """
-    image = _as_float_image(image)
+    image = as_float_image(image)
     return tf.cond(
         sample_decision(seed, prob), lambda: tf.image.flip_left_right(image), lambda: image
     )
-
-
-def adjust_brightness(image, value, *, mode="multiplicative"):
-    """Scales (multiplicative) or shifts (additive) all pixels, then clips.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      value: scalar factor ('multiplicative') or delta ('additive').
-      mode: one of BRIGHTNESS_MODES.
-
-    Returns:
-      float32 image in [0, 1].
-    """
-    check_brightness_mode(mode)
-    image = _as_float_image(image)
-    out = image * value if mode == "multiplicative" else image + value
-    return _clip(out)
-
-
-def color_jitter(image, seed, *, strength, brightness_mode="multiplicative"):
-    """Brightness, contrast, saturation and hue jitter in a random order.
-
-    Each of the four ops is always applied, with a factor drawn by
-    sample_color_jitter_params, and the image is clipped to [0, 1] after each.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      seed: int32/int64 tensor of shape [2].
-      strength: jitter strength s in [0, 1.25] (1.0 ImageNet, 0.5 CIFAR).
-      brightness_mode: 'multiplicative' (v2) or 'additive' (v1).
-
-    Returns:
-      float32 image in [0, 1] of the input's shape.
-    """
-    params = sample_color_jitter_params(seed, strength=strength, brightness_mode=brightness_mode)
-    image = _as_float_image(image)
-    if strength == 0:
-        # All factors are neutral; skip the ops (and their rounding), as the reference does.
-        return image
-
-    def branches(x):
-        return [
-            lambda: adjust_brightness(x, params["brightness"], mode=brightness_mode),
-            lambda: tf.image.adjust_contrast(x, params["contrast"]),
-            lambda: tf.image.adjust_saturation(x, params["saturation"]),
-            lambda: tf.image.adjust_hue(x, params["hue"]),
-        ]
-
-    for i in range(4):
-        image = _clip(tf.switch_case(params["order"][i], branches(image)))
-    return image
-
-
-def random_color_jitter(image, seed, *, prob=0.8, strength, brightness_mode="multiplicative"):
-    """Applies color_jitter with probability `prob`.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      seed: int32/int64 tensor of shape [2].
-      prob: probability in [0, 1] of jittering.
-      strength: jitter strength, see color_jitter.
-      brightness_mode: 'multiplicative' or 'additive', see color_jitter.
-
-    Returns:
-      float32 image in [0, 1] of the input's shape.
-    """
-    decide_seed, jitter_seed = sub_seeds(seed, 2)
-    image = _as_float_image(image)
-    return tf.cond(
-        sample_decision(decide_seed, prob),
-        lambda: color_jitter(
-            image, jitter_seed, strength=strength, brightness_mode=brightness_mode
-        ),
-        lambda: image,
-    )
-
-
-def to_grayscale(image):
-    """Converts to luma (ITU-R 601 weights) and keeps 3 identical channels.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-
-    Returns:
-      float32 [H, W, 3] image.
-    """
-    image = _as_float_image(image)
-    return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
-
-
-def random_grayscale(image, seed, *, prob=0.2):
-    """Converts to grayscale (3 channels kept) with probability `prob`.
-
-    Args:
-      image: [H, W, 3] float32 in [0, 1] or uint8.
-      seed: int32/int64 tensor of shape [2].
-      prob: probability in [0, 1].
-
-    Returns:
-      float32 image of the input's shape.
-    """
-    image = _as_float_image(image)
-    return tf.cond(sample_decision(seed, prob), lambda: to_grayscale(image), lambda: image)
 
 
 def gaussian_blur(image, seed, *, sigma_range=(0.1, 2.0), kernel_size=None):
@@ -355,13 +210,13 @@ def gaussian_blur(image, seed, *, sigma_range=(0.1, 2.0), kernel_size=None):
     check_pair("sigma_range", sigma_range, 0.0, float("inf"))
     if kernel_size is not None:
         check_int("kernel_size", kernel_size, 0)
-    image = _as_float_image(image)
+    image = as_float_image(image)
     if kernel_size is None:
         height = image.shape[0]
         kernel_size = height // 10 if height is not None else tf.shape(image)[0] // 10
     radius = kernel_size // 2
     sigma = tf.random.stateless_uniform(
-        [], seed=_as_seed(seed), minval=sigma_range[0], maxval=sigma_range[1]
+        [], seed=as_seed(seed), minval=sigma_range[0], maxval=sigma_range[1]
     )
     x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
     taps = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
@@ -371,7 +226,7 @@ def gaussian_blur(image, seed, *, sigma_range=(0.1, 2.0), kernel_size=None):
     vertical = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, 3, 1])
     out = tf.nn.depthwise_conv2d(image[None], horizontal, [1, 1, 1, 1], "SAME")
     out = tf.nn.depthwise_conv2d(out, vertical, [1, 1, 1, 1], "SAME")[0]
-    return _clip(tf.ensure_shape(out, image.shape))
+    return clip(tf.ensure_shape(out, image.shape))
 
 
 def random_blur(image, seed, *, prob=0.5, sigma_range=(0.1, 2.0), kernel_size=None):
@@ -388,11 +243,52 @@ def random_blur(image, seed, *, prob=0.5, sigma_range=(0.1, 2.0), kernel_size=No
       float32 image in [0, 1] of the input's shape.
     """
     decide_seed, blur_seed = sub_seeds(seed, 2)
-    image = _as_float_image(image)
+    image = as_float_image(image)
     return tf.cond(
         sample_decision(decide_seed, prob),
         lambda: gaussian_blur(image, blur_seed, sigma_range=sigma_range, kernel_size=kernel_size),
         lambda: image,
+    )
+
+
+def solarize(image, *, threshold=SOLARIZE_THRESHOLD):
+    """Inverts the pixels at or above `threshold`: x -> x if x < threshold else 1 - x.
+
+    The form of BYOL's official code (Grill et al. 2020, appendix B, "solarization"),
+    on float images in [0, 1] with threshold 0.5. PIL-based code (solo-learn,
+    lightly: ImageOps.solarize) inverts uint8 pixels >= 128; on images that are
+    still on the uint8 grid the two agree exactly (127/255 < 0.5 <= 128/255).
+    Here the image is float after jitter and blur, so BYOL's 0.5 is the one that
+    carries over.
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      threshold: number in [0, 1]; 0 inverts every pixel, 1 only those equal to 1.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    check_number("threshold", threshold, 0.0, 1.0)
+    image = as_float_image(image)
+    return tf.where(image < threshold, image, 1.0 - image)
+
+
+def random_solarize(image, seed, *, prob=0.2, threshold=SOLARIZE_THRESHOLD):
+    """Applies solarize to the whole image with probability `prob` (BYOL: 0.0 / 0.2).
+
+    Args:
+      image: [H, W, 3] float32 in [0, 1] or uint8.
+      seed: int32/int64 tensor of shape [2].
+      prob: probability in [0, 1].
+      threshold: see solarize.
+
+    Returns:
+      float32 image in [0, 1] of the input's shape.
+    """
+    check_number("threshold", threshold, 0.0, 1.0)
+    image = as_float_image(image)
+    return tf.cond(
+        sample_decision(seed, prob), lambda: solarize(image, threshold=threshold), lambda: image
     )
 
 
@@ -415,7 +311,7 @@ def center_crop(image, *, size, crop_fraction=0.875):
     """
     check_int("size", size, 1)
     check_number("crop_fraction", crop_fraction, 0.0, 1.0, lo_open=True)
-    image = _as_float_image(image)
+    image = as_float_image(image)
 
     def crop_and_resize():
         shape = tf.shape(image)
@@ -428,16 +324,16 @@ def center_crop(image, *, size, crop_fraction=0.875):
         left = (shape[1] - side + 1) // 2
         crop = tf.slice(image, [top, left, 0], [side, side, 3])
         out = tf.image.resize(crop, [size, size], method=tf.image.ResizeMethod.BICUBIC)
-        return _clip(out)
+        return clip(out)
 
     static_hw = image.shape[:2]
     if size > CENTER_CROP_SKIP_MAX_SIZE:
         out = crop_and_resize()
     elif static_hw.is_fully_defined():
-        out = _clip(image) if tuple(static_hw) == (size, size) else crop_and_resize()
+        out = clip(image) if tuple(static_hw) == (size, size) else crop_and_resize()
     else:
         already_sized = tf.reduce_all(tf.shape(image)[:2] == size)
         out = tf.cond(
-            already_sized, lambda: tf.reshape(_clip(image), [size, size, 3]), crop_and_resize
+            already_sized, lambda: tf.reshape(clip(image), [size, size, 3]), crop_and_resize
         )
     return tf.ensure_shape(out, [size, size, 3])

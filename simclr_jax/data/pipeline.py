@@ -133,17 +133,18 @@ def build_pretrain_dataset(
 
     Returns:
       (dataset, info): the dataset yields {'view1', 'view2': float32 [b, S, S, 3]
-      in [0, 1], 'label': int32 [b]} with b = info.local_batch_size, S =
-      aug_cfg.image_size.
+      in [0, 1], view k made with view k's recipe (views.view_recipe), 'label':
+      int32 [b]} with b = info.local_batch_size, S = aug_cfg.image_size.
     """
 
     def two_views(image, view_seed):
+        # Different seeds, and each view its own recipe (augment.view1 / view2).
         s1, s2 = tf.unstack(
             tf.random.experimental.stateless_split(view_seed, 2, alg=order.SEED_ALG)
         )
         return {
-            "view1": views.pretrain_view(image, s1, aug_cfg),
-            "view2": views.pretrain_view(image, s2, aug_cfg),
+            "view1": views.pretrain_view(image, s1, aug_cfg, view=1),
+            "view2": views.pretrain_view(image, s2, aug_cfg, view=2),
         }
 
     return _build_train_dataset(

@@ -2,8 +2,11 @@
 
   python -m simclr_jax.data.preview --config=configs/cifar10.py --out=views.png --num_images=8
 
-Each row shows an original image, then two views from views.pretrain_view with
-the config's `augment` section, so a recipe can be checked by eye. The images
+Each row shows an original image, then the two views from views.pretrain_view
+with the config's `augment` section, view k with view k's recipe; the caption
+above each view column lists that recipe (blur, solarisation, jitter, grayscale
+and flip probabilities, the jitter magnitudes), so a recipe, and which view gets
+the asymmetric ops, can be checked by eye. The images
 come from the CIFAR-10 sample embedded in the package (no download): used when
 config.data.source is 'embedded' or the config has no `data` section, and as a
 fallback (with a printed note) for any other source. Without --config the
@@ -24,10 +27,13 @@ from simclr_jax.data import views as views_lib
 from simclr_jax.data.sources import embedded
 
 COLUMNS = ("original", "view 1", "view 2")
-# Layout in pixels: gap between cells, title row height, smallest cell side
-# (32-pixel images are upscaled by an integer factor so they stay sharp).
+# Layout in pixels: gap between cells, height of the header (column title and up
+# to CAPTION_LINES lines of recipe caption), height of one text line, smallest
+# cell side (32-pixel images are upscaled by an integer factor so they stay sharp).
 PAD = 4
-HEADER = 20
+LINE = 12
+CAPTION_LINES = 4
+HEADER = 4 + (1 + CAPTION_LINES) * LINE
 MIN_CELL = 128
 
 
@@ -89,7 +95,8 @@ def cell_size(image_size):
 
 
 def make_views(images, cfg, seed=0):
-    """Two pretraining views per image; view k of image i uses split([seed, i])[k].
+    """Two pretraining views per image; view k of image i uses split([seed, i])[k] and
+    view k's recipe.
 
     Args:
       images: uint8 or float [n, H, W, 3].
@@ -103,8 +110,46 @@ def make_views(images, cfg, seed=0):
     for i, image in enumerate(images):
         seeds = tf.random.experimental.stateless_split(tf.constant([seed, i], tf.int64), 2)
         for k in range(2):
-            views[k].append(views_lib.pretrain_view(image, seeds[k], cfg).numpy())
+            views[k].append(views_lib.pretrain_view(image, seeds[k], cfg, view=k + 1).numpy())
     return np.stack(views[0]), np.stack(views[1])
+
+
+def describe_recipe(cfg, view):
+    """The caption of one view column: its recipe as comma-separated 'name value' items.
+
+    Args:
+      cfg: augmentation config.
+      view: 1 or 2.
+
+    Returns:
+      e.g. 'blur 1.0, solarize 0.0, jitter 0.8, b/c/s/h 0.4/0.4/0.2/0.1 additive,
+      gray 0.2, flip 0.5'.
+    """
+    r = views_lib.view_recipe(cfg, view)
+
+    def num(name):
+        return float(r[name])
+
+    magnitudes = "/".join(str(float(m)) for m in r["jitter_magnitudes"])
+    return (
+        f"blur {num('blur_prob')}, solarize {num('solarize_prob')}, "
+        f"jitter {num('jitter_prob')}, b/c/s/h {magnitudes} {r['brightness_mode']}, "
+        f"gray {num('grayscale_prob')}, flip {num('flip_prob')}"
+    )
+
+
+def _wrap(draw, text, width, max_lines):
+    """Greedy word wrap of `text` into at most max_lines lines of `width` pixels ('...' cut)."""
+    lines = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1] + " ..."
+    return lines
 
 
 def _to_cell(image, cell):
@@ -122,14 +167,16 @@ def _to_cell(image, cell):
     return canvas
 
 
-def render_grid(originals, views1, views2, cell):
-    """Lays out rows of (original, view 1, view 2) with titles on white.
+def render_grid(originals, views1, views2, cell, captions=("", "")):
+    """Lays out rows of (original, view 1, view 2) with titles and captions on white.
 
     Args:
       originals: sequence of uint8 [H, W, 3] images.
       views1: float [n, S, S, 3] in [0, 1].
       views2: float [n, S, S, 3] in [0, 1].
       cell: cell side in pixels.
+      captions: the text under the titles of the view 1 and view 2 columns
+        (describe_recipe), wrapped to the cell width in up to CAPTION_LINES lines.
 
     Returns:
       A PIL RGB image of width 3 * cell + 4 * PAD and height
@@ -140,8 +187,11 @@ def render_grid(originals, views1, views2, cell):
     height = HEADER + n * (cell + PAD) + PAD
     grid = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for col, title in enumerate(COLUMNS):
-        draw.text((PAD + col * (cell + PAD), 4), title, fill=(0, 0, 0))
+    for col, (title, caption) in enumerate(zip(COLUMNS, ("", *captions), strict=True)):
+        left = PAD + col * (cell + PAD)
+        draw.text((left, 4), title, fill=(0, 0, 0))
+        for i, line in enumerate(_wrap(draw, caption, cell, CAPTION_LINES) if caption else ()):
+            draw.text((left, 4 + (i + 1) * LINE), line, fill=(80, 80, 80))
     for row, images in enumerate(zip(originals, views1, views2, strict=True)):
         top = HEADER + row * (cell + PAD)
         for col, image in enumerate(images):
@@ -181,11 +231,14 @@ def main(argv=None):
     views_lib.validate_augment_config(cfg)
     images, _, _ = load_embedded_images(args.num_images, interleave_classes=True)
     views1, views2 = make_views(images, cfg, args.seed)
-    grid = render_grid(images, views1, views2, cell_size(cfg.image_size))
+    captions = tuple(describe_recipe(cfg, view) for view in (1, 2))
+    grid = render_grid(images, views1, views2, cell_size(cfg.image_size), captions)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out}: {len(images)} rows of (original, 2 views), {grid.size} px")
+    for view, caption in enumerate(captions, 1):
+        print(f"view {view}: {caption}")
     return args.out
 
 
