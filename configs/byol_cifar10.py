@@ -45,7 +45,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         config.method.projector_hidden_dim = 256
         config.method.projector_dim = 64
         config.method.predictor_hidden_dim = 256
+        # solo-learn's lr 1.0 at batch 256, scaled linearly: peak 0.5 at batch 128.
         config.optim.base_lr = 1.0
+        config.optim.lr_scaling = "linear"
         config.optim.weight_decay = 1e-5
         return config
     config = cifar10.get_config()

@@ -21,7 +21,16 @@ from tiny_run import tiny_config
 
 from configs import byol_cifar10, cifar10
 from configs import knn as knn_config
-from simclr_jax import checkpoint, config_checks, methods, models, sharding, steps, train
+from simclr_jax import (
+    checkpoint,
+    config_checks,
+    export,
+    methods,
+    models,
+    sharding,
+    steps,
+    train,
+)
 from simclr_jax.eval import protocols
 from simclr_jax.methods import byol, ema
 
@@ -287,7 +296,7 @@ def test_byol_resumed_run_equals_uninterrupted_bit_for_bit(byol_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_knn_runs_on_a_byol_checkpoint(byol_run, tmp_path):
+def test_knn_and_export_run_on_a_byol_checkpoint(byol_run, tmp_path):
     with open(os.path.join(byol_run, "config.json")) as f:
         assert json.load(f)["method"]["name"] == "byol"
     config = knn_config.get_config()
@@ -298,3 +307,9 @@ def test_knn_runs_on_a_byol_checkpoint(byol_run, tmp_path):
     results = protocols.run("knn", config, str(tmp_path))
     assert results["checkpoint"]["step"] == 4
     assert 0.0 <= results["top1"] <= 1.0 and 0.0 <= results["random_init"]["top1"] <= 1.0
+    # Export: the online encoder (BYOL has no SimCLR head to add).
+    out = export.export_encoder(byol_run, str(tmp_path / "byol.npz"))
+    exported = export.load_exported(out)
+    assert set(exported["params"]) == {"encoder"}
+    saved = _restore(byol_run)["params"]["encoder"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported["params"]["encoder"], saved)

@@ -39,8 +39,9 @@ AUGMENT: tuple[dict[str, Any], dict[str, Any]] = (
     {"jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 1.0, "solarize_prob": 0.0},
     {"jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.1, "solarize_prob": 0.2},
 )
-# Temperature of the diagnostics only (train/contrastive_acc, train/entropy): they report how
-# well each prediction picks its own image's target among the global batch; not optimised.
+# Temperature of the diagnostics only (train/contrastive_acc, train/entropy): how well each
+# prediction p(v1) picks its own image's target z'(v2) among the global batch's targets (the
+# other predictions are not candidates); not optimised.
 DIAGNOSTIC_TEMPERATURE = 0.1
 
 
@@ -217,7 +218,11 @@ class BYOL:
             temperature=DIAGNOSTIC_TEMPERATURE,
             axis_name=axis_name,
         )
-        return loss, loss, {"contrastive_acc": aux["contrastive_acc"], "entropy": aux["entropy"]}
+        return (
+            loss,
+            loss,
+            {"contrastive_acc": aux["contrastive_acc_ab"], "entropy": aux["entropy_ab"]},
+        )
 
     def embedding_loss(self, z1, z2, axis_name):
         raise NotImplementedError("BYOL does not support micro-batching (docs/methods.md).")
