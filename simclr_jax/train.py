@@ -324,7 +324,7 @@ def _compile_train_step(config: mlc.ConfigDict, run: Run):
     )
 
 
-_TITLES = {"simclr": "SimCLR", "byol": "BYOL"}
+_TITLES = {"simclr": "SimCLR", "byol": "BYOL", "mocov3": "MoCo v3"}
 
 
 def _print_plan(config: mlc.ConfigDict, run: Run) -> None:

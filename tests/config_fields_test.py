@@ -21,6 +21,7 @@ CONFIGS = {
     "imagenet": [None, "sqrt"],
     "quickstart": [None],
     "byol_cifar10": [None, "quickstart", "runlocal"],
+    "mocov3_cifar10": [None, "quickstart", "runlocal"],
     "linear_eval": [None, "reference"],
     "knn": [None],
     "finetune": ["1pct", "10pct", "100pct"],

@@ -19,7 +19,7 @@ import optax
 import pytest
 from tiny_run import tiny_config
 
-from configs import byol_cifar10, cifar10
+from configs import byol_cifar10, cifar10, mocov3_cifar10
 from configs import knn as knn_config
 from simclr_jax import (
     checkpoint,
@@ -32,7 +32,7 @@ from simclr_jax import (
     train,
 )
 from simclr_jax.eval import protocols
-from simclr_jax.methods import byol, ema
+from simclr_jax.methods import byol, ema, mocov3
 
 AXIS = sharding.DATA_AXIS
 P = jax.sharding.PartitionSpec
@@ -112,12 +112,17 @@ class _TinyEncoder(nn.Module):
         return jnp.mean(nn.relu(x), axis=(1, 2))
 
 
-def _byol_model(axis):
+def _byol_model(axis, moco=False):
     head = dict(bn_axis_name=axis)
+    if moco:
+        projector = mocov3.MoCoMLP(16, 8, last_bn=True, **head)
+        predictor = mocov3.MoCoMLP(16, 8, last_bn=False, **head)
+    else:
+        projector, predictor = byol.MLPHead(16, 8, **head), byol.MLPHead(16, 8, **head)
     return byol.BYOLModel(
         encoder=_TinyEncoder(bn_axis_name=axis),
-        projector=byol.MLPHead(16, 8, **head),
-        predictor=byol.MLPHead(16, 8, **head),
+        projector=projector,
+        predictor=predictor,
         probe=models.LinearHead(num_classes=10),
     )
 
@@ -134,15 +139,19 @@ def _batch(seed=0, n=16):
 TOTAL_STEPS, TAU_BASE = 10, 0.9
 
 
-def _byol_step(num_devices, start_step=0, parallelism="shard_map"):
-    """One BYOL step with SGD(0.5) from a state whose target differs from the online net.
+def _byol_step(num_devices, start_step=0, parallelism="shard_map", moco=False):
+    """One BYOL (or MoCo v3) step with SGD(0.5) from a state whose target differs from the
+    online net.
 
-    Returns (old state, new state) as NumPy."""
+    Returns (old state, new state, metrics) as NumPy."""
     axis = AXIS if num_devices > 1 else None
-    model = _byol_model(axis)
-    method = byol.BYOL(tau_base=TAU_BASE, total_steps=TOTAL_STEPS)
+    model = _byol_model(axis, moco)
+    if moco:
+        method = mocov3.MoCoV3(tau_base=TAU_BASE, total_steps=TOTAL_STEPS, temperature=0.2)
+    else:
+        method = byol.BYOL(tau_base=TAU_BASE, total_steps=TOTAL_STEPS)
     tx = optax.sgd(0.5)
-    state = method.create_state(_byol_model(None), tx, jax.random.key(0), (8, 8, 3))
+    state = method.create_state(_byol_model(None, moco), tx, jax.random.key(0), (8, 8, 3))
     # A target unlike the online network, so the EMA's mixing is visible.
     state = state.replace(
         step=jnp.int32(start_step),
@@ -224,6 +233,55 @@ def test_byol_step_on_eight_devices_equals_one_device(parallelism):
         _assert_trees_close(getattr(eight, field), getattr(one, field), TREE_TOL)
 
 
+def _np_mocov3_loss(q, k, tau):
+    """float64 2 tau * mean_i CE(q_i . k^T / tau, i), q and k l2-normalised."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    logits = q @ k.T / tau
+    logits -= logits.max(axis=1, keepdims=True)
+    log_prob = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return 2 * tau * -np.mean(np.diag(log_prob))
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_mocov3_loss_matches_numpy_with_keys_from_every_device(num_devices):
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(16, 8)).astype(np.float32)
+    k = rng.normal(size=(16, 8)).astype(np.float32)
+    ref = _np_mocov3_loss(q, k, 0.2)
+    # Gradient by central differences of the float64 reference, one entry per row.
+    eps, grad_ref = 1e-4, np.zeros_like(q, np.float64)
+    for i in range(16):
+        up, down = q.astype(np.float64).copy(), q.astype(np.float64).copy()
+        up[i, i % 8] += eps
+        down[i, i % 8] -= eps
+        grad_ref[i, i % 8] = (_np_mocov3_loss(up, k, 0.2) - _np_mocov3_loss(down, k, 0.2)) / (
+            2 * eps
+        )
+    if num_devices == 1:
+        loss, grad = jax.value_and_grad(mocov3.mocov3_loss)(q, k, 0.2, None)
+    else:
+        mesh = sharding.create_mesh(jax.devices()[:8])
+        fn = jax.shard_map(
+            lambda q, k: jax.value_and_grad(mocov3.mocov3_loss)(q, k, 0.2, AXIS),
+            mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False,
+        )  # fmt: skip
+        loss, grad = jax.jit(fn)(q, k)
+        grad = np.asarray(grad) / 8  # the step's pmean over 8 devices
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    rows, cols = np.arange(16), np.arange(16) % 8
+    np.testing.assert_allclose(np.asarray(grad)[rows, cols], grad_ref[rows, cols], atol=2e-5)
+
+
+def test_mocov3_step_on_eight_devices_equals_one_device():
+    _, one, one_metrics = _byol_step(1, 3, moco=True)
+    _, eight, eight_metrics = _byol_step(8, 3, moco=True)
+    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+    for field in ("params", "batch_stats", "target_params", "target_batch_stats"):
+        _assert_trees_close(getattr(eight, field), getattr(one, field), TREE_TOL)
+
+
 def test_simclr_keeps_the_plain_train_state_tree():
     """Old SimCLR checkpoints keep loading: the state is {'step', 'params', 'batch_stats',
     'opt_state'} with params {'encoder', 'head', 'probe'}."""
@@ -246,6 +304,10 @@ def test_config_errors_name_the_field():
     config = byol_cifar10.get_config("runlocal")
     config.method.tau_base = 1.5
     with pytest.raises(config_checks.ConfigError, match=r"method\.tau_base"):
+        methods.check_config(config)
+    config = mocov3_cifar10.get_config("runlocal")
+    config.method.temperature = 0.0
+    with pytest.raises(config_checks.ConfigError, match=r"method\.temperature"):
         methods.check_config(config)
     config = cifar10.get_config("runlocal")
     config.method.name = "byl"

@@ -1,6 +1,6 @@
 """Self-supervised methods on the generic train step: the registry of config.method.name.
 
-A method module (simclr.py, byol.py) supplies:
+A method module (simclr.py, byol.py, mocov3.py) supplies:
 - NAME and AUGMENT (the config.augment values its recipe wants, per view where they differ);
 - build_model(config, *, num_classes, bn_axis_name, conv): its Flax model (encoder, heads,
   online probe), returning {'h', 'z', 'probe_logits', ...} for [2n] images;
@@ -18,10 +18,10 @@ import flax.linen as nn
 import ml_collections as mlc
 
 from simclr_jax import config_checks
-from simclr_jax.methods import byol, simclr
+from simclr_jax.methods import byol, mocov3, simclr
 
 # config.method.name -> module; the only list of method names.
-METHODS: dict[str, ModuleType] = {simclr.NAME: simclr, byol.NAME: byol}
+METHODS: dict[str, ModuleType] = {simclr.NAME: simclr, byol.NAME: byol, mocov3.NAME: mocov3}
 DEFAULT_METHOD = simclr.NAME
 
 
@@ -88,5 +88,6 @@ __all__ = [
     "from_config",
     "get_method",
     "method_name",
+    "mocov3",
     "simclr",
 ]
