@@ -9,6 +9,8 @@ one, bit for bit, with the target in the checkpoint, and kNN on the BYOL checkpo
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -375,3 +377,30 @@ def test_knn_and_export_run_on_a_byol_checkpoint(byol_run, tmp_path):
     assert set(exported["params"]) == {"encoder"}
     saved = _restore(byol_run)["params"]["encoder"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported["params"]["encoder"], saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_each_method_trains_through_main_py(name, tmp_path):
+    """A 2-step smoke run of the real CLI per method (8 fake devices, global BN)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [
+        sys.executable,
+        "main.py",
+        f"--workdir={tmp_path}",
+        f"--config=configs/{name}_cifar10.py:runlocal",
+        "--config.model.base_width=4",
+        "--config.train.batch_size=16",
+        "--config.train.steps=2",
+        "--config.eval.knn=False",
+        f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+    ]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["step"] == 2 and np.isfinite(last["train/loss"])
+    saved = _restore(str(tmp_path))
+    assert set(saved["target_params"]) == {"encoder", "projector"}
