@@ -87,6 +87,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.model.bn_epsilon = 1e-5
     config.model.global_bn = True
 
+    # The self-supervised method (simclr_jax.methods owns the names): 'simclr' reads
+    # config.loss; other methods read their own fields here (configs/byol_cifar10.py).
+    config.method = mlc.ConfigDict()
+    config.method.name = "simclr"
+
     config.loss = mlc.ConfigDict()
     config.loss.temperature = 0.5
     # The reference code optimises 2x the paper's NT-Xent; its LR and weight

@@ -108,6 +108,10 @@ def export_encoder(init_from: str, out: str, *, include_head: bool = True, fmt: 
     pretrained = pretrained_lib.load_pretrained(init_from)
     if fmt in torch_export.TORCH_FORMATS:
         return _export_torch(pretrained, out, fmt)
+    if include_head and "head" not in pretrained.params:
+        # Other methods' heads (BYOL's projector, predictor) have no ft_proj_selector layout.
+        print(f"a {pretrained.method} checkpoint has no SimCLR head: exporting the encoder only")
+        include_head = False
     names = ("encoder", "head") if include_head else ("encoder",)
     flat = flatten_variables(pretrained.variables(*names))
     flat[MODEL_CONFIG_KEY] = np.array(pretrained.model_config.to_json())

@@ -1,10 +1,12 @@
-"""The SimCLR train step, written once per device, and its two parallel wrappers.
+"""The pretraining train step, written once per device for every method, and its two wrappers.
 
-`train_step` sees one device's slice of the global batch. With `axis_name`
-set it gathers NT-Xent negatives from every device, uses global batch norm
-(when the model was built with the same axis name) and averages gradients
-across devices. `compile_train_step` wraps it either with jax.shard_map under
-jax.jit (state replicated, batch sharded, state donated) or with jax.pmap.
+`train_step` sees one device's slice of the global batch. The method (simclr_jax.methods:
+SimCLR, BYOL, ...) supplies the loss over the two views' outputs, any target network's
+outputs, and the update of its extra state after the optimizer step; the step itself does the
+rest, the same for every method. With `axis_name` set the loss gathers statistics or negatives
+from every device, batch norm is global (when the model was built with the same axis name)
+and gradients are averaged across devices. `compile_train_step` wraps it either with
+jax.shard_map under jax.jit (state replicated, batch sharded, state donated) or with jax.pmap.
 """
 
 from collections.abc import Callable
@@ -18,19 +20,21 @@ import optax
 from clu import metrics as clu_metrics
 from jax.sharding import PartitionSpec as P
 
-from simclr_jax import config_checks, losses, sharding
+from simclr_jax import config_checks, sharding
 from simclr_jax.labels import is_labelled, labelled_cross_entropy
+from simclr_jax.methods import simclr as simclr_method
+from simclr_jax.train_state import TargetTrainState, TrainState, create_train_state
 
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a run needs to continue: the step and all trainable state."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-
+__all__ = [
+    "TargetTrainState",
+    "TrainMetrics",
+    "TrainState",
+    "check_finite",
+    "compile_train_step",
+    "create_train_state",
+    "merge_metrics",
+    "train_step",
+]
 
 NO_NONFINITE_STEP = 2**31 - 1
 
@@ -92,31 +96,6 @@ class TrainMetrics(clu_metrics.Collection):
     first_nonfinite_state_step: FirstNonFiniteStep.from_output("first_nonfinite_state_step")
 
 
-def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_shape
-) -> TrainState:
-    """Initialises parameters, batch statistics and optimizer state.
-
-    Args:
-      model: the SimCLRModel.
-      tx: the optimizer.
-      rng: PRNG key for the parameters.
-      image_shape: (height, width, channels) of one view.
-
-    Returns:
-      A TrainState at step 0.
-    """
-    dummy = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-    variables = model.init(rng, dummy, train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-    )
-
-
 def _pmean(x, axis_name):
     return x if axis_name is None else jax.lax.pmean(x, axis_name)
 
@@ -168,10 +147,12 @@ def _probe_loss_share(ce_sum, count, axis_name):
     return ce_sum * devices / jnp.maximum(count, 1.0)
 
 
-def _full_batch_grads(
-    params, batch_stats, batch, *, model, temperature, loss_scale, axis_name, freeze_bn
-):
-    """Gradients of the whole local batch in one forward/backward pass."""
+def _full_batch_grads(params, batch_stats, batch, *, model, method, axis_name, freeze_bn, targets):
+    """Gradients of the whole local batch in one forward/backward pass.
+
+    `targets` (the method's target-network outputs of the same images, or None) enter the
+    method's objective as constants.
+    """
     n = batch["view1"].shape[0]
     images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
     # The probe is trained on both views, as in the reference.
@@ -180,13 +161,10 @@ def _full_batch_grads(
 
     def loss_fn(p):
         outputs, new_stats = _apply(model, p, batch_stats, images, freeze_bn)
-        z = outputs["z"]
-        contrastive, aux = losses.nt_xent(
-            z[:n], z[n:], temperature=temperature, axis_name=axis_name
-        )
+        objective, loss, aux = method.objective(outputs, targets, n=n, axis_name=axis_name)
         ce_sum, correct = _probe_sums(outputs["probe_logits"], labels)
-        total = loss_scale * contrastive + _probe_loss_share(ce_sum, count, axis_name)
-        return total, (new_stats, contrastive, aux, (ce_sum, correct, count))
+        total = objective + _probe_loss_share(ce_sum, count, axis_name)
+        return total, (new_stats, loss, aux, (ce_sum, correct, count))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, aux), grads = grad_fn(params)
@@ -204,8 +182,7 @@ def _micro_batch_grads(
     batch,
     *,
     model,
-    temperature,
-    loss_scale,
+    method,
     axis_name,
     freeze_bn,
     micro_per_device,
@@ -246,12 +223,8 @@ def _micro_batch_grads(
     z1 = z[:, :micro_per_device].reshape(n, -1)
     z2 = z[:, micro_per_device:].reshape(n, -1)
 
-    def contrastive_fn(z1, z2):
-        loss, aux = losses.nt_xent(z1, z2, temperature=temperature, axis_name=axis_name)
-        return loss_scale * loss, (loss, aux)
-
     (_, (contrastive, aux)), (g1, g2) = jax.value_and_grad(
-        contrastive_fn, argnums=(0, 1), has_aux=True
+        lambda a, b: method.embedding_loss(a, b, axis_name), argnums=(0, 1), has_aux=True
     )(z1, z2)
     g = jnp.concatenate([_split(g1, k), _split(g2, k)], axis=1)  # [k, 2m, d]
 
@@ -287,28 +260,38 @@ def train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
-    temperature: float,
-    loss_scale: float,
     axis_name: str | None,
     sync_batch_stats: bool,
+    temperature: float | None = None,
+    loss_scale: float = 1.0,
+    method: Any = None,
     micro_batch_per_device: int | None = None,
     freeze_bn: bool = False,
 ) -> tuple[TrainState, TrainMetrics]:
-    """One SimCLR step on this device's slice of the global batch.
+    """One pretraining step of any method on this device's slice of the global batch.
+
+    The same code for every method: the method's target outputs (computed without gradient
+    from the state's target network, if any), the forward pass of the online model on both
+    views, the method's objective plus the online probe's loss, the gradient's mean over
+    devices, the optimizer update, then the method's update of its extra state with the
+    post-step online parameters (e.g. BYOL's EMA target).
 
     Args:
       state: the replicated train state.
       batch: {'view1', 'view2': [n, H, W, 3] float32, 'label': [n] int32 (outside
         [0, classes): no label)}.
-      model: the SimCLRModel (with bn_axis_name=axis_name for global BN).
+      model: the method's model (methods.build_model; with bn_axis_name=axis_name for global
+        BN): outputs {'z', 'probe_logits', ...} for [2n] images.
       tx: the optimizer (LARS for pretraining).
       learning_rate_fn: the schedule, only for logging (tx holds its own).
-      temperature: NT-Xent temperature.
-      loss_scale: multiplies the paper's NT-Xent in the optimised objective; 2.0
-        reproduces the reference implementation (see losses.nt_xent).
       axis_name: the device axis, or None on a single device.
       sync_batch_stats: average running BN statistics across devices after the
         step; needed when BN is per-device so the replicated state stays equal.
+      temperature: NT-Xent temperature, when `method` is None (SimCLR).
+      loss_scale: multiplies the paper's NT-Xent in the optimised objective, when `method`
+        is None; 2.0 reproduces the reference implementation (see losses.nt_xent).
+      method: the method's step object (methods.from_config); None means
+        SimCLR(temperature, loss_scale).
       micro_batch_per_device: None (or n) for one pass over the local batch;
         otherwise a divisor of n: the step embeds and back-propagates
         n / micro_batch_per_device micro-batches one at a time, with the exact
@@ -324,17 +307,22 @@ def train_step(
       this step's number (1-based, as logged and checkpointed) when its loss / the state it
       produced holds a NaN or an infinity, else NO_NONFINITE_STEP.
     """
+    if method is None:
+        method = simclr_method.SimCLR(temperature=temperature, loss_scale=loss_scale)
     n = batch["view1"].shape[0]
-    common = dict(
-        model=model,
-        temperature=temperature,
-        loss_scale=loss_scale,
-        axis_name=axis_name,
-        freeze_bn=freeze_bn,
-    )
+    common = dict(model=model, method=method, axis_name=axis_name, freeze_bn=freeze_bn)
     if micro_batch_per_device is None or micro_batch_per_device == n:
-        grads, aux = _full_batch_grads(state.params, state.batch_stats, batch, **common)
+        images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
+        targets, target_stats = method.targets(
+            model, state, images, axis_name=axis_name, freeze_bn=freeze_bn
+        )
+        grads, aux = _full_batch_grads(
+            state.params, state.batch_stats, batch, targets=targets, **common
+        )
     else:
+        if not method.supports_micro_batching:
+            raise ValueError(f"{method.name} does not support micro-batching (docs/methods.md).")
+        target_stats = None
         if micro_batch_per_device <= 0 or n % micro_batch_per_device:
             raise ValueError(
                 f"micro_batch_per_device={micro_batch_per_device} must divide this device's "
@@ -353,11 +341,15 @@ def train_step(
     grads = _pmean(grads, axis_name)
     if sync_batch_stats and not freeze_bn:
         batch_stats = _pmean(batch_stats, axis_name)
+        if target_stats is not None:
+            target_stats = _pmean(target_stats, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    # After the optimizer step: an EMA target averages in the post-step online parameters.
+    new_state = method.after_step(new_state, step=state.step, target_batch_stats=target_stats)
 
     loss_value = contrastive  # already the global value
     # What a checkpoint of new_state would hold is checked here, on device: the host reads the
@@ -374,9 +366,7 @@ def train_step(
         param_norm=optax.tree.norm(state.params),
         grad_norm=optax.tree.norm(grads),
         first_nonfinite_step=jnp.where(jnp.isfinite(loss_value), NO_NONFINITE_STEP, step_number),
-        first_nonfinite_state_step=jnp.where(
-            all_finite((params, batch_stats, opt_state)), NO_NONFINITE_STEP, step_number
-        ),
+        first_nonfinite_state_step=jnp.where(all_finite(new_state), NO_NONFINITE_STEP, step_number),
     )
     return new_state, metrics
 

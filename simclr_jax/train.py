@@ -1,4 +1,4 @@
-"""The SimCLR pretraining loop: setup, loop, finish.
+"""The pretraining loop of every method (config.method.name): setup, loop, finish.
 
 `train_and_evaluate` reads top to bottom: set up the run (`_setup`: config.json,
 devices, the input pipeline, the model and optimizer, a fresh or restored
@@ -31,6 +31,7 @@ from simclr_jax import (
     distributed,
     files,
     hooks,
+    methods,
     models,
     optim,
     sharding,
@@ -46,7 +47,8 @@ class Run:
     """What the loop needs, built once from the config and the data (`_build_run`).
 
     Attributes:
-      model: the pretraining model (encoder, projection head, online probe).
+      model: the pretraining model (encoder, the method's heads, online probe).
+      method: the method's step object (methods.from_config).
       tx: the optimizer.
       schedule: step -> learning rate.
       mesh: the 1-D data-parallel mesh over `devices`.
@@ -61,7 +63,8 @@ class Run:
       monitor_every_steps: the kNN monitor's period in steps (0: only at the end).
     """
 
-    model: models.SimCLRModel
+    model: nn.Module
+    method: object
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     mesh: jax.sharding.Mesh
@@ -120,8 +123,8 @@ def _build_run(
     config_checks.check_schedule(warmup_steps, total_steps, config.optim.warmup_epochs)
 
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
-    model = models.build_model(
-        config.model, num_classes=data_info.num_classes, bn_axis_name=bn_axis, conv=conv
+    model = methods.build_model(
+        config, num_classes=data_info.num_classes, bn_axis_name=bn_axis, conv=conv
     )
     tx, schedule = optim.create_optimizer(
         config.optim,
@@ -131,6 +134,7 @@ def _build_run(
     )
     return Run(
         model=model,
+        method=methods.from_config(config, total_steps=total_steps),
         tx=tx,
         schedule=schedule,
         mesh=mesh,
@@ -151,7 +155,7 @@ def _build_run(
 def _init_fn(config, run: Run):
     """key -> the step-0 TrainState of this run (the 'random init')."""
     image_shape = (config.augment.image_size, config.augment.image_size, 3)
-    return lambda key: steps.create_train_state(run.model, run.tx, key, image_shape)
+    return lambda key: run.method.create_state(run.model, run.tx, key, image_shape)
 
 
 def _init_state(config, run: Run, manager) -> tuple[steps.TrainState, int]:
@@ -213,7 +217,7 @@ class _LoopEnd:
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str, *, conv=nn.Conv) -> dict:
-    """Pretrains SimCLR as configured, then evaluates kNN and the online probe.
+    """Pretrains with config.method (SimCLR by default), then evaluates kNN and the probe.
 
     Args:
       config: a pretraining config (configs/*.py).
@@ -258,6 +262,7 @@ def _setup(config: mlc.ConfigDict, workdir: str, conv):
       (run, state placed for the step, its step, the checkpoint manager, host batches).
     """
     config_checks.validate_pretrain_config(config)
+    methods.check_config(config)
     pipeline.configure_tensorflow()
     # Every split the run will read is opened now, the eval split of the evaluation at the end
     # included: a mistyped split fails before the first step, not after training.
@@ -308,8 +313,7 @@ def _compile_train_step(config: mlc.ConfigDict, run: Run):
             model=run.model,
             tx=run.tx,
             learning_rate_fn=run.schedule,
-            temperature=config.loss.temperature,
-            loss_scale=config.loss.loss_scale,
+            method=run.method,
             axis_name=sharding.DATA_AXIS,
             sync_batch_stats=not config.model.global_bn,
             micro_batch_per_device=run.micro_batch_per_device,
@@ -320,9 +324,13 @@ def _compile_train_step(config: mlc.ConfigDict, run: Run):
     )
 
 
+_TITLES = {"simclr": "SimCLR", "byol": "BYOL", "mocov3": "MoCo v3"}
+
+
 def _print_plan(config: mlc.ConfigDict, run: Run) -> None:
     print(
-        f"SimCLR pretraining: {run.total_steps} steps ({run.steps_per_epoch} steps/epoch, "
+        f"{_TITLES.get(run.method.name, run.method.name)} pretraining: {run.total_steps} "
+        f"steps ({run.steps_per_epoch} steps/epoch, "
         f"warmup {run.warmup_steps}), global batch {config.train.batch_size} on "
         f"{len(run.devices)} devices x {jax.process_count()} processes ({run.parallelism}), "
         f"{run.info.num_examples} training examples, ResNet-{config.model.depth}",

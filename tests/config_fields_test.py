@@ -20,6 +20,8 @@ CONFIGS = {
     "cifar10": [None, "runlocal"],
     "imagenet": [None, "sqrt"],
     "quickstart": [None],
+    "byol_cifar10": [None, "quickstart", "runlocal"],
+    "mocov3_cifar10": [None, "quickstart", "runlocal"],
     "linear_eval": [None, "reference"],
     "knn": [None],
     "finetune": ["1pct", "10pct", "100pct"],

@@ -123,6 +123,12 @@ def create_finetune_state(
     """
     fresh = model.init(jax.random.key(seed), jnp.zeros((2, image_size, image_size, 3)), train=False)
     names = [n for n in ("encoder", "head") if n in fresh["params"]]
+    if "head" in names and "head" not in pretrained.params:
+        raise ConfigError(
+            f"finetune.ft_proj_selector={model.ft_proj_selector}: the checkpoint is a "
+            f"{pretrained.method} run without SimCLR's projection head 'head'; fine-tune from h "
+            "with finetune.ft_proj_selector=0"
+        )
     params = {n: pretrained.params[n] for n in names}
     params["classifier"] = fresh["params"]["classifier"]
     batch_stats = {n: pretrained.batch_stats[n] for n in names if n in pretrained.batch_stats}

@@ -16,7 +16,7 @@ import ml_collections as mlc
 import numpy as np
 
 from simclr_jax import labels as labels_lib
-from simclr_jax import models, sharding
+from simclr_jax import methods, models, sharding
 from simclr_jax.eval import features, knn, reports
 from simclr_jax.metrics import MetricLogger
 
@@ -55,7 +55,7 @@ def make_evaluator(
       are neither scored nor in the memory.
     """
     # Inference only: BN uses running statistics, no axis name is needed.
-    model = models.build_model(config.model, num_classes=num_classes, bn_axis_name=None, conv=conv)
+    model = methods.build_model(config, num_classes=num_classes, bn_axis_name=None, conv=conv)
     replicated = sharding.replicated_sharding(mesh)
 
     # Variables are an argument, not a closure: closed-over arrays would be

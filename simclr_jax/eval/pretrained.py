@@ -17,7 +17,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from simclr_jax import checkpoint, files, models
+from simclr_jax import checkpoint, files, methods
 from simclr_jax.config_checks import ConfigError, MissingPathError
 
 
@@ -29,9 +29,11 @@ class Pretrained:
       path: absolute path of the checkpoint step directory.
       step: its training step.
       model_config: the pretraining run's config.model (rebuilds the network).
-      params: every parameter (NumPy): {'encoder', 'head', 'probe'}.
-      batch_stats: BatchNorm running statistics (NumPy): {'encoder', 'head'}.
+      params: every online parameter (NumPy): {'encoder', 'head', 'probe'} for SimCLR,
+        {'encoder', 'projector', 'predictor', 'probe'} for BYOL.
+      batch_stats: BatchNorm running statistics (NumPy): {'encoder', 'head'} for SimCLR.
       probe_classes: number of classes of the pretraining online probe.
+      method_config: the run's config.method ({'name': 'simclr'} for runs without one).
     """
 
     path: str
@@ -40,6 +42,19 @@ class Pretrained:
     params: Any
     batch_stats: Any
     probe_classes: int
+    method_config: mlc.ConfigDict = dataclasses.field(
+        default_factory=lambda: mlc.ConfigDict({"name": methods.DEFAULT_METHOD})
+    )
+
+    @property
+    def method(self) -> str:
+        """The pretraining method's name (config.method.name)."""
+        return self.method_config.name
+
+    def build_model(self, **kwargs):
+        """The pretraining run's model (methods.build_model), e.g. to initialise a twin."""
+        run = mlc.ConfigDict({"model": self.model_config, "method": self.method_config})
+        return methods.build_model(run, num_classes=self.probe_classes, **kwargs)
 
     def variables(self, *names: str) -> dict:
         """{'params', 'batch_stats'} restricted to the named submodules."""
@@ -125,25 +140,31 @@ def load_pretrained(init_from: str, *, field: str = "config.init_from") -> Pretr
         is missing.
     """
     ckpt_dir, step, config_path = _resolve_checkpoint(init_from, field)
-    model_config = mlc.ConfigDict(_read_run_config(config_path, init_from, field)["model"])
+    run_config = _read_run_config(config_path, init_from, field)
+    model_config = mlc.ConfigDict(run_config["model"])
+    # Runs from before config.method existed are SimCLR runs.
+    method_config = mlc.ConfigDict(run_config.get("method") or {"name": methods.DEFAULT_METHOD})
+    methods.get_method(mlc.ConfigDict({"method": method_config}))  # a known name
     restored = checkpoint.restore_to_host(ckpt_dir, step)
     params = dict(restored["params"])
     batch_stats = dict(restored["batch_stats"])
     probe_classes = int(np.shape(params["probe"]["dense"]["kernel"])[-1])
-    model = models.build_model(model_config, num_classes=probe_classes)
-    shape = (2, 32, 32, 3)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(shape), train=False))
-    _check_shapes(
-        abstract["params"], params, files.join(ckpt_dir, str(step))
-    )  # input size does not change any parameter shape
-    return Pretrained(
+    pretrained = Pretrained(
         path=files.join(ckpt_dir, str(step)),
         step=step,
         model_config=model_config,
         params=params,
         batch_stats=batch_stats,
         probe_classes=probe_classes,
+        method_config=method_config,
     )
+    model = pretrained.build_model()
+    shape = (2, 32, 32, 3)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(shape), train=False))
+    _check_shapes(
+        abstract["params"], params, files.join(ckpt_dir, str(step))
+    )  # input size does not change any parameter shape
+    return pretrained
 
 
 def random_init_like(pretrained: Pretrained, seed: int) -> Pretrained:
@@ -156,7 +177,7 @@ def random_init_like(pretrained: Pretrained, seed: int) -> Pretrained:
     Returns:
       A Pretrained with fresh parameters and BN statistics, step 0.
     """
-    model = models.build_model(pretrained.model_config, num_classes=pretrained.probe_classes)
+    model = pretrained.build_model()
     variables = model.init(jax.random.key(seed), np.zeros((2, 32, 32, 3), np.float32), train=False)
     variables = jax.tree_util.tree_map(np.asarray, variables)
     return dataclasses.replace(

@@ -1,0 +1,65 @@
+"""The train state a run checkpoints: the online network, its optimizer and any method state.
+
+`TrainState` is SimCLR's state (and the base of every method's): its checkpoint tree is
+{'step', 'params', 'batch_stats', 'opt_state'}. Methods with an EMA target network (BYOL,
+MoCo v3) use `TargetTrainState`, which adds the target's parameters and BN statistics; orbax
+saves and restores the added fields with the rest, so a resumed run continues the EMA exactly.
+"""
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: the step and all trainable state."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class TargetTrainState(TrainState):
+    """TrainState plus an EMA target network (not trained by the optimizer).
+
+    Attributes:
+      target_params: the target's parameters, an exponential moving average of the online
+        network's parameters of the same submodules (e.g. {'encoder', 'projector'}).
+      target_batch_stats: the target's BatchNorm running statistics (updated by the target's
+        own forward pass in training mode, as PyTorch buffers are in BYOL implementations).
+    """
+
+    target_params: Any
+    target_batch_stats: Any
+
+
+def create_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_shape
+) -> TrainState:
+    """Initialises parameters, batch statistics and optimizer state.
+
+    Args:
+      model: the pretraining model.
+      tx: the optimizer.
+      rng: PRNG key for the parameters.
+      image_shape: (height, width, channels) of one view.
+
+    Returns:
+      A TrainState at step 0.
+    """
+    dummy = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+    variables = model.init(rng, dummy, train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+    )

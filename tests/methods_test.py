@@ -1,0 +1,406 @@
+"""Tests of the method interface (simclr_jax.methods) and of BYOL on the generic train step.
+
+BYOL's loss and gradient against a float64 NumPy formula of Grill et al. 2020 eq. 2; the EMA
+schedule and update against NumPy; one BYOL step on 1 device against 8 devices (global BN,
+params and EMA target); and, slow, a BYOL run stopped and resumed against an uninterrupted
+one, bit for bit, with the target in the checkpoint, and kNN on the BYOL checkpoint.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+from tiny_run import tiny_config
+
+from configs import byol_cifar10, cifar10, mocov3_cifar10
+from configs import knn as knn_config
+from simclr_jax import (
+    checkpoint,
+    config_checks,
+    export,
+    methods,
+    models,
+    sharding,
+    steps,
+    train,
+)
+from simclr_jax.eval import protocols
+from simclr_jax.methods import byol, ema, mocov3
+
+AXIS = sharding.DATA_AXIS
+P = jax.sharding.PartitionSpec
+
+
+def _np_byol_loss_and_grad(p, z):
+    """float64 mean_i (2 - 2 cos(p_i, z_i)) and its gradient with respect to p."""
+    p, z = np.asarray(p, np.float64), np.asarray(z, np.float64)
+    pn = np.linalg.norm(p, axis=1, keepdims=True)
+    zn = np.linalg.norm(z, axis=1, keepdims=True)
+    cos = np.sum(p * z, axis=1, keepdims=True) / (pn * zn)
+    n = p.shape[0]
+    loss = np.mean(2.0 - 2.0 * cos)
+    # d cos / d p = z / (|p||z|) - cos p / |p|^2
+    grad = -2.0 / n * (z / (pn * zn) - cos * p / pn**2)
+    return loss, grad
+
+
+def test_byol_loss_value_and_gradient_match_numpy():
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(16, 8)).astype(np.float32)
+    z = rng.normal(size=(16, 8)).astype(np.float32)
+    loss, grad = jax.value_and_grad(byol.byol_loss)(p, z, None)
+    ref_loss, ref_grad = _np_byol_loss_and_grad(p, z)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    # The target gets no gradient through the step (stop_gradient in BYOL.targets); here the
+    # loss of identical directions is 0.
+    np.testing.assert_allclose(byol.byol_loss(p, 3.0 * p, None), 0.0, atol=1e-6)
+
+
+def test_byol_loss_over_eight_devices_is_the_global_mean_and_its_gradient_share():
+    """Value: the global batch's mean; pmean of the devices' gradients: the global gradient."""
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=(16, 8)).astype(np.float32)
+    z = rng.normal(size=(16, 8)).astype(np.float32)
+    mesh = sharding.create_mesh(jax.devices()[:8])
+
+    def per_device(p, z):
+        loss, grad = jax.value_and_grad(byol.byol_loss)(p, z, AXIS)
+        # Each device holds its rows' gradient; the train step's pmean over 8 devices
+        # divides by 8: the global gradient of those rows is 8 * their share / 8.
+        return loss, grad
+
+    fn = jax.jit(
+        jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=(P(), P(AXIS)),
+            check_vma=False,
+        )
+    )  # fmt: skip
+    loss, grad = fn(p, z)
+    ref_loss, ref_grad = _np_byol_loss_and_grad(p, z)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    # Device d's gradient of its 2 rows is d(local mean)/dp = 8 * the global gradient; the
+    # step's pmean over the parameters divides it by 8.
+    np.testing.assert_allclose(np.asarray(grad) / 8, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_rate_follows_the_byol_schedule():
+    total, tau_base = 40, 0.99
+    k = np.arange(total + 1)
+    ref = 1 - (1 - tau_base) * (np.cos(np.pi * k / total) + 1) / 2
+    got = np.array([ema.ema_rate(i, total, tau_base) for i in k])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
+    assert got[0] == pytest.approx(tau_base) and got[-1] == pytest.approx(1.0)
+
+
+class _TinyEncoder(nn.Module):
+    """Conv -> BN (global with bn_axis_name) -> ReLU -> mean pool: cheap to compile."""
+
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, images, train: bool):
+        x = nn.Conv(6, (3, 3), use_bias=False)(images)
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name)(x)
+        return jnp.mean(nn.relu(x), axis=(1, 2))
+
+
+def _byol_model(axis, moco=False):
+    head = dict(bn_axis_name=axis)
+    if moco:
+        projector = mocov3.MoCoMLP(16, 8, last_bn=True, **head)
+        predictor = mocov3.MoCoMLP(16, 8, last_bn=False, **head)
+    else:
+        projector, predictor = byol.MLPHead(16, 8, **head), byol.MLPHead(16, 8, **head)
+    return byol.BYOLModel(
+        encoder=_TinyEncoder(bn_axis_name=axis),
+        projector=projector,
+        predictor=predictor,
+        probe=models.LinearHead(num_classes=10),
+    )
+
+
+def _batch(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    return {
+        "view1": rng.uniform(size=(n, 8, 8, 3)).astype(np.float32),
+        "view2": rng.uniform(size=(n, 8, 8, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
+
+
+TOTAL_STEPS, TAU_BASE = 10, 0.9
+
+
+def _byol_step(num_devices, start_step=0, parallelism="shard_map", moco=False):
+    """One BYOL (or MoCo v3) step with SGD(0.5) from a state whose target differs from the
+    online net.
+
+    Returns (old state, new state, metrics) as NumPy."""
+    axis = AXIS if num_devices > 1 else None
+    model = _byol_model(axis, moco)
+    if moco:
+        method = mocov3.MoCoV3(tau_base=TAU_BASE, total_steps=TOTAL_STEPS, temperature=0.2)
+    else:
+        method = byol.BYOL(tau_base=TAU_BASE, total_steps=TOTAL_STEPS)
+    tx = optax.sgd(0.5)
+    state = method.create_state(_byol_model(None, moco), tx, jax.random.key(0), (8, 8, 3))
+    # A target unlike the online network, so the EMA's mixing is visible.
+    state = state.replace(
+        step=jnp.int32(start_step),
+        target_params=jax.tree_util.tree_map(lambda x: 0.5 * x + 0.01, state.target_params),
+    )
+    old = jax.device_get(state)
+    step = functools.partial(
+        steps.train_step,
+        model=model,
+        tx=tx,
+        learning_rate_fn=lambda s: jnp.float32(0.5),
+        method=method,
+        axis_name=axis,
+        sync_batch_stats=False,
+    )
+    batch = _batch()
+    if num_devices == 1:
+        new, metrics = jax.jit(step)(state, batch)
+    else:
+        mesh = sharding.create_mesh(jax.devices()[:num_devices])
+        fn = steps.compile_train_step(step, parallelism=parallelism, mesh=mesh)
+        if parallelism == "pmap":
+            state = sharding.replicate_for_pmap(state, jax.devices()[:num_devices])
+            new, metrics = fn(state, sharding.shard_for_pmap(batch, num_devices))
+            new = sharding.unreplicate_from_pmap(new)
+            metrics = sharding.unreplicate_from_pmap(metrics)
+        else:
+            new, metrics = fn(state, sharding.make_global_batch(batch, mesh))
+    return old, jax.device_get(new), jax.device_get(metrics.compute())
+
+
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_byol_step_updates_the_target_by_the_ema_of_the_post_step_params(start_step):
+    old, new, metrics = _byol_step(1, start_step)
+    k = start_step
+    tau = 1 - (1 - TAU_BASE) * (np.cos(np.pi * k / TOTAL_STEPS) + 1) / 2
+    for name in byol.TARGET_MODULES:
+        expected = jax.tree_util.tree_map(
+            lambda t, o: tau * np.float64(t) + (1 - tau) * np.float64(o),
+            old.target_params[name],
+            new.params[name],
+        )
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
+            new.target_params[name],
+            expected,
+        )
+    assert set(new.target_params) == {"encoder", "projector"}
+    # The online network moved (so "post-step" differs from "pre-step").
+    assert optax.tree.norm(jax.tree_util.tree_map(np.subtract, new.params, old.params)) > 1e-3
+    # The target's BN running statistics come from its own forward pass in training mode.
+    moved = jax.tree_util.tree_map(np.subtract, new.target_batch_stats, old.target_batch_stats)
+    assert optax.tree.norm(moved) > 0
+    assert 0.0 <= metrics["loss"] <= 8.0 and new.step == start_step + 1
+
+
+# 8 devices sum in another order than 1: measured differences <= 3e-7 absolute (float32
+# rounding; the pre-BN biases, whose exact gradient is 0, hold only such noise); bounds 1e-5
+# of each tensor's largest entry plus 1e-6.
+TREE_TOL, TREE_ATOL = 1e-5, 1e-6
+
+
+def _assert_trees_close(a, b, tol, atol=TREE_ATOL):
+    flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert tree_a == tree_b
+    for (path, x), (_, y) in zip(flat_a, flat_b, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        error, bound = np.abs(x - y).max(), tol * np.abs(y).max() + atol
+        assert error <= bound, f"{jax.tree_util.keystr(path)}: {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("parallelism", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
+def test_byol_step_on_eight_devices_equals_one_device(parallelism):
+    _, one, one_metrics = _byol_step(1, 3)
+    _, eight, eight_metrics = _byol_step(8, 3, parallelism)
+    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+    for field in ("params", "batch_stats", "target_params", "target_batch_stats"):
+        _assert_trees_close(getattr(eight, field), getattr(one, field), TREE_TOL)
+
+
+def _np_mocov3_loss(q, k, tau):
+    """float64 2 tau * mean_i CE(q_i . k^T / tau, i), q and k l2-normalised."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    logits = q @ k.T / tau
+    logits -= logits.max(axis=1, keepdims=True)
+    log_prob = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return 2 * tau * -np.mean(np.diag(log_prob))
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_mocov3_loss_matches_numpy_with_keys_from_every_device(num_devices):
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(16, 8)).astype(np.float32)
+    k = rng.normal(size=(16, 8)).astype(np.float32)
+    ref = _np_mocov3_loss(q, k, 0.2)
+    # Gradient by central differences of the float64 reference, one entry per row.
+    eps, grad_ref = 1e-4, np.zeros_like(q, np.float64)
+    for i in range(16):
+        up, down = q.astype(np.float64).copy(), q.astype(np.float64).copy()
+        up[i, i % 8] += eps
+        down[i, i % 8] -= eps
+        grad_ref[i, i % 8] = (_np_mocov3_loss(up, k, 0.2) - _np_mocov3_loss(down, k, 0.2)) / (
+            2 * eps
+        )
+    if num_devices == 1:
+        loss, grad = jax.value_and_grad(mocov3.mocov3_loss)(q, k, 0.2, None)
+    else:
+        mesh = sharding.create_mesh(jax.devices()[:8])
+        fn = jax.shard_map(
+            lambda q, k: jax.value_and_grad(mocov3.mocov3_loss)(q, k, 0.2, AXIS),
+            mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=(P(), P(AXIS)), check_vma=False,
+        )  # fmt: skip
+        loss, grad = jax.jit(fn)(q, k)
+        grad = np.asarray(grad) / 8  # the step's pmean over 8 devices
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    rows, cols = np.arange(16), np.arange(16) % 8
+    np.testing.assert_allclose(np.asarray(grad)[rows, cols], grad_ref[rows, cols], atol=2e-5)
+
+
+def test_mocov3_step_on_eight_devices_equals_one_device():
+    _, one, one_metrics = _byol_step(1, 3, moco=True)
+    _, eight, eight_metrics = _byol_step(8, 3, moco=True)
+    np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-5)
+    for field in ("params", "batch_stats", "target_params", "target_batch_stats"):
+        _assert_trees_close(getattr(eight, field), getattr(one, field), TREE_TOL)
+
+
+def test_simclr_keeps_the_plain_train_state_tree():
+    """Old SimCLR checkpoints keep loading: the state is {'step', 'params', 'batch_stats',
+    'opt_state'} with params {'encoder', 'head', 'probe'}."""
+    config = tiny_config()
+    method = methods.from_config(config, total_steps=4)
+    model = methods.build_model(config, num_classes=10)
+    tx = optax.sgd(0.1)
+    state = jax.eval_shape(
+        lambda k: method.create_state(model, tx, k, (32, 32, 3)), jax.random.key(0)
+    )
+    assert type(state) is steps.TrainState
+    assert set(state.params) == {"encoder", "head", "probe"}
+
+
+def test_config_errors_name_the_field():
+    config = byol_cifar10.get_config("runlocal")
+    config.train.micro_batch_size = 16
+    with pytest.raises(config_checks.ConfigError, match=r"train\.micro_batch_size"):
+        methods.check_config(config)
+    config = byol_cifar10.get_config("runlocal")
+    config.method.tau_base = 1.5
+    with pytest.raises(config_checks.ConfigError, match=r"method\.tau_base"):
+        methods.check_config(config)
+    config = mocov3_cifar10.get_config("runlocal")
+    config.method.temperature = 0.0
+    with pytest.raises(config_checks.ConfigError, match=r"method\.temperature"):
+        methods.check_config(config)
+    config = cifar10.get_config("runlocal")
+    config.method.name = "byl"
+    with pytest.raises(config_checks.ConfigError, match=r"method\.name"):
+        methods.check_config(config)
+    # A run's config.json from before config.method existed is SimCLR.
+    assert methods.method_name(mlc.ConfigDict({"model": {}})) == "simclr"
+
+
+def _tiny_byol(**overrides):
+    config = tiny_config(**overrides)
+    config.method = byol_cifar10.get_config("runlocal").method
+    return config
+
+
+@pytest.fixture(scope="module")
+def byol_run(tmp_path_factory):
+    """An uninterrupted 4-step tiny BYOL run on 8 devices."""
+    workdir = str(tmp_path_factory.mktemp("byol_run"))
+    train.train_and_evaluate(_tiny_byol(), workdir)
+    return workdir
+
+
+def _restore(workdir):
+    manager = checkpoint.create_manager(workdir, max_to_keep=3, asynchronous=False)
+    restored = manager.restore(manager.latest_step())
+    manager.close()
+    return jax.tree_util.tree_map(np.asarray, restored)
+
+
+@pytest.mark.slow
+def test_byol_resumed_run_equals_uninterrupted_bit_for_bit(byol_run, tmp_path):
+    workdir = str(tmp_path)
+    out = train.train_and_evaluate(_tiny_byol(train__stop_at_step=2), workdir)
+    assert out["preempted"] and checkpoint.latest_step(workdir) == 2
+    saved = _restore(workdir)
+    assert set(saved["target_params"]) == {"encoder", "projector"}
+    assert set(saved["target_batch_stats"]) == {"encoder", "projector"}
+    train.train_and_evaluate(_tiny_byol(), workdir)
+    resumed, reference = _restore(workdir), _restore(byol_run)
+    assert int(resumed["step"]) == 4
+    for field in ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, resumed[field], reference[field])
+    # The target is not a copy of the online network: the EMA ran.
+    target = jax.tree_util.tree_leaves(resumed["target_params"]["encoder"])
+    online = jax.tree_util.tree_leaves(resumed["params"]["encoder"])
+    assert not all(np.array_equal(t, o) for t, o in zip(target, online, strict=True))
+
+
+@pytest.mark.slow
+def test_knn_and_export_run_on_a_byol_checkpoint(byol_run, tmp_path):
+    with open(os.path.join(byol_run, "config.json")) as f:
+        assert json.load(f)["method"]["name"] == "byol"
+    config = knn_config.get_config()
+    config.init_from = byol_run
+    config.eval.batch_size = 256
+    config.eval.knn_k = 20
+    config.eval.compare_random_init = True
+    results = protocols.run("knn", config, str(tmp_path))
+    assert results["checkpoint"]["step"] == 4
+    assert 0.0 <= results["top1"] <= 1.0 and 0.0 <= results["random_init"]["top1"] <= 1.0
+    # Export: the online encoder (BYOL has no SimCLR head to add).
+    out = export.export_encoder(byol_run, str(tmp_path / "byol.npz"))
+    exported = export.load_exported(out)
+    assert set(exported["params"]) == {"encoder"}
+    saved = _restore(byol_run)["params"]["encoder"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported["params"]["encoder"], saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["byol", "mocov3"])
+def test_each_method_trains_through_main_py(name, tmp_path):
+    """A 2-step smoke run of the real CLI per method (8 fake devices, global BN)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [
+        sys.executable,
+        "main.py",
+        f"--workdir={tmp_path}",
+        f"--config=configs/{name}_cifar10.py:runlocal",
+        "--config.model.base_width=4",
+        "--config.train.batch_size=16",
+        "--config.train.steps=2",
+        "--config.eval.knn=False",
+        f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+    ]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["step"] == 2 and np.isfinite(last["train/loss"])
+    saved = _restore(str(tmp_path))
+    assert set(saved["target_params"]) == {"encoder", "projector"}
