@@ -117,8 +117,8 @@ class _TinyEncoder(nn.Module):
 def _byol_model(axis, moco=False):
     head = dict(bn_axis_name=axis)
     if moco:
-        projector = mocov3.MoCoMLP(16, 8, last_bn=True, **head)
-        predictor = mocov3.MoCoMLP(16, 8, last_bn=False, **head)
+        projector = byol.MLPHead(16, 8, use_bias=False, last_bn=True, **head)
+        predictor = byol.MLPHead(16, 8, use_bias=False, **head)
     else:
         projector, predictor = byol.MLPHead(16, 8, **head), byol.MLPHead(16, 8, **head)
     return byol.BYOLModel(

@@ -46,15 +46,20 @@ DIAGNOSTIC_TEMPERATURE = 0.1
 
 
 class MLPHead(nn.Module):
-    """BYOL's projector and predictor: Linear(hidden) -> BN -> ReLU -> Linear(out).
+    """The family's 2-layer MLP: Linear(hidden) -> BN -> ReLU -> Linear(out) [-> BN].
+
+    BYOL's projector and predictor use the defaults; MoCo v3's (methods.mocov3) have no
+    biases, and its projector ends with a BatchNorm without scale or bias.
 
     Attributes:
-      hidden_dim: width of the hidden layer (4096 in the paper).
-      out_dim: width of the output (256 in the paper).
+      hidden_dim: width of the hidden layer (4096 in the BYOL paper).
+      out_dim: width of the output (256 in the BYOL paper).
       bn_axis_name: axis name for cross-device BatchNorm statistics; None = per-device.
       bn_momentum: BN running-average momentum.
       bn_epsilon: BN epsilon.
       dtype: computation dtype; parameters and BN statistics stay float32.
+      use_bias: biases on the two Linear layers.
+      last_bn: a BatchNorm without scale or bias on the output ('bn_1').
     """
 
     hidden_dim: int
@@ -63,23 +68,26 @@ class MLPHead(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    use_bias: bool = True
+    last_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """[n, d] -> float32 [n, out_dim]."""
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        x = nn.Dense(self.hidden_dim, name="dense_0", **dense)(x)
-        x = nn.BatchNorm(
+        kinds = dict(dtype=self.dtype, param_dtype=jnp.float32)
+        bn = dict(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             axis_name=self.bn_axis_name,
             use_fast_variance=False,
-            name="bn_0",
-            **dense,
-        )(x)
-        x = nn.relu(x)
-        x = nn.Dense(self.out_dim, name="dense_1", **dense)(x)
+            **kinds,
+        )
+        x = nn.Dense(self.hidden_dim, use_bias=self.use_bias, name="dense_0", **kinds)(x)
+        x = nn.relu(nn.BatchNorm(name="bn_0", **bn)(x))
+        x = nn.Dense(self.out_dim, use_bias=self.use_bias, name="dense_1", **kinds)(x)
+        if self.last_bn:
+            x = nn.BatchNorm(use_scale=False, use_bias=False, name="bn_1", **bn)(x)
         return jnp.asarray(x, jnp.float32)
 
 

@@ -15,7 +15,6 @@ projector_hidden_dim, projector_dim, predictor_hidden_dim.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,44 +28,6 @@ from simclr_jax.methods import byol
 NAME = "mocov3"
 # MoCo v3 uses BYOL's augmentations (asymmetric blur and solarisation).
 AUGMENT = byol.AUGMENT
-
-
-class MoCoMLP(nn.Module):
-    """MoCo v3's MLP: [Linear(no bias) -> BN -> ReLU] hidden, Linear(no bias) [-> BN(no affine)].
-
-    Attributes:
-      hidden_dim: width of the hidden layer.
-      out_dim: width of the output.
-      last_bn: a BatchNorm without scale or bias on the output (the projector's).
-      bn_axis_name, bn_momentum, bn_epsilon, dtype: as byol.MLPHead.
-    """
-
-    hidden_dim: int
-    out_dim: int
-    last_bn: bool
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """[n, d] -> float32 [n, out_dim]."""
-        kinds = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        bn = dict(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            axis_name=self.bn_axis_name,
-            use_fast_variance=False,
-            **kinds,
-        )
-        x = nn.Dense(self.hidden_dim, use_bias=False, name="dense_0", **kinds)(x)
-        x = nn.relu(nn.BatchNorm(name="bn_0", **bn)(x))
-        x = nn.Dense(self.out_dim, use_bias=False, name="dense_1", **kinds)(x)
-        if self.last_bn:
-            x = nn.BatchNorm(use_scale=False, use_bias=False, name="bn_1", **bn)(x)
-        return jnp.asarray(x, jnp.float32)
 
 
 def build_model(
@@ -87,8 +48,10 @@ def build_model(
     dim = method_cfg.projector_dim
     return byol.BYOLModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
-        projector=MoCoMLP(method_cfg.projector_hidden_dim, dim, last_bn=True, **head),
-        predictor=MoCoMLP(method_cfg.predictor_hidden_dim, dim, last_bn=False, **head),
+        projector=byol.MLPHead(
+            method_cfg.projector_hidden_dim, dim, use_bias=False, last_bn=True, **head
+        ),
+        predictor=byol.MLPHead(method_cfg.predictor_hidden_dim, dim, use_bias=False, **head),
         probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
     )
 
