@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from losses_test import _max_intermediate_size  # the largest value a jaxpr produces
 
 from simclr_jax import method_losses
 
@@ -366,20 +367,6 @@ def test_parameter_gradient_pmean_is_the_global_gradient(mesh):
     np.testing.assert_allclose(np.asarray(got)[5], want, rtol=1e-5, atol=1e-5)
 
 
-def _largest_value(jaxpr):
-    """Most elements of any value a jaxpr (sub-jaxprs included) produces."""
-    biggest = 0
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            biggest = max(biggest, int(np.prod(getattr(var.aval, "shape", ()))))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr.
-                if hasattr(sub, "eqns"):
-                    biggest = max(biggest, _largest_value(sub))
-    return biggest
-
-
 @pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
 def test_no_device_builds_the_whole_feature_matrix(mesh, name):
     """Forward and backward hold the gathered [N, d] views and [d / D, d] blocks, never [d, d]."""
@@ -393,5 +380,5 @@ def test_no_device_builds_the_whole_feature_matrix(mesh, name):
         out_specs=(P(AXIS), P(AXIS)),
     )
     inner = jax.make_jaxpr(fn)(*inputs).jaxpr.eqns[0].params["jaxpr"]
-    biggest = _largest_value(getattr(inner, "jaxpr", inner))
+    biggest = _max_intermediate_size(getattr(inner, "jaxpr", inner))
     assert biggest == N_GLOBAL * dim, biggest
