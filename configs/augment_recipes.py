@@ -12,7 +12,7 @@ alone. `python -m simclr_jax.data.preview --config=...` draws the result.
 import ml_collections as mlc
 
 
-def byol_views(config: mlc.ConfigDict) -> mlc.ConfigDict:
+def byol_views(config: mlc.ConfigDict, *, blur: bool = True) -> mlc.ConfigDict:
     """Sets BYOL's asymmetric two-view recipe on config.augment and returns config.
 
     Source: Grill et al. 2020, "Bootstrap your own latent", arXiv 2006.07733,
@@ -25,8 +25,13 @@ def byol_views(config: mlc.ConfigDict) -> mlc.ConfigDict:
     which the config already has; MoCo v3, Barlow Twins and VICReg reuse this
     recipe (MoCo v3 with crop area (0.2, 1), set by its config).
 
+    On 32x32 images (blur=False) both views go without blur, as solo-learn's CIFAR recipes
+    (scripts/pretrain/cifar/augmentations/asymmetric.yaml: blur p 0.0 on both views,
+    solarisation 0.0 / 0.2) and SimCLR's CIFAR recipe do.
+
     Args:
       config: a config with the augment section of configs/cifar10.py.
+      blur: False for small images: blur p 0.0 on both views.
 
     Returns:
       The same config, changed in place.
@@ -41,8 +46,8 @@ def byol_views(config: mlc.ConfigDict) -> mlc.ConfigDict:
     aug.jitter_hue = 0.1
     aug.grayscale_prob = 0.2
     aug.blur_sigma_range = (0.1, 2.0)
-    aug.view1.blur_prob = 1.0
-    aug.view2.blur_prob = 0.1
+    aug.view1.blur_prob = 1.0 if blur else 0.0
+    aug.view2.blur_prob = 0.1 if blur else 0.0
     aug.view1.solarize_prob = 0.0
     aug.view2.solarize_prob = 0.2
     return config

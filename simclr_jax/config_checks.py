@@ -4,6 +4,8 @@ Every message names the field, the value and the fix, so a typo on a pod
 fails in seconds instead of after minutes of compilation.
 """
 
+import math
+
 import ml_collections as mlc
 
 # The choices of config fields, defined here and nowhere else: the models, the data sources, the
@@ -45,15 +47,15 @@ def fail(field: str, value, fix: str):
 
 
 def require_positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = False) -> None:
-    """Raises ConfigError unless config.<field> (dotted, e.g. 'eval.batch_size') is a number > 0
-    (>= 0 with allow_zero)."""
+    """Raises ConfigError unless config.<field> (dotted, e.g. 'eval.batch_size') is a finite
+    number > 0 (>= 0 with allow_zero)."""
     value = config
     for part in field.split("."):
         value = value[part]
     bad_type = value is None or isinstance(value, bool) or not isinstance(value, int | float)
-    if bad_type or value < 0 or (value == 0 and not allow_zero):
+    if bad_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        fail(field, value, f"it must be a number {bound}.")
+        fail(field, value, f"it must be a finite number {bound}.")
 
 
 def validate_pretrain_config(config: mlc.ConfigDict) -> None:

@@ -324,12 +324,9 @@ def _compile_train_step(config: mlc.ConfigDict, run: Run):
     )
 
 
-_TITLES = {"simclr": "SimCLR", "byol": "BYOL", "mocov3": "MoCo v3"}
-
-
 def _print_plan(config: mlc.ConfigDict, run: Run) -> None:
     print(
-        f"{_TITLES.get(run.method.name, run.method.name)} pretraining: {run.total_steps} "
+        f"{methods.get_method(config).TITLE} pretraining: {run.total_steps} "
         f"steps ({run.steps_per_epoch} steps/epoch, "
         f"warmup {run.warmup_steps}), global batch {config.train.batch_size} on "
         f"{len(run.devices)} devices x {jax.process_count()} processes ({run.parallelism}), "

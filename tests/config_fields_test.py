@@ -22,6 +22,8 @@ CONFIGS = {
     "quickstart": [None],
     "byol_cifar10": [None, "quickstart", "runlocal"],
     "mocov3_cifar10": [None, "quickstart", "runlocal"],
+    "barlow_twins_cifar10": [None, "quickstart", "runlocal"],
+    "vicreg_cifar10": [None, "quickstart", "runlocal"],
     "linear_eval": [None, "reference"],
     "knn": [None],
     "finetune": ["1pct", "10pct", "100pct"],

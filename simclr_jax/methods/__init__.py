@@ -1,7 +1,7 @@
 """Self-supervised methods on the generic train step: the registry of config.method.name.
 
-A method module (simclr.py, byol.py, mocov3.py) supplies:
-- NAME and AUGMENT (the config.augment values its recipe wants, per view where they differ);
+A method module (simclr.py, byol.py, mocov3.py, barlow_twins.py, vicreg.py) supplies:
+- NAME, its config.method.name, and TITLE, its name in print;
 - build_model(config, *, num_classes, bn_axis_name, conv): its Flax model (encoder, heads,
   online probe), returning {'h', 'z', 'probe_logits', ...} for [2n] images;
 - from_config(config, *, total_steps): the step object the train step calls: create_state,
@@ -9,19 +9,25 @@ A method module (simclr.py, byol.py, mocov3.py) supplies:
   outputs with axis_name for cross-device statistics), embedding_loss (micro-batching),
   after_step (extra state after the optimizer step: the EMA target), supports_micro_batching;
 - check_config(config): ConfigErrors for the method's own fields.
+Its augmentation recipe per view is a config's (configs/augment_recipes.py, applied by
+configs/<method>_cifar10.py); the shared pieces are heads.py (MLP heads), base.py (the step
+object of methods without a target network), ema.py and diagnostics.py.
 See docs/methods.md for the interface and how to add a method.
 """
 
+import typing
 from types import ModuleType
 
 import flax.linen as nn
 import ml_collections as mlc
 
 from simclr_jax import config_checks
-from simclr_jax.methods import byol, mocov3, simclr
+from simclr_jax.methods import barlow_twins, byol, mocov3, simclr, vicreg
 
 # config.method.name -> module; the only list of method names.
-METHODS: dict[str, ModuleType] = {simclr.NAME: simclr, byol.NAME: byol, mocov3.NAME: mocov3}
+METHODS: dict[str, ModuleType] = {
+    module.NAME: module for module in (simclr, byol, mocov3, barlow_twins, vicreg)
+}
 DEFAULT_METHOD = simclr.NAME
 
 
@@ -56,9 +62,18 @@ def check_config(config: mlc.ConfigDict) -> None:
         config_checks.fail(
             "train.micro_batch_size",
             config.train.micro_batch_size,
-            f"micro-batching (gradient caching) is implemented for SimCLR only; "
-            f"{module.NAME} needs 0 (docs/methods.md says why).",
+            f"micro-batching (gradient caching) needs a loss of the two views' projections "
+            f"alone ({', '.join(_micro_batching_methods())}); {module.NAME} needs 0 "
+            "(docs/methods.md says why).",
         )
+
+
+def _micro_batching_methods() -> list[str]:
+    return [
+        name
+        for name, module in METHODS.items()
+        if typing.get_type_hints(module.from_config)["return"].supports_micro_batching
+    ]
 
 
 def build_model(
@@ -82,6 +97,7 @@ def from_config(config: mlc.ConfigDict, *, total_steps: int):
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
+    "barlow_twins",
     "build_model",
     "byol",
     "check_config",
@@ -90,4 +106,5 @@ __all__ = [
     "method_name",
     "mocov3",
     "simclr",
+    "vicreg",
 ]

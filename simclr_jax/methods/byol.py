@@ -1,11 +1,12 @@
 """BYOL (Grill et al. 2020, "Bootstrap your own latent", arXiv 2006.07733) on the train step.
 
 Online network: encoder f -> projector g (Linear-BN-ReLU-Linear, 4096-256 in the paper) ->
-predictor q (the same shape). Target network: an EMA of the online encoder and projector
-(simclr_jax.methods.ema; tau_base config.method.tau_base), no gradient. Loss (paper eq. 2 and
-its symmetrisation): L = byol_loss(q(z1), z'2) + byol_loss(q(z2), z'1), each term the mean over
-the global batch of 2 - 2 cos. BatchNorm in every head uses the same axis as the encoder's
-(global BN under config.model.global_bn). The online probe on stop_gradient(h) is SimCLR's.
+predictor q (the same shape; heads.MLPHead). Target network: an EMA of the online encoder and
+projector (simclr_jax.methods.ema; tau_base config.method.tau_base), no gradient. Loss (paper
+eq. 2, symmetrised): method_losses.byol_loss, the mean over the global batch of
+(2 - 2 cos(q(z1), z'2)) + (2 - 2 cos(q(z2), z'1)). BatchNorm in every head uses the same axis
+as the encoder's (global BN under config.model.global_bn). The online probe on
+stop_gradient(h) is SimCLR's. Augmentations: configs/augment_recipes.py (per view).
 
 Config fields read (config.method): name ('byol'), tau_base (0 <= tau_base <= 1),
 projector_hidden_dim, projector_dim, predictor_hidden_dim (ints > 0).
@@ -16,7 +17,6 @@ target_batch_stats {'encoder', 'projector'}.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,71 +24,14 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from simclr_jax import config_checks, losses, models, train_state
-from simclr_jax.methods import ema
+from simclr_jax import config_checks, method_losses, models, train_state
+from simclr_jax.methods import diagnostics, ema
+from simclr_jax.methods.heads import MLPHead
 
 NAME = "byol"
+TITLE = "BYOL"  # in progress lines and tables
 # The online submodules the target network averages.
 TARGET_MODULES = ("encoder", "projector")
-# BYOL's image augmentations (Grill et al. 2020, appendix B, table 6) for (view 1, view 2):
-# colour jitter 0.4/0.4/0.2/0.1 at p 0.8, grayscale 0.2, blur p 1.0 / 0.1, solarisation
-# p 0.0 / 0.2. The data pipeline applies one recipe to both views today, so configs set the
-# shared fields that exist (configs/byol_cifar10.py); the per-view values wait for per-view
-# augment fields.
-AUGMENT: tuple[dict[str, Any], dict[str, Any]] = (
-    {"jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 1.0, "solarize_prob": 0.0},
-    {"jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.1, "solarize_prob": 0.2},
-)
-# Temperature of the diagnostics only (train/contrastive_acc, train/entropy): how well each
-# prediction p(v1) picks its own image's target z'(v2) among the global batch's targets (the
-# other predictions are not candidates); not optimised.
-DIAGNOSTIC_TEMPERATURE = 0.1
-
-
-class MLPHead(nn.Module):
-    """The family's 2-layer MLP: Linear(hidden) -> BN -> ReLU -> Linear(out) [-> BN].
-
-    BYOL's projector and predictor use the defaults; MoCo v3's (methods.mocov3) have no
-    biases, and its projector ends with a BatchNorm without scale or bias.
-
-    Attributes:
-      hidden_dim: width of the hidden layer (4096 in the BYOL paper).
-      out_dim: width of the output (256 in the BYOL paper).
-      bn_axis_name: axis name for cross-device BatchNorm statistics; None = per-device.
-      bn_momentum: BN running-average momentum.
-      bn_epsilon: BN epsilon.
-      dtype: computation dtype; parameters and BN statistics stay float32.
-      use_bias: biases on the two Linear layers.
-      last_bn: a BatchNorm without scale or bias on the output ('bn_1').
-    """
-
-    hidden_dim: int
-    out_dim: int
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    use_bias: bool = True
-    last_bn: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """[n, d] -> float32 [n, out_dim]."""
-        kinds = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        bn = dict(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            axis_name=self.bn_axis_name,
-            use_fast_variance=False,
-            **kinds,
-        )
-        x = nn.Dense(self.hidden_dim, use_bias=self.use_bias, name="dense_0", **kinds)(x)
-        x = nn.relu(nn.BatchNorm(name="bn_0", **bn)(x))
-        x = nn.Dense(self.out_dim, use_bias=self.use_bias, name="dense_1", **kinds)(x)
-        if self.last_bn:
-            x = nn.BatchNorm(use_scale=False, use_bias=False, name="bn_1", **bn)(x)
-        return jnp.asarray(x, jnp.float32)
 
 
 class BYOLModel(nn.Module):
@@ -144,29 +87,6 @@ def build_model(
     )
 
 
-def byol_loss(p: jax.Array, z_target: jax.Array, axis_name: str | None) -> jax.Array:
-    """BYOL's regression loss, mean over the global batch of 2 - 2 cos(p_i, z_target_i).
-
-    Grill et al. 2020, eq. 2: ||p/|p| - z'/|z'|||^2 = 2 - 2 <p, z'> / (|p| |z'|).
-
-    Args:
-      p: this device's predictions [n, d] (any float dtype).
-      z_target: the target projections of the other view [n, d]; the caller stops their
-        gradient.
-      axis_name: the device axis, or None on one device.
-
-    Returns:
-      A float32 scalar: the value is the mean over every device's rows (devices hold equal
-      n); its gradient is this device's share (the gradient of the local mean), so the mean
-      of the devices' gradients (the step's pmean) is the gradient of the global mean.
-    """
-    cos = jnp.sum(losses.l2_normalize(p) * losses.l2_normalize(z_target), axis=-1)
-    local = jnp.mean(2.0 - 2.0 * cos)
-    if axis_name is None:
-        return local
-    return local + jax.lax.stop_gradient(jax.lax.pmean(local, axis_name) - local)
-
-
 def _select(tree: dict, names) -> dict:
     return {name: tree[name] for name in names if name in tree}
 
@@ -214,23 +134,13 @@ class BYOL:
         return jax.lax.stop_gradient(z), stats
 
     def objective(self, outputs: dict, targets: jax.Array, *, n: int, axis_name: str | None):
-        """(L, L, diagnostics): the symmetrised loss of both views' predictions.
+        """(L, L, diagnostics): method_losses.byol_loss of both views' predictions.
 
         outputs['p'] and targets are [2n, d]: view 1's rows, then view 2's.
         """
         p = outputs["p"]
-        loss = byol_loss(p[:n], targets[n:], axis_name) + byol_loss(p[n:], targets[:n], axis_name)
-        _, aux = losses.nt_xent(
-            jax.lax.stop_gradient(p[:n]),
-            targets[n:],
-            temperature=DIAGNOSTIC_TEMPERATURE,
-            axis_name=axis_name,
-        )
-        return (
-            loss,
-            loss,
-            {"contrastive_acc": aux["contrastive_acc_ab"], "entropy": aux["entropy_ab"]},
-        )
+        loss, _ = method_losses.byol_loss(p[:n], p[n:], targets[:n], targets[n:], axis_name)
+        return loss, loss, diagnostics.view_retrieval(p[:n], targets[n:], axis_name)
 
     def embedding_loss(self, z1, z2, axis_name):
         raise NotImplementedError("BYOL does not support micro-batching (docs/methods.md).")

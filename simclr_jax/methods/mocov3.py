@@ -6,9 +6,10 @@ Key side: the momentum encoder and projector, an EMA of the query ones by BYOL's
 (methods.byol: TargetTrainState, the cosine-raised rate of methods.ema). The EMA runs after each
 optimizer step with the post-step parameters; the paper's code updates it at the start of the
 next step before computing the keys, which is the same sequence of values.
-Loss (the paper's Algorithm 1): ctr(q1, k2) + ctr(q2, k1) with
+Loss (the paper's Algorithm 1, method_losses.moco_v3_loss): ctr(q1, k2) + ctr(q2, k1) with
 ctr(q, k) = 2 tau * CE(q k^T / tau) over the keys of the whole global batch (all_gather), the
-positive of query i being its own image's key; q and k l2-normalised.
+positive of query i being its own image's key; q and k l2-normalised. Augmentations: BYOL's
+(configs/augment_recipes.py) with crop area (0.2, 1) on ImageNet.
 
 Config fields read (config.method): name ('mocov3'), tau_base, temperature,
 projector_hidden_dim, projector_dim, predictor_hidden_dim.
@@ -20,14 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import optax
 
-from simclr_jax import config_checks, losses, models
-from simclr_jax.methods import byol
+from simclr_jax import config_checks, method_losses, models
+from simclr_jax.methods import byol, diagnostics
+from simclr_jax.methods.heads import MLPHead
 
 NAME = "mocov3"
-# MoCo v3 uses BYOL's augmentations (asymmetric blur and solarisation).
-AUGMENT = byol.AUGMENT
+TITLE = "MoCo v3"  # in progress lines and tables
 
 
 def build_model(
@@ -48,40 +48,19 @@ def build_model(
     dim = method_cfg.projector_dim
     return byol.BYOLModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
-        projector=byol.MLPHead(
-            method_cfg.projector_hidden_dim, dim, use_bias=False, last_bn=True, **head
+        projector=MLPHead(
+            method_cfg.projector_hidden_dim,
+            dim,
+            use_bias=False,
+            out_bias=False,
+            last_bn=True,
+            **head,
         ),
-        predictor=byol.MLPHead(method_cfg.predictor_hidden_dim, dim, use_bias=False, **head),
+        predictor=MLPHead(
+            method_cfg.predictor_hidden_dim, dim, use_bias=False, out_bias=False, **head
+        ),
         probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
     )
-
-
-def mocov3_loss(q: jax.Array, k: jax.Array, temperature: float, axis_name: str | None):
-    """2 tau * CE(q k^T / tau) with every device's keys as candidates (MoCo v3, Algorithm 1).
-
-    Args:
-      q: this device's queries [n, d]; k: this device's keys [n, d] (gradient stopped by the
-        caller); devices hold equal n.
-      temperature: tau.
-      axis_name: the device axis, or None on one device.
-
-    Returns:
-      A float32 scalar: the mean over the global batch's queries; its gradient is this
-      device's share (as byol.byol_loss), so the step's pmean gives the global gradient.
-    """
-    q, k = losses.l2_normalize(q), losses.l2_normalize(k)
-    n = q.shape[0]
-    offset = 0
-    if axis_name is not None:
-        k = jax.lax.all_gather(k, axis_name, axis=0, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * n
-    logits = q @ k.T / temperature
-    labels = offset + jnp.arange(n)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    local = 2.0 * temperature * jnp.mean(ce)
-    if axis_name is None:
-        return local
-    return local + jax.lax.stop_gradient(jax.lax.pmean(local, axis_name) - local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +75,18 @@ class MoCoV3(byol.BYOL):
     name: str = NAME
 
     def objective(self, outputs: dict, targets: jax.Array, *, n: int, axis_name: str | None):
-        """(loss, loss, diagnostics): ctr(q1, k2) + ctr(q2, k1); q = outputs['p']."""
+        """(loss, loss, diagnostics): method_losses.moco_v3_loss, ctr(q1, k2) + ctr(q2, k1).
+
+        outputs['p'] (the queries) and targets (the keys) are [2n, d]: view 1's rows, then
+        view 2's. The diagnostics are the loss's own: its top-1 over every device's keys, and
+        the entropy of the softmax at the loss's temperature.
+        """
         q = outputs["p"]
-        loss = mocov3_loss(q[:n], targets[n:], self.temperature, axis_name) + mocov3_loss(
-            q[n:], targets[:n], self.temperature, axis_name
+        loss, _ = method_losses.moco_v3_loss(
+            q[:n], q[n:], targets[:n], targets[n:], self.temperature, axis_name
         )
-        _, aux = losses.nt_xent(
-            jax.lax.stop_gradient(q[:n]),
-            targets[n:],
-            temperature=self.temperature,
-            axis_name=axis_name,
-        )
-        return (
-            loss,
-            loss,
-            {"contrastive_acc": aux["contrastive_acc_ab"], "entropy": aux["entropy_ab"]},
-        )
+        diag = diagnostics.view_retrieval(q[:n], targets[n:], axis_name, self.temperature)
+        return loss, loss, diag
 
 
 def from_config(config: mlc.ConfigDict, *, total_steps: int) -> MoCoV3:

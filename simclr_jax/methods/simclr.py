@@ -8,18 +8,16 @@ params {'encoder', 'head', 'probe'}, batch_stats, opt_state.
 """
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections as mlc
-import optax
 
-from simclr_jax import losses, models, train_state
+from simclr_jax import losses, models
+from simclr_jax.methods import base
 
 NAME = "simclr"
-# SimCLR's own augment recipe is the config.augment section itself (configs/cifar10.py).
-AUGMENT: dict[str, Any] = {}
+TITLE = "SimCLR"  # in progress lines and tables
 
 
 def build_model(
@@ -36,7 +34,7 @@ def build_model(
 
 
 @dataclasses.dataclass(frozen=True)
-class SimCLR:
+class SimCLR(base.EmbeddingLossMethod):
     """SimCLR's part of the train step.
 
     Attributes:
@@ -44,42 +42,14 @@ class SimCLR:
       loss_scale: multiplies NT-Xent in the optimised objective (see losses.nt_xent).
     """
 
-    temperature: float
+    temperature: float = 0.5
     loss_scale: float = 1.0
     name: str = NAME
-    # Gradient caching (steps._micro_batch_grads) is exact for a loss of z alone.
-    supports_micro_batching: bool = True
-
-    def create_state(
-        self, model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, image_shape
-    ) -> train_state.TrainState:
-        """The plain TrainState (see methods.create_train_state)."""
-        return train_state.create_train_state(model, tx, rng, image_shape)
-
-    def targets(self, model, state, images, *, axis_name, freeze_bn):
-        """No target network: (None, None)."""
-        del model, state, images, axis_name, freeze_bn
-        return None, None
 
     def embedding_loss(self, z1: jax.Array, z2: jax.Array, axis_name: str | None):
         """(loss_scale * NT-Xent, (NT-Xent, its diagnostics)) of the two views' z [n, d]."""
         loss, aux = losses.nt_xent(z1, z2, temperature=self.temperature, axis_name=axis_name)
         return self.loss_scale * loss, (loss, aux)
-
-    def objective(self, outputs: dict, targets, *, n: int, axis_name: str | None):
-        """(optimised objective, reported loss, {'contrastive_acc', 'entropy'}).
-
-        outputs['z'] is [2n, d]: view 1's rows, then view 2's.
-        """
-        del targets
-        z = outputs["z"]
-        scaled, (loss, aux) = self.embedding_loss(z[:n], z[n:], axis_name)
-        return scaled, loss, aux
-
-    def after_step(self, new_state, *, step, target_batch_stats):
-        """Nothing to update."""
-        del step, target_batch_stats
-        return new_state
 
 
 def from_config(config: mlc.ConfigDict, *, total_steps: int) -> SimCLR:

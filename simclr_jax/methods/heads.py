@@ -1,0 +1,93 @@
+"""The family's MLP heads (projectors, predictors, expanders) and the encoder+projector model.
+
+The heads of each method (papers' and official code's sizes; configs/<method>_cifar10.py set
+the CIFAR recipes'):
+- BYOL: projector and predictor of 2 layers, 4096-256, biases, BN+ReLU on the hidden layer.
+- MoCo v3 (ResNet): projector of 2 layers 4096-256 (the official code's ResNet heads; its ViT
+  projector has 3), no biases, a BN without affine parameters on the output; predictor of 2
+  layers 4096-256, no biases.
+- Barlow Twins: projector of 3 layers 8192-8192-8192, no biases, BN+ReLU on the hidden layers.
+- VICReg: "expander" of 3 layers 8192-8192-8192, biases on the hidden layers, none on the
+  output.
+SimCLR's projection head is models.ProjectionHead (the reference's variable names).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class MLPHead(nn.Module):
+    """num_layers Dense layers; BN -> ReLU after each but the last; optionally BN on the output.
+
+    Variables: dense_0 ... dense_{L-1}, bn_0 ... bn_{L-2} (and bn_{L-1} with last_bn), so a
+    2-layer head is Linear(hidden) -> BN -> ReLU -> Linear(out), BYOL's projector.
+
+    Attributes:
+      hidden_dim: width of the hidden layers (4096 in the BYOL paper).
+      out_dim: width of the output (256 in the BYOL paper).
+      num_layers: Dense layers, >= 1 (1: a single Linear(out)).
+      bn_axis_name: axis name for cross-device BatchNorm statistics; None = per-device.
+      bn_momentum: BN running-average momentum.
+      bn_epsilon: BN epsilon.
+      dtype: computation dtype; parameters and BN statistics stay float32.
+      use_bias: biases on the hidden Dense layers.
+      out_bias: a bias on the last Dense layer.
+      last_bn: a BatchNorm without scale or bias on the output (MoCo v3's projector).
+    """
+
+    hidden_dim: int
+    out_dim: int
+    num_layers: int = 2
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    use_bias: bool = True
+    out_bias: bool = True
+    last_bn: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """[n, d] -> float32 [n, out_dim]."""
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1; got {self.num_layers}.")
+        kinds = dict(dtype=self.dtype, param_dtype=jnp.float32)
+        bn = dict(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            axis_name=self.bn_axis_name,
+            use_fast_variance=False,
+            **kinds,
+        )
+        last = self.num_layers - 1
+        for i in range(last):
+            x = nn.Dense(self.hidden_dim, use_bias=self.use_bias, name=f"dense_{i}", **kinds)(x)
+            x = nn.relu(nn.BatchNorm(name=f"bn_{i}", **bn)(x))
+        x = nn.Dense(self.out_dim, use_bias=self.out_bias, name=f"dense_{last}", **kinds)(x)
+        if self.last_bn:
+            x = nn.BatchNorm(use_scale=False, use_bias=False, name=f"bn_{last}", **bn)(x)
+        return jnp.asarray(x, jnp.float32)
+
+
+class ProjectorModel(nn.Module):
+    """Encoder -> projector, and the online probe on stop_gradient(h) (Barlow Twins, VICReg).
+
+    Attributes:
+      encoder: module (images, train) -> h [n, C].
+      projector: MLPHead h -> z.
+      probe: models.LinearHead on stop_gradient(h).
+    """
+
+    encoder: nn.Module
+    projector: nn.Module
+    probe: nn.Module
+
+    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        """{'h': [n, C], 'z': [n, out_dim], 'probe_logits': [n, classes]}, float32."""
+        h = jnp.asarray(self.encoder(images, train=train), jnp.float32)
+        z = self.projector(h, train=train)
+        return {"h": h, "z": z, "probe_logits": self.probe(jax.lax.stop_gradient(h))}
