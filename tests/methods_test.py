@@ -1,9 +1,12 @@
-"""Tests of the method interface (simclr_jax.methods) and of BYOL on the generic train step.
+"""Tests of the method interface (simclr_jax.methods), BYOL and MoCo v3 on the train step, and
+every method through the trainer and the evaluation tools.
 
-BYOL's loss and gradient against a float64 NumPy formula of Grill et al. 2020 eq. 2; the EMA
-schedule and update against NumPy; one BYOL step on 1 device against 8 devices (global BN,
-params and EMA target); and, slow, a BYOL run stopped and resumed against an uninterrupted
-one, bit for bit, with the target in the checkpoint, and kNN on the BYOL checkpoint.
+The losses themselves are tested against float64 NumPy formulas in method_losses_test.py,
+Barlow Twins' and VICReg's steps in methods_redundancy_test.py. Here: the EMA schedule and
+update against NumPy; one BYOL / MoCo v3 step on 1 device against 8 devices (global BN, params
+and EMA target); and, slow, BYOL and MoCo v3 runs stopped and resumed against uninterrupted
+ones, bit for bit, with the target in the checkpoint; kNN, export and fine-tuning on each
+method's checkpoint; a smoke run of main.py per method.
 """
 
 import functools
@@ -21,7 +24,7 @@ import optax
 import pytest
 from tiny_run import tiny_config
 
-from configs import byol_cifar10, cifar10, mocov3_cifar10
+from configs import barlow_twins_cifar10, byol_cifar10, cifar10, mocov3_cifar10, vicreg_cifar10
 from configs import knn as knn_config
 from simclr_jax import (
     checkpoint,
@@ -33,7 +36,8 @@ from simclr_jax import (
     steps,
     train,
 )
-from simclr_jax.eval import protocols
+from simclr_jax.eval import finetune, protocols
+from simclr_jax.eval import pretrained as pretrained_lib
 from simclr_jax.methods import byol, ema, mocov3
 from simclr_jax.methods.heads import MLPHead
 
@@ -226,18 +230,33 @@ def test_config_errors_name_the_field():
     assert methods.method_name(mlc.ConfigDict({"model": {}})) == "simclr"
 
 
-def _tiny_byol(**overrides):
+METHOD_CONFIGS = {
+    "byol": byol_cifar10,
+    "mocov3": mocov3_cifar10,
+    "barlow_twins": barlow_twins_cifar10,
+    "vicreg": vicreg_cifar10,
+}
+EMA_METHODS = ("byol", "mocov3")
+
+
+def _tiny_method(name, **overrides):
     config = tiny_config(**overrides)
-    config.method = byol_cifar10.get_config("runlocal").method
+    config.method = METHOD_CONFIGS[name].get_config("runlocal").method
     return config
 
 
 @pytest.fixture(scope="module")
-def byol_run(tmp_path_factory):
-    """An uninterrupted 4-step tiny BYOL run on 8 devices."""
-    workdir = str(tmp_path_factory.mktemp("byol_run"))
-    train.train_and_evaluate(_tiny_byol(), workdir)
-    return workdir
+def uninterrupted(tmp_path_factory):
+    """name -> the workdir of an uninterrupted 4-step tiny run of that method on 8 devices."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            runs[name] = str(tmp_path_factory.mktemp(f"{name}_run"))
+            train.train_and_evaluate(_tiny_method(name), runs[name])
+        return runs[name]
+
+    return get
 
 
 def _restore(workdir):
@@ -248,15 +267,17 @@ def _restore(workdir):
 
 
 @pytest.mark.slow
-def test_byol_resumed_run_equals_uninterrupted_bit_for_bit(byol_run, tmp_path):
+@pytest.mark.parametrize("name", EMA_METHODS)
+def test_ema_method_resumed_run_equals_uninterrupted_bit_for_bit(name, uninterrupted, tmp_path):
+    """BYOL and MoCo v3: the EMA target is in the checkpoint and resumes exactly."""
     workdir = str(tmp_path)
-    out = train.train_and_evaluate(_tiny_byol(train__stop_at_step=2), workdir)
+    out = train.train_and_evaluate(_tiny_method(name, train__stop_at_step=2), workdir)
     assert out["preempted"] and checkpoint.latest_step(workdir) == 2
     saved = _restore(workdir)
     assert set(saved["target_params"]) == {"encoder", "projector"}
     assert set(saved["target_batch_stats"]) == {"encoder", "projector"}
-    train.train_and_evaluate(_tiny_byol(), workdir)
-    resumed, reference = _restore(workdir), _restore(byol_run)
+    train.train_and_evaluate(_tiny_method(name), workdir)
+    resumed, reference = _restore(workdir), _restore(uninterrupted(name))
     assert int(resumed["step"]) == 4
     for field in ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, resumed[field], reference[field])
@@ -267,27 +288,39 @@ def test_byol_resumed_run_equals_uninterrupted_bit_for_bit(byol_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_knn_and_export_run_on_a_byol_checkpoint(byol_run, tmp_path):
-    with open(os.path.join(byol_run, "config.json")) as f:
-        assert json.load(f)["method"]["name"] == "byol"
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_knn_export_and_finetune_read_the_method_from_the_run(name, uninterrupted, tmp_path):
+    """kNN (with its random-init baseline, which rebuilds the method's model), the npz export of
+    the online encoder, and fine-tuning: from h it starts; from a head layer it stops with a
+    ConfigError, as these methods have no SimCLR projection head."""
+    run = uninterrupted(name)
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["method"]["name"] == name
     config = knn_config.get_config()
-    config.init_from = byol_run
+    config.init_from = run
     config.eval.batch_size = 256
     config.eval.knn_k = 20
     config.eval.compare_random_init = True
-    results = protocols.run("knn", config, str(tmp_path))
+    results = protocols.run("knn", config, str(tmp_path / "knn"))
     assert results["checkpoint"]["step"] == 4
     assert 0.0 <= results["top1"] <= 1.0 and 0.0 <= results["random_init"]["top1"] <= 1.0
-    # Export: the online encoder (BYOL has no SimCLR head to add).
-    out = export.export_encoder(byol_run, str(tmp_path / "byol.npz"))
+    out = export.export_encoder(run, str(tmp_path / f"{name}.npz"), include_head=True)
     exported = export.load_exported(out)
     assert set(exported["params"]) == {"encoder"}
-    saved = _restore(byol_run)["params"]["encoder"]
+    saved = _restore(run)["params"]["encoder"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported["params"]["encoder"], saved)
+    pretrained = pretrained_lib.load_pretrained(run)
+    tx = optax.sgd(0.1)
+    from_h = finetune.build_finetune_model(pretrained.model_config, 10, 0)
+    state = finetune.create_finetune_state(pretrained, from_h, tx, 32, seed=0)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, state.params["encoder"], saved)
+    from_head = finetune.build_finetune_model(pretrained.model_config, 10, 1)
+    with pytest.raises(config_checks.ConfigError, match=rf"ft_proj_selector=1.*{name}"):
+        finetune.create_finetune_state(pretrained, from_head, tx, 32, seed=0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["byol", "mocov3"])
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
 def test_each_method_trains_through_main_py(name, tmp_path):
     """A 2-step smoke run of the real CLI per method (8 fake devices, global BN)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,8 +339,14 @@ def test_each_method_trains_through_main_py(name, tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    title = methods.METHODS[name].TITLE
+    assert f"{title} pretraining: 2 steps" in proc.stdout
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert last["step"] == 2 and np.isfinite(last["train/loss"])
     saved = _restore(str(tmp_path))
-    assert set(saved["target_params"]) == {"encoder", "projector"}
+    assert set(saved["params"]) >= {"encoder", "projector", "probe"}
+    if name in EMA_METHODS:
+        assert set(saved["target_params"]) == {"encoder", "projector"}
+    else:
+        assert "target_params" not in saved
