@@ -13,29 +13,66 @@ epochs on features extracted once), top-1 on the 1,000 held-out images.
 About 10-15 minutes on 2 CPU cores (see docs/ablation_tiny/README.md). These
 runs are far too short to reproduce anything: they show that the grid, the
 resume logic and the report work.
+
+Other methods: `configs/ablation_tiny.py:<method>` (byol, mocov3, barlow_twins,
+vicreg; none or 'simclr' is the SimCLR grid above) builds the same grid on
+configs/<method>_cifar10.py:quickstart, with the same edits (warmup, no kNN)
+and each cell's batch, epochs and sqrt-scaled LR. The temperature axis sets
+method.temperature for MoCo v3 and is a label only for BYOL, Barlow Twins and
+VICReg (no temperature); BYOL and MoCo v3 cannot train in micro-batches, so
+their micro_batch_size is 0 (batch 256 is one batch). No reference figures
+(the SimCLR paper's do not apply):
+
+  python -m simclr_jax.sweep --config=configs/ablation_tiny.py:byol --workdir=/tmp/ablation_byol
 """
 
 import ml_collections as mlc
 
-from configs import ablation_cifar10, linear_eval, quickstart
+from configs import (
+    ablation_cifar10,
+    barlow_twins_cifar10,
+    byol_cifar10,
+    linear_eval,
+    mocov3_cifar10,
+    quickstart,
+    vicreg_cifar10,
+)
+from simclr_jax import config_checks
+
+# config argument (the method's config.method.name) -> its config module, run with ':quickstart'.
+METHOD_CONFIGS = {
+    "byol": byol_cifar10,
+    "mocov3": mocov3_cifar10,
+    "barlow_twins": barlow_twins_cifar10,
+    "vicreg": vicreg_cifar10,
+}
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    """The tiny grid (no config argument)."""
-    if arg:
-        raise ValueError(f"unknown config argument {arg!r}; this config takes none")
-    pretrain = quickstart.get_config()
+    """The tiny grid: SimCLR (no argument, or 'simclr') or the method named by arg."""
+    if arg and arg != "simclr" and arg not in METHOD_CONFIGS:
+        raise ValueError(
+            f"unknown config argument {arg!r}; use none (SimCLR) or one of {tuple(METHOD_CONFIGS)}"
+        )
+    if arg in METHOD_CONFIGS:
+        module = METHOD_CONFIGS[arg]
+        pretrain = module.get_config("quickstart")
+        pretrain_config = f"configs/{module.__name__.rpartition('.')[2]}.py:quickstart"
+    else:
+        pretrain = quickstart.get_config()
+        pretrain_config = "configs/quickstart.py"
     pretrain.optim.warmup_epochs = 0.2
     pretrain.eval.knn = False
     pretrain.eval.compare_random_init = False
     pretrain.train.log_every_steps = 10
-    config = ablation_cifar10.build("configs/quickstart.py", pretrain, linear_eval.get_config())
+    config = ablation_cifar10.build(pretrain_config, pretrain, linear_eval.get_config())
     config.grid.batch_sizes = (64, 128, 256)
     config.grid.epochs = (0.5, 1.0)
     config.grid.lr_scalings = ("sqrt",)
     config.grid.temperatures = (0.2,)
     config.base_lr.linear = 1.0
     config.base_lr.sqrt = 0.2
-    config.micro_batch_size = 128
-    config.reference = "cifar10"
+    method = config_checks.method_name(pretrain)
+    config.micro_batch_size = 128 if method in config_checks.MICRO_BATCHING_METHODS else 0
+    config.reference = "cifar10" if method == "simclr" else "none"
     return config

@@ -19,6 +19,14 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt")
 PARALLELISM_MODES = ("shard_map", "pmap")
 MICRO_BATCH_BN_MODES = ("micro", "frozen")
+# The self-supervised methods (config.method.name) that can train in micro-batches (gradient
+# caching): those whose loss is a function of the two views' projections alone. The method names
+# and the truth (each step object's supports_micro_batching) belong to simclr_jax.methods, which
+# checks at import that this tuple agrees; it lives here so that jax-free code (the ablation
+# tool's parent process) can refuse micro_batch_size for BYOL and MoCo v3 up front.
+MICRO_BATCHING_METHODS = ("simclr", "barlow_twins", "vicreg")
+# config.method.name of configs (and old runs' config.json) without a method section.
+DEFAULT_METHOD = "simclr"
 
 
 class UserInputError(Exception):
@@ -56,6 +64,12 @@ def require_positive(config: mlc.ConfigDict, field: str, *, allow_zero: bool = F
     if bad_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         fail(field, value, f"it must be a finite number {bound}.")
+
+
+def method_name(config: mlc.ConfigDict) -> str:
+    """config.method.name; DEFAULT_METHOD for configs (and old runs' config.json) without one."""
+    method = config.get("method") if hasattr(config, "get") else None
+    return method.get("name", DEFAULT_METHOD) if method else DEFAULT_METHOD
 
 
 def validate_pretrain_config(config: mlc.ConfigDict) -> None:

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from configs import ablation_cifar10, ablation_imagenet, ablation_tiny
+from simclr_jax import config_checks
 from simclr_jax.sweep import commands, grid, launch, report, results, runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +124,10 @@ def test_bad_ablation_configs_raise_naming_the_field(edit, field):
 def test_shipped_ablation_configs_validate():
     for module in (ablation_cifar10, ablation_imagenet, ablation_tiny):
         grid.validate_ablation_config(module.get_config())
+    for method in OTHER_METHODS:
+        grid.validate_ablation_config(ablation_tiny.get_config(method))
+    with pytest.raises(ValueError, match="unknown config argument 'byl'"):
+        ablation_tiny.get_config("byl")
     assert len(ablation_imagenet.get_config().grid.batch_sizes) == 6
 
 
@@ -180,6 +185,134 @@ def test_micro_batches_only_for_batches_above_the_threshold(tmp_path):
     cells = grid.build_cells(config, str(tmp_path))
     assert [c.micro_batch_size for c in cells] == [0, 0]
     assert "micro_batch_size" not in cells[1].pretrain.train
+
+
+# ------------------------------------------------------------- other methods
+
+# ablation_tiny's argument -> its base config file (the methods' quickstart configs).
+OTHER_METHODS = {
+    "byol": "configs/byol_cifar10.py:quickstart",
+    "mocov3": "configs/mocov3_cifar10.py:quickstart",
+    "barlow_twins": "configs/barlow_twins_cifar10.py:quickstart",
+    "vicreg": "configs/vicreg_cifar10.py:quickstart",
+}
+# What ablation_tiny and the grid change in the base config (tiny grid: batch 64-256, sqrt LR).
+GRID_EDITS = {
+    "train.batch_size",
+    "train.epochs",
+    "train.micro_batch_size",
+    "train.log_every_steps",
+    "optim.base_lr",
+    "optim.lr_scaling",
+    "optim.warmup_epochs",
+    "eval.knn",
+    "eval.compare_random_init",
+}
+
+
+def test_the_temperature_axis_sets_the_temperature_each_method_reads(tmp_path):
+    expected = {
+        "simclr": "loss.temperature",
+        "mocov3": "method.temperature",
+        "byol": None,
+        "barlow_twins": None,
+        "vicreg": None,
+    }
+    for method, field in expected.items():
+        assert grid.temperature_field(ablation_tiny.get_config(method).pretrain) == field, method
+    # MoCo v3: method.temperature per cell, loss.temperature (unread) left alone.
+    config = ablation_tiny.get_config("mocov3")
+    config.grid.batch_sizes = (64,)
+    config.grid.epochs = (1.0,)
+    config.grid.temperatures = (0.1, 0.5)
+    cells, args = grid.prepare_cells(config, str(tmp_path))
+    assert [c.name for c in cells] == ["b64_e1_sqrt_t0.1", "b64_e1_sqrt_t0.5"]
+    base_loss_t = config.pretrain.loss.temperature
+    for cell in cells:
+        assert cell.pretrain.method.temperature == cell.temperature
+        assert cell.pretrain.loss.temperature == base_loss_t
+        parsed = parse_main_args(args[cell.name]["pretrain"])
+        assert parsed.method.name == "mocov3"
+        assert parsed.method.temperature == cell.temperature
+        assert parsed.loss.temperature == base_loss_t
+    assert "--config.method.temperature=0.5" in args["b64_e1_sqrt_t0.5"]["pretrain"]
+    assert not [a for a in args["b64_e1_sqrt_t0.5"]["pretrain"] if "loss.temperature" in a]
+    # A SimCLR tree without a method section (older configs): loss.temperature.
+    config = tiny(batch_sizes=(64,), epochs=(1.0,), temps=(0.1, 0.3))
+    with config.pretrain.unlocked():
+        del config.pretrain["method"]
+    grid.validate_ablation_config(config)
+    cells = grid.build_cells(config, str(tmp_path))
+    assert [c.pretrain.loss.temperature for c in cells] == [0.1, 0.3]
+    assert "method" not in cells[0].pretrain
+
+
+def test_methods_without_temperature_or_micro_batching_fail_up_front(tmp_path):
+    config = ablation_tiny.get_config("byol")
+    config.grid.temperatures = (0.1, 0.2)
+    with pytest.raises(
+        config_checks.ConfigError, match=r"config\.grid\.temperatures=.*'byol'.*no temperature"
+    ):
+        grid.prepare_cells(config, str(tmp_path))
+    for method in ("byol", "mocov3"):
+        config = ablation_tiny.get_config(method)
+        config.micro_batch_size = 128
+        with pytest.raises(
+            config_checks.ConfigError, match=rf"config\.micro_batch_size=128.*'{method}'"
+        ):
+            grid.prepare_cells(config, str(tmp_path))
+    # Methods that micro-batch keep the tiny grid's micro-batches; one temperature is a label.
+    config = ablation_tiny.get_config("vicreg")
+    config.grid.temperatures = (0.7,)
+    cells = grid.build_cells(config, str(tmp_path))
+    assert [c.micro_batch_size for c in cells] == [0, 0, 0, 0, 128, 128]
+    # The cells differ only in their batch, epochs and micro-batches: 0.7 is a label.
+    flat = [commands.flatten_config(c.pretrain.to_dict()) for c in cells]
+    changed = {k for f in flat for k in f if f[k] != flat[0][k]}
+    assert changed == {"train.batch_size", "train.epochs", "train.micro_batch_size"}
+    assert "temperature" not in cells[0].pretrain.method
+    assert cells[0].pretrain.loss.temperature == config.pretrain.loss.temperature
+    assert cells[0].name.endswith("_t0.7")
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+def test_the_micro_batching_list_agrees_with_the_method_registry():
+    from simclr_jax import methods
+
+    supported = {n for n, m in methods.METHODS.items() if methods.supports_micro_batching(m)}
+    assert supported == set(config_checks.MICRO_BATCHING_METHODS)
+    assert supported == {"simclr", "barlow_twins", "vicreg"}
+    assert methods.DEFAULT_METHOD == config_checks.DEFAULT_METHOD == "simclr"
+    for method in OTHER_METHODS:
+        pretrain = ablation_tiny.get_config(method).pretrain
+        assert methods.method_name(pretrain) == config_checks.method_name(pretrain) == method
+
+
+@pytest.mark.parametrize("method", sorted(OTHER_METHODS))
+def test_ablation_tiny_of_another_method_runs_that_methods_config(method, tmp_path):
+    config = ablation_tiny.get_config(method)
+    assert config.pretrain_config == OTHER_METHODS[method]
+    assert config.reference == "none"  # the SimCLR paper's figures do not apply
+    cells, args = grid.prepare_cells(config, str(tmp_path))
+    assert len(cells) == 6
+    assert {c.pretrain.method.name for c in cells} == {method}
+    micro = 128 if method in config_checks.MICRO_BATCHING_METHODS else 0
+    assert {c.batch_size: c.micro_batch_size for c in cells} == {64: 0, 128: 0, 256: micro}
+    base = commands.flatten_config(parse_main_args([f"--config={OTHER_METHODS[method]}"]).to_dict())
+    for cell in (cells[0], cells[-1]):
+        pre_args = args[cell.name]["pretrain"]
+        assert pre_args[0] == f"--config={OTHER_METHODS[method]}"
+        parsed = parse_main_args(pre_args)
+        assert parsed.method.name == method
+        assert parsed.to_dict() == cell.pretrain.to_dict()
+        assert parsed.train.batch_size == cell.batch_size
+        assert parsed.train.micro_batch_size == cell.micro_batch_size
+        # Everything else is the method's quickstart config.
+        flat = commands.flatten_config(parsed.to_dict())
+        assert {k for k in flat if flat[k] != base[k]} <= GRID_EDITS
+    out = launch.launch_commands(config, str(tmp_path), "slurm")
+    assert out.startswith(f"# {method} ablation, 6 cells")
+    assert out.count(f"launch/slurm.sbatch --config={OTHER_METHODS[method]} ") == 6
 
 
 def test_a_field_main_py_cannot_set_is_an_error(tmp_path):
@@ -378,7 +511,11 @@ def test_the_sweep_process_imports_neither_jax_nor_tensorflow():
     # jax and TensorFlow, and their memory goes back to the system when it ends.
     code = (
         "import sys\n"
-        "from simclr_jax.sweep import __main__, runner, report\n"
+        "from simclr_jax.sweep import __main__, runner, report, grid\n"
+        "from configs import ablation_tiny\n"
+        "for m in ('byol', 'mocov3'):\n"
+        "    grid.validate_ablation_config(ablation_tiny.get_config(m))\n"
+        "    grid.build_cells(ablation_tiny.get_config(m), 'unused')\n"
         "assert runner.metrics.format_duration(3725) == '1h02m'\n"
         "print(sorted(m for m in ('jax', 'tensorflow', 'clu') if m in sys.modules))"
     )

@@ -24,17 +24,39 @@ import ml_collections as mlc
 from simclr_jax import config_checks
 from simclr_jax.methods import barlow_twins, byol, mocov3, simclr, vicreg
 
-# config.method.name -> module; the only list of method names.
+# config.method.name -> module; the registry of method names (config_checks keeps the default
+# and the micro-batching subset for jax-free code, checked against this below).
 METHODS: dict[str, ModuleType] = {
     module.NAME: module for module in (simclr, byol, mocov3, barlow_twins, vicreg)
 }
-DEFAULT_METHOD = simclr.NAME
+# The default and the names that micro-batch are also known to jax-free code (the ablation tool)
+# through config_checks; _check_config_checks_lists() keeps them in step with this registry.
+DEFAULT_METHOD = config_checks.DEFAULT_METHOD
+method_name = config_checks.method_name
 
 
-def method_name(config: mlc.ConfigDict) -> str:
-    """config.method.name; 'simclr' for configs (and old runs' config.json) without a method."""
-    method = config.get("method") if hasattr(config, "get") else None
-    return method.get("name", DEFAULT_METHOD) if method else DEFAULT_METHOD
+def supports_micro_batching(module: ModuleType) -> bool:
+    """Whether a method module's step object trains in micro-batches (its class's flag)."""
+    return typing.get_type_hints(module.from_config)["return"].supports_micro_batching
+
+
+def _check_config_checks_lists() -> None:
+    """config_checks' copies of the registry's facts must match it (checked at import)."""
+    supported = tuple(name for name, module in METHODS.items() if supports_micro_batching(module))
+    if set(supported) != set(config_checks.MICRO_BATCHING_METHODS):
+        raise RuntimeError(
+            f"config_checks.MICRO_BATCHING_METHODS={config_checks.MICRO_BATCHING_METHODS} but "
+            f"the methods whose step objects support micro-batching are {supported}: update "
+            "simclr_jax/config_checks.py."
+        )
+    if DEFAULT_METHOD not in METHODS:
+        raise RuntimeError(
+            f"config_checks.DEFAULT_METHOD={DEFAULT_METHOD!r} is not a registered method "
+            f"{tuple(METHODS)}."
+        )
+
+
+_check_config_checks_lists()
 
 
 def get_method(config: mlc.ConfigDict) -> ModuleType:
@@ -63,17 +85,9 @@ def check_config(config: mlc.ConfigDict) -> None:
             "train.micro_batch_size",
             config.train.micro_batch_size,
             f"micro-batching (gradient caching) needs a loss of the two views' projections "
-            f"alone ({', '.join(_micro_batching_methods())}); {module.NAME} needs 0 "
+            f"alone ({', '.join(config_checks.MICRO_BATCHING_METHODS)}); {module.NAME} needs 0 "
             "(docs/methods.md says why).",
         )
-
-
-def _micro_batching_methods() -> list[str]:
-    return [
-        name
-        for name, module in METHODS.items()
-        if typing.get_type_hints(module.from_config)["return"].supports_micro_batching
-    ]
 
 
 def build_model(
@@ -106,5 +120,6 @@ __all__ = [
     "method_name",
     "mocov3",
     "simclr",
+    "supports_micro_batching",
     "vicreg",
 ]

@@ -10,6 +10,12 @@ axes (`grid.batch_sizes`, `grid.epochs`, `grid.lr_scalings`,
 many examples; 0 = never) and `reference` ('imagenet' | 'cifar10' | 'none', the
 paper figures shown beside ours).
 
+The base config may be any method's (config.method.name). The temperature axis
+sets the temperature that method reads (temperature_field); a method without one
+takes a single value, a label in the cell names. Micro-batches are for the
+methods in config_checks.MICRO_BATCHING_METHODS only. Both are decided from the
+config's structure: this module imports no jax (nor simclr_jax.methods).
+
 Every grid point is a Cell with its two configs: WORKDIR/<cell>/pretrain and
 WORKDIR/<cell>/linear_eval are ordinary main.py runs of them. A cell that was
 run keeps its record (cell.json); a rerun with another recipe is refused.
@@ -127,9 +133,25 @@ def validate_ablation_config(config: mlc.ConfigDict) -> None:
     for t in temps:
         if not _is_number(t) or t <= 0:
             config_checks.fail("grid.temperatures", temps, f"{t!r} is not a temperature > 0.")
+    method = config_checks.method_name(config.pretrain)
+    if len(temps) > 1 and temperature_field(config.pretrain) is None:
+        config_checks.fail(
+            "grid.temperatures",
+            temps,
+            f"the method {method!r} ({config.pretrain_config}) has no temperature, so the "
+            "cells would differ only in name; list one value (it only labels the cells).",
+        )
     micro = config.micro_batch_size
     if not isinstance(micro, int) or isinstance(micro, bool) or micro < 0:
         config_checks.fail("micro_batch_size", micro, "use an integer >= 0 (0: no micro-batches).")
+    if micro and method not in config_checks.MICRO_BATCHING_METHODS:
+        config_checks.fail(
+            "micro_batch_size",
+            micro,
+            f"the method {method!r} ({config.pretrain_config}) cannot train in micro-batches: "
+            "gradient caching needs a loss of the two views' projections alone "
+            f"({', '.join(config_checks.MICRO_BATCHING_METHODS)}); set it to 0.",
+        )
     for b in batches:
         if micro and b > micro and b % micro:
             config_checks.fail(
@@ -165,6 +187,26 @@ def cell_name(batch_size: int, epochs: float, lr_scaling: str, temperature: floa
     return f"b{batch_size}_e{epochs:g}_{lr_scaling}_t{temperature:g}"
 
 
+def temperature_field(pretrain: mlc.ConfigDict) -> str | None:
+    """The pretraining config field the temperature axis sets, or None.
+
+    Args:
+      pretrain: a base pretraining config.
+
+    Returns:
+      'method.temperature' where the method section has one (MoCo v3's InfoNCE);
+      'loss.temperature' for SimCLR (its NT-Xent reads config.loss; also configs
+      without a method section); None for methods without a temperature (BYOL,
+      Barlow Twins, VICReg), whose cells take the temperature as a label only.
+    """
+    method = pretrain.get("method")
+    if method and "temperature" in method:
+        return "method.temperature"
+    if config_checks.method_name(pretrain) == "simclr":
+        return "loss.temperature"
+    return None
+
+
 def supports_micro_batches(config: mlc.ConfigDict) -> bool:
     """Whether the base pretraining config has train.micro_batch_size."""
     return "micro_batch_size" in config.pretrain.train
@@ -184,6 +226,7 @@ def build_cells(config: mlc.ConfigDict, workdir: str) -> list[Cell]:
     cells = []
     micro = config.micro_batch_size
     grid = config.grid
+    temperature = temperature_field(config.pretrain)
     for b, e, scaling, t in itertools.product(
         grid.batch_sizes, grid.epochs, grid.lr_scalings, grid.temperatures
     ):
@@ -193,7 +236,9 @@ def build_cells(config: mlc.ConfigDict, workdir: str) -> list[Cell]:
         pre.train.epochs = float(e)
         pre.optim.lr_scaling = scaling
         pre.optim.base_lr = float(config.base_lr[scaling])
-        pre.loss.temperature = float(t)
+        if temperature:  # else one value, a label only (validate_ablation_config)
+            section, field = temperature.split(".")
+            pre[section][field] = float(t)
         cell_micro = micro if micro and b > micro else 0
         # Set only where the base config has the field (trees from before
         # micro-batching lack it), so the ablation runs on either.

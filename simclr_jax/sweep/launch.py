@@ -9,7 +9,7 @@ import shlex
 
 import ml_collections as mlc
 
-from simclr_jax import files
+from simclr_jax import config_checks, files
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.sweep import commands, grid, results
 
@@ -85,8 +85,9 @@ def format_launch_commands(
         raise ConfigError(f"platform={platform!r}: use one of {PLATFORMS}")
     extra = DEFAULT_LAUNCHER_ARGS[platform] if launcher_args is None else launcher_args
     extra = f" {extra}" if extra else ""
+    method = config_checks.method_name(cells[0].pretrain) if cells else "empty"
     lines = [
-        f"# SimCLR ablation, {len(cells)} cells; "
+        f"# {method} ablation, {len(cells)} cells; "
         f"run from the repository root ({commands.REPO_ROOT})."
     ]
     if platform == "tpu":

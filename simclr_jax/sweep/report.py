@@ -23,7 +23,7 @@ import os
 
 import ml_collections as mlc
 
-from simclr_jax import files, metrics
+from simclr_jax import config_checks, files, metrics
 from simclr_jax.config_checks import ConfigError
 from simclr_jax.sweep import grid, results
 from simclr_jax.sweep import reference as reference_lib
@@ -298,13 +298,19 @@ def _report_meta(
     config: mlc.ConfigDict, workdir: str, cells: list[grid.Cell], old: list[str]
 ) -> dict:
     pre = config.pretrain
+    method = config_checks.method_name(pre)
     model = f"ResNet-{pre.model.depth}"
     if pre.model.base_width != 64:
         model += f" (base width {pre.model.base_width})"
     lin = config.linear_eval.linear
+    temperature = grid.temperature_field(pre)
+    varied = "batch size, epochs, LR scaling (and its base LR)"
+    varied += " and temperature" if temperature else ""
+    if method != "simclr":
+        varied += f"; method {method}" + (f" (temperature: `{temperature}`)" if temperature else "")
     description = [
         f"Sweep workdir: `{workdir}`. Base recipe: `{config.pretrain_config}` with each cell's "
-        "batch size, epochs, LR scaling (and its base LR) and temperature.",
+        f"{varied}.",
         f"Pretraining data: {pre.data.source}:{pre.data.name} ({pre.data.train_split}); model: "
         f"{model}. Linear evaluation (`{config.linear_eval_config}`): mode {lin.mode}, "
         f"{lin.epochs:g} epochs, top-1 on {pre.data.eval_split}.",
@@ -315,14 +321,24 @@ def _report_meta(
         if big:
             notes.append(
                 f"Batches {', '.join(map(str, big))} trained in micro-batches of "
-                f"{config.micro_batch_size} (gradient caching: the NT-Xent negatives are the "
-                "whole batch; BatchNorm statistics are per micro-batch, "
+                f"{config.micro_batch_size} (gradient caching: "
+                + (
+                    "the NT-Xent negatives are the whole batch"
+                    if method == "simclr"
+                    else f"{method}'s loss is the whole batch's"
+                )
+                + "; BatchNorm statistics are per micro-batch, "
                 f"train.micro_batch_bn={pre.train.get('micro_batch_bn', '?')!r})."
             )
     elif config.micro_batch_size:
         notes.append(
             f"micro_batch_size={config.micro_batch_size} was not applied: the base config has "
             "no train.micro_batch_size field."
+        )
+    if temperature is None:
+        notes.append(
+            f"The method {method!r} has no temperature: the temperature in the cell names and "
+            "tables is a label only."
         )
     if old:
         notes.append(
