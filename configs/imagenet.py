@@ -49,8 +49,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         config.optim.base_lr = 0.075
         config.optim.lr_scaling = "sqrt"
     elif arg == "runlocal":
-        cifar10.apply_runlocal(config)
-        config.model.dtype = "float32"
+        apply_runlocal(config)
     elif arg:
         raise ValueError(f"unknown config argument {arg!r}; use 'sqrt' or 'runlocal'")
     return config
+
+
+def apply_runlocal(config: mlc.ConfigDict) -> None:
+    """Shrinks an ImageNet config to a smoke test on the embedded sample (float32)."""
+    cifar10.apply_runlocal(config)
+    config.model.dtype = "float32"

@@ -9,6 +9,7 @@ config errors name the field.
 """
 
 import functools
+import importlib
 
 import flax.linen as nn
 import jax
@@ -203,3 +204,24 @@ def test_config_errors_name_the_field():
         config = module.get_config("runlocal")
         config.train.micro_batch_size = 16
         methods.check_config(config)
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov3", "barlow_twins", "vicreg"])
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_recipe_configs_pass_every_check_and_name_their_method(name, dataset):
+    """Each recipe (and its smoke-test variant) passes the up-front checks with its method."""
+    module = importlib.import_module(f"configs.{name}_{dataset}")
+    for arg in (None, "runlocal"):
+        config = module.get_config(arg)
+        config_checks.validate_pretrain_config(config)
+        methods.check_config(config)
+        assert config.method.name == name
+    # The papers' ImageNet recipes: the EMA rate and batch each paper's headline run used.
+    if dataset == "imagenet":
+        config = module.get_config()
+        assert config.model.depth == 50 and config.train.epochs == 1000
+        expected_batch = {"byol": 4096, "mocov3": 4096, "barlow_twins": 2048, "vicreg": 2048}
+        assert config.train.batch_size == expected_batch[name]
+        if name in ("byol", "mocov3"):
+            assert config.method.tau_base == 0.996
+        assert config.augment.view1.blur_prob == 1.0 and config.augment.view2.blur_prob == 0.1
