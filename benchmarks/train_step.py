@@ -1,4 +1,4 @@
-"""Throughput, FLOPs and memory of the real SimCLR train step on random on-device data.
+"""Throughput, FLOPs and memory of the real train step of any method on random on-device data.
 
   python benchmarks/train_step.py --config=configs/cifar10.py --batch=64 --cpu_conv=matmul \
       --steps=10 --warmup=2 --json=/tmp/jax_b64.json
@@ -8,7 +8,8 @@ steps.compile_train_step (shard_map under jit over --devices devices) and times 
 views that already live on the devices (no input pipeline). Reported (and written to --json):
 compile time, the median step time over --steps steps after --warmup, images/s (one image =
 two views), model FLOPs per step from XLA's cost analysis of the compiled step and from the
-analytic count (6 x forward MACs per view, conv/dense layers only), achieved FLOP/s, the
+analytic count (6 x forward MACs per view of the encoder, conv/dense layers only; a method's
+heads and a target network's extra forward pass are not counted), achieved FLOP/s, the
 utilisation against a large matmul timed here in the same dtype ("measured peak") and against
 the vendor's dense peak on known GPUs/TPUs ('n/a' on CPU), and peak memory (device
 memory_stats where available, otherwise the process's peak RSS).
@@ -234,7 +235,7 @@ def main(argv: list[str]) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from simclr_jax import models, optim, sharding, steps
+    from simclr_jax import methods, models, optim, sharding, steps
     from simclr_jax.cpu import conv_class, kernels
 
     config = load_config(args.config)
@@ -256,12 +257,14 @@ def main(argv: list[str]) -> dict:
     bn_axis = sharding.DATA_AXIS if config.model.global_bn else None
     fork = {"auto": None, "on": True, "off": False}[args.shortcut_fork]
     conv = conv_class.conv_class(args.cpu_conv, shortcut_fork=fork)
-    model = models.build_model(config.model, num_classes=10, bn_axis_name=bn_axis, conv=conv)
+    # The method of the config (config.method.name: SimCLR, BYOL, ...), as train.py builds it.
+    model = methods.build_model(config, num_classes=10, bn_axis_name=bn_axis, conv=conv)
+    method = methods.from_config(config, total_steps=1000)
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=args.batch, total_steps=1000, warmup_steps=10
     )
     size = config.augment.image_size
-    state = steps.create_train_state(model, tx, jax.random.key(0), (size, size, 3))
+    state = method.create_state(model, tx, jax.random.key(0), (size, size, 3))
     state = jax.device_put(state, sharding.replicated_sharding(mesh))
     keys = jax.random.split(jax.random.key(1), 3)
     shape = (args.batch, size, size, 3)
@@ -278,8 +281,7 @@ def main(argv: list[str]) -> dict:
             model=model,
             tx=tx,
             learning_rate_fn=schedule,
-            temperature=config.loss.temperature,
-            loss_scale=config.loss.loss_scale,
+            method=method,
             axis_name=sharding.DATA_AXIS,
             sync_batch_stats=not config.model.global_bn,
         ),
@@ -329,6 +331,7 @@ def main(argv: list[str]) -> dict:
     memory, memory_kind = peak_memory_bytes(devices)
     result = {
         "config": args.config,
+        "method": method.name,
         "backend": backend,
         "device_kind": devices[0].device_kind,
         "devices": args.devices,
