@@ -1,7 +1,10 @@
 """Smoke tests of the benchmark scripts' own logic (their figures are measured, never tested)."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from optional_deps import import_or_skip
@@ -136,3 +139,17 @@ def test_peer_torch_model_has_the_same_encoder_parameters():
         int(np.prod(p.shape)) for part in (full.stem, full.blocks) for p in part.parameters()
     )
     assert count == 11_173_056
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["configs/byol_cifar10.py:runlocal", "configs/quickstart.py"])
+def test_train_step_benchmark_times_the_configs_method(config, tmp_path):
+    """The device script runs end to end for an EMA method and for SimCLR (tiny shapes)."""
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, f"{ROOT}/benchmarks/train_step.py", f"--config={ROOT}/{config}",
+           "--batch=8", "--base_width=4", "--steps=1", "--warmup=1", f"--json={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["method"] == ("byol" if "byol" in config else "simclr")
+    assert result["images_per_s"] > 0 and result["batch"] == 8
