@@ -11,13 +11,12 @@ config errors name the field.
 import functools
 import importlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from methods_test import TREE_TOL, _assert_trees_close
+from methods_test import TREE_TOL, _assert_trees_close, _TinyEncoder
 
 from configs import barlow_twins_cifar10, vicreg_cifar10
 from simclr_jax import config_checks, method_losses, methods, models, sharding, steps
@@ -30,18 +29,6 @@ METHODS = {
     "vicreg": vicreg.VICReg(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
 }
 BIASES = {"barlow_twins": (False, False), "vicreg": (True, False)}  # (hidden, output)
-
-
-class _TinyEncoder(nn.Module):
-    """Conv -> BN (global with bn_axis_name) -> ReLU -> mean pool: cheap to compile."""
-
-    bn_axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, images, train: bool):
-        x = nn.Conv(6, (3, 3), use_bias=False)(images)
-        x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name)(x)
-        return jnp.mean(nn.relu(x), axis=(1, 2))
 
 
 def _model(name, axis):

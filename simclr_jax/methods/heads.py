@@ -17,6 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
+
+from simclr_jax import models
 
 
 class MLPHead(nn.Module):
@@ -91,3 +94,41 @@ class ProjectorModel(nn.Module):
         h = jnp.asarray(self.encoder(images, train=train), jnp.float32)
         z = self.projector(h, train=train)
         return {"h": h, "z": z, "probe_logits": self.probe(jax.lax.stop_gradient(h))}
+
+
+def build_projector_model(
+    config: mlc.ConfigDict,
+    *,
+    num_classes: int,
+    bn_axis_name: str | None,
+    conv: models.ModuleDef,
+    num_layers: int,
+    use_bias: bool,
+    out_bias: bool,
+) -> ProjectorModel:
+    """config.model's encoder, an MLPHead of config.method's widths and the online probe.
+
+    Args:
+      config: a pretraining config (config.model: the encoder and BN settings; config.method:
+        projector_hidden_dim, projector_dim).
+      num_classes: the probe's classes.
+      bn_axis_name: the BatchNorm axis of the encoder and the projector (global BN), or None.
+      conv: the encoder's convolution class.
+      num_layers, use_bias, out_bias: the projector's MLPHead fields.
+    """
+    model_cfg, method_cfg = config.model, config.method
+    return ProjectorModel(
+        encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
+        projector=MLPHead(
+            method_cfg.projector_hidden_dim,
+            method_cfg.projector_dim,
+            num_layers=num_layers,
+            bn_axis_name=bn_axis_name,
+            bn_momentum=model_cfg.bn_momentum,
+            bn_epsilon=model_cfg.bn_epsilon,
+            dtype=models.get_dtype(model_cfg.dtype),
+            use_bias=use_bias,
+            out_bias=out_bias,
+        ),
+        probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
+    )

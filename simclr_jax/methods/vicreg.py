@@ -18,12 +18,11 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 
 from simclr_jax import config_checks, method_losses, models
 from simclr_jax.methods import base, diagnostics
-from simclr_jax.methods.heads import MLPHead, ProjectorModel
+from simclr_jax.methods.heads import ProjectorModel, build_projector_model
 
 NAME = "vicreg"
 TITLE = "VICReg"  # in progress lines and tables
@@ -39,21 +38,14 @@ def build_model(
     conv: models.ModuleDef = nn.Conv,
 ) -> ProjectorModel:
     """Encoder, VICReg's 3-layer expander, and the probe."""
-    model_cfg, method_cfg = config.model, config.method
-    return ProjectorModel(
-        encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
-        projector=MLPHead(
-            method_cfg.projector_hidden_dim,
-            method_cfg.projector_dim,
-            num_layers=PROJECTOR_LAYERS,
-            bn_axis_name=bn_axis_name,
-            bn_momentum=model_cfg.bn_momentum,
-            bn_epsilon=model_cfg.bn_epsilon,
-            dtype=models.get_dtype(model_cfg.dtype),
-            use_bias=True,
-            out_bias=False,
-        ),
-        probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
+    return build_projector_model(
+        config,
+        num_classes=num_classes,
+        bn_axis_name=bn_axis_name,
+        conv=conv,
+        num_layers=PROJECTOR_LAYERS,
+        use_bias=True,
+        out_bias=False,
     )
 
 
