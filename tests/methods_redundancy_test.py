@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from methods_test import TREE_TOL, _assert_trees_close, _TinyEncoder
+from methods_test import TREE_TOL, _assert_trees_close, _batch, _TinyEncoder
 
 from configs import barlow_twins_cifar10, vicreg_cifar10
 from simclr_jax import config_checks, method_losses, methods, models, sharding, steps
@@ -40,15 +40,6 @@ def _model(name, axis):
         ),
         probe=models.LinearHead(num_classes=10),
     )
-
-
-def _batch(seed=0, n=16):
-    rng = np.random.default_rng(seed)
-    return {
-        "view1": rng.uniform(size=(n, 8, 8, 3)).astype(np.float32),
-        "view2": rng.uniform(size=(n, 8, 8, 3)).astype(np.float32),
-        "label": rng.integers(0, 10, n).astype(np.int32),
-    }
 
 
 def _step(name, num_devices, *, micro=None, freeze_bn=False, batch=None):
