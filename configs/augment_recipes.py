@@ -51,3 +51,41 @@ def byol_views(config: mlc.ConfigDict, *, blur: bool = True) -> mlc.ConfigDict:
     aug.view1.solarize_prob = 0.0
     aug.view2.solarize_prob = 0.2
     return config
+
+
+def mocov2_views(config: mlc.ConfigDict, *, blur: bool = True) -> mlc.ConfigDict:
+    """Sets MoCo v2's symmetric two-view recipe on config.augment and returns config.
+
+    Source: Chen, Fan, Girshick, He 2020, "Improved baselines with momentum contrastive
+    learning", arXiv 2003.04297, and its official code (facebookresearch/moco main_moco.py,
+    --aug-plus): RandomResizedCrop scale (0.2, 1); colour jitter (torchvision ColorJitter:
+    multiplicative brightness) 0.4 / 0.4 / 0.4 / 0.1 with p 0.8; grayscale p 0.2; Gaussian
+    blur sigma in [0.1, 2.0] with p 0.5; horizontal flip p 0.5; the same recipe on both
+    views, no solarisation.
+
+    On 32x32 images (blur=False) neither view is blurred, as SimCLR's CIFAR recipe and this
+    repository's other CIFAR recipes (solo-learn's MoCo V2+ CIFAR recipe,
+    scripts/pretrain/cifar/augmentations/symmetric_weak.yaml, keeps blur p 0.5 and crops
+    from area 0.08).
+
+    Args:
+      config: a config with the augment section of configs/cifar10.py.
+      blur: False for small images: blur p 0.0.
+
+    Returns:
+      The same config, changed in place.
+    """
+    aug = config.augment
+    aug.crop_area_range = (0.2, 1.0)
+    aug.flip_prob = 0.5
+    aug.jitter_prob = 0.8
+    aug.brightness_mode = "multiplicative"
+    aug.jitter_brightness = 0.4
+    aug.jitter_contrast = 0.4
+    aug.jitter_saturation = 0.4
+    aug.jitter_hue = 0.1
+    aug.grayscale_prob = 0.2
+    aug.blur_prob = 0.5 if blur else 0.0
+    aug.blur_sigma_range = (0.1, 2.0)
+    aug.solarize_prob = 0.0
+    return config

@@ -274,7 +274,8 @@ def train_step(
     from the state's target network, if any), the forward pass of the online model on both
     views, the method's objective plus the online probe's loss, the gradient's mean over
     devices, the optimizer update, then the method's update of its extra state with the
-    post-step online parameters (e.g. BYOL's EMA target).
+    post-step online parameters and the step's targets (e.g. BYOL's EMA target, MoCo v2's
+    queue).
 
     Args:
       state: the replicated train state.
@@ -322,7 +323,7 @@ def train_step(
     else:
         if not method.supports_micro_batching:
             raise ValueError(f"{method.name} does not support micro-batching (docs/methods.md).")
-        target_stats = None
+        targets, target_stats = None, None
         if micro_batch_per_device <= 0 or n % micro_batch_per_device:
             raise ValueError(
                 f"micro_batch_per_device={micro_batch_per_device} must divide this device's "
@@ -348,8 +349,15 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
-    # After the optimizer step: an EMA target averages in the post-step online parameters.
-    new_state = method.after_step(new_state, step=state.step, target_batch_stats=target_stats)
+    # After the optimizer step: an EMA target averages in the post-step online parameters; a
+    # queue takes the step's keys (targets) from every device (axis_name).
+    new_state = method.after_step(
+        new_state,
+        step=state.step,
+        target_batch_stats=target_stats,
+        targets=targets,
+        axis_name=axis_name,
+    )
 
     loss_value = contrastive  # already the global value
     # What a checkpoint of new_state would hold is checked here, on device: the host reads the

@@ -2,8 +2,10 @@
 
 `TrainState` is SimCLR's state (and the base of every method's): its checkpoint tree is
 {'step', 'params', 'batch_stats', 'opt_state'}. Methods with an EMA target network (BYOL,
-MoCo v3) use `TargetTrainState`, which adds the target's parameters and BN statistics; orbax
-saves and restores the added fields with the rest, so a resumed run continues the EMA exactly.
+MoCo v3) use `TargetTrainState`, which adds the target's parameters and BN statistics; methods
+with a queue as well (MoCo v2) use `QueueTrainState`, which adds the queue and its write
+position. orbax saves and restores the added fields with the rest, so a resumed run continues
+the EMA and the queue exactly.
 """
 
 from typing import Any
@@ -38,6 +40,19 @@ class TargetTrainState(TrainState):
 
     target_params: Any
     target_batch_stats: Any
+
+
+@flax.struct.dataclass
+class QueueTrainState(TargetTrainState):
+    """TargetTrainState plus a FIFO queue (simclr_jax.methods.queue), replicated on every device.
+
+    Attributes:
+      queue: float32 [K, d], e.g. MoCo v2's K most recent keys (the negatives).
+      queue_ptr: int32 [], the row the next global batch is written at.
+    """
+
+    queue: Any
+    queue_ptr: Any
 
 
 def create_train_state(

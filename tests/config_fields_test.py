@@ -21,6 +21,7 @@ CONFIGS = {
     "imagenet": [None, "sqrt"],
     "quickstart": [None],
     "byol_cifar10": [None, "quickstart", "runlocal"],
+    "mocov2_cifar10": [None, "quickstart", "runlocal"],
     "mocov3_cifar10": [None, "quickstart", "runlocal"],
     "barlow_twins_cifar10": [None, "quickstart", "runlocal"],
     "vicreg_cifar10": [None, "quickstart", "runlocal"],

@@ -6,7 +6,8 @@ Barlow Twins' and VICReg's steps in methods_redundancy_test.py. Here: the EMA sc
 update against NumPy; one BYOL / MoCo v3 step on 1 device against 8 devices (global BN, params
 and EMA target); and, slow, BYOL and MoCo v3 runs stopped and resumed against uninterrupted
 ones, bit for bit, with the target in the checkpoint; kNN, export and fine-tuning on each
-method's checkpoint; a smoke run of main.py per method.
+method's checkpoint; a smoke run of main.py per method (MoCo v2 included; its own tests are in
+queue_methods_test.py).
 """
 
 import functools
@@ -24,7 +25,14 @@ import optax
 import pytest
 from tiny_run import tiny_config
 
-from configs import barlow_twins_cifar10, byol_cifar10, cifar10, mocov3_cifar10, vicreg_cifar10
+from configs import (
+    barlow_twins_cifar10,
+    byol_cifar10,
+    cifar10,
+    mocov2_cifar10,
+    mocov3_cifar10,
+    vicreg_cifar10,
+)
 from configs import knn as knn_config
 from simclr_jax import (
     checkpoint,
@@ -232,6 +240,7 @@ def test_config_errors_name_the_field():
 
 METHOD_CONFIGS = {
     "byol": byol_cifar10,
+    "mocov2": mocov2_cifar10,
     "mocov3": mocov3_cifar10,
     "barlow_twins": barlow_twins_cifar10,
     "vicreg": vicreg_cifar10,
@@ -346,7 +355,9 @@ def test_each_method_trains_through_main_py(name, tmp_path):
     assert last["step"] == 2 and np.isfinite(last["train/loss"])
     saved = _restore(str(tmp_path))
     assert set(saved["params"]) >= {"encoder", "projector", "probe"}
-    if name in EMA_METHODS:
+    if name in EMA_METHODS or name == "mocov2":
         assert set(saved["target_params"]) == {"encoder", "projector"}
+        if name == "mocov2":  # the queue and its position after 2 steps of 16
+            assert saved["queue"].shape == (256, 32) and int(saved["queue_ptr"]) == 32
     else:
         assert "target_params" not in saved

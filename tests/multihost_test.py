@@ -6,7 +6,9 @@ What is compared:
   batch, the 1x8 reference runs in the pytest process; the updated parameters
   must agree to 1e-5 (float32, different reduction trees); the same for BYOL, an
   EMA method (two steps built as train.py builds a method config): its online
-  parameters, its EMA target's parameters and the target's BN statistics;
+  parameters, its EMA target's parameters and the target's BN statistics; and for MoCo v2
+  its query and key encoders and its queue (keys all_gathered in global batch order) and
+  queue position;
 - NT-Xent in the 2x4 layout equals a NumPy full-global-batch reference and
   differs from the loss a per-host-only gather would give;
 - the batch layout: make_global_batch puts process p's local rows where
@@ -176,7 +178,11 @@ def step_outputs() -> dict[str, np.ndarray]:
     loss_fn = _compile_then_barrier(loss_fn, "nt_xent", zg["a"], zg["b"])
     out = {"loss": loss_fn(zg["a"], zg["b"]), "step_loss": step_losses[0]}
     out.update(_flat("p/", state.params))
-    return {**_host(out), **_byol_outputs(mesh, global_batch)}
+    return {
+        **_host(out),
+        **_byol_outputs(mesh, global_batch),
+        **_mocov2_outputs(mesh, global_batch),
+    }
 
 
 def _host(arrays: dict) -> dict[str, np.ndarray]:
@@ -240,6 +246,56 @@ def _byol_outputs(mesh, global_batch) -> dict:
     out.update(_host(_flat("byol/p/", state.params)))
     out.update(_host(_flat("byol/t/", state.target_params)))
     out.update(_host(_flat("byol/ts/", state.target_batch_stats)))
+    return out
+
+
+def _mocov2_outputs(mesh, global_batch) -> dict:
+    """Two MoCo v2 steps (a queue of 32 rows, global batch 16: it wraps) as train.py builds them.
+
+    Returns:
+      {'mocov2/p/<path>': query params, 'mocov2/t/<path>': key encoder params,
+       'mocov2/queue': [32, 8] keys, 'mocov2/ptr': the write position}, on the host.
+    """
+    import jax
+
+    from configs import mocov2_cifar10
+    from simclr_jax import methods, optim, sharding, steps
+
+    config = mocov2_cifar10.get_config("runlocal")
+    config.model.base_width = 4
+    config.method.projector_hidden_dim = 16
+    config.method.projector_dim = 8
+    config.method.queue_size = 2 * GLOBAL_BATCH
+    model = methods.build_model(config, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    method = methods.from_config(config, total_steps=4)
+    tx, schedule = optim.create_optimizer(
+        config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
+    )
+    init = jax.jit(
+        lambda k: method.create_state(model, tx, k, (32, 32, 3)),
+        out_shardings=sharding.replicated_sharding(mesh),
+    )
+    state = init(jax.random.key(0))
+    step_fn = steps.compile_train_step(
+        lambda s, b: steps.train_step(
+            s,
+            b,
+            model=model,
+            tx=tx,
+            learning_rate_fn=schedule,
+            method=method,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=False,
+        ),
+        parallelism="shard_map",
+        mesh=mesh,
+    )
+    step_fn = _compile_then_barrier(step_fn, "mocov2_train_step", state, global_batch)
+    for _ in range(2):
+        state, _ = step_fn(state, global_batch)
+    out = _host(_flat("mocov2/p/", state.params))
+    out.update(_host(_flat("mocov2/t/", state.target_params)))
+    out.update(_host({"mocov2/queue": state.queue, "mocov2/ptr": state.queue_ptr}))
     return out
 
 
@@ -345,6 +401,10 @@ def test_train_step_2x4_matches_1x8_and_nt_xent_sees_every_host(tmp_path):
     online, start, target = byol["p"], byol["p0"], byol["t"]
     assert max(float(np.abs(online[k] - start[k]).max()) for k in online) > 100 * PARAM_TOL
     assert max(float(np.abs(target[k] - online[k]).max()) for k in target) > 100 * PARAM_TOL
+    # MoCo v2's queue (all_gathered keys of both steps, global batch order) and its position.
+    assert int(reference["mocov2/ptr"]) == 0 and reference["mocov2/queue"].shape == (32, 8)
+    for out in outs:
+        assert int(out["mocov2/ptr"]) == 0
     # The parameters did move (otherwise the comparison would prove nothing).
     _, z = _fixed_inputs()
     full = _nt_xent_numpy(z[0], z[1], 0.5)

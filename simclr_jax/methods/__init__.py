@@ -1,17 +1,19 @@
 """Self-supervised methods on the generic train step: the registry of config.method.name.
 
-A method module (simclr.py, byol.py, mocov3.py, barlow_twins.py, vicreg.py) supplies:
+A method module (simclr.py, byol.py, mocov2.py, mocov3.py, barlow_twins.py, vicreg.py) supplies:
 - NAME, its config.method.name, and TITLE, its name in print;
 - build_model(config, *, num_classes, bn_axis_name, conv): its Flax model (encoder, heads,
   online probe), returning {'h', 'z', 'probe_logits', ...} for [2n] images;
 - from_config(config, *, total_steps): the step object the train step calls: create_state,
   targets (a target network's outputs, no gradient), objective (the loss over both views'
   outputs with axis_name for cross-device statistics), embedding_loss (micro-batching),
-  after_step (extra state after the optimizer step: the EMA target), supports_micro_batching;
+  after_step (extra state after the optimizer step: the EMA target, a queue; it is given the
+  step's targets and the device axis), supports_micro_batching;
 - check_config(config): ConfigErrors for the method's own fields.
 Its augmentation recipe per view is a config's (configs/augment_recipes.py, applied by
 configs/<method>_cifar10.py); the shared pieces are heads.py (MLP heads), base.py (the step
-object of methods without a target network), ema.py and diagnostics.py.
+object of methods without a target network), ema.py, queue.py (the replicated FIFO queue) and
+diagnostics.py.
 See docs/methods.md for the interface and how to add a method.
 """
 
@@ -22,12 +24,12 @@ import flax.linen as nn
 import ml_collections as mlc
 
 from simclr_jax import config_checks
-from simclr_jax.methods import barlow_twins, byol, mocov3, simclr, vicreg
+from simclr_jax.methods import barlow_twins, byol, mocov2, mocov3, simclr, vicreg
 
 # config.method.name -> module; the registry of method names (config_checks keeps the default
 # and the micro-batching subset for jax-free code, checked against this below).
 METHODS: dict[str, ModuleType] = {
-    module.NAME: module for module in (simclr, byol, mocov3, barlow_twins, vicreg)
+    module.NAME: module for module in (simclr, byol, mocov2, mocov3, barlow_twins, vicreg)
 }
 # The default and the names that micro-batch are also known to jax-free code (the ablation tool)
 # through config_checks; _check_config_checks_lists() keeps them in step with this registry.
@@ -118,6 +120,7 @@ __all__ = [
     "from_config",
     "get_method",
     "method_name",
+    "mocov2",
     "mocov3",
     "simclr",
     "supports_micro_batching",

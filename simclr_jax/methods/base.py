@@ -49,7 +49,7 @@ class EmbeddingLossMethod:
         scaled, (loss, aux) = self.embedding_loss(z[:n], z[n:], axis_name)
         return scaled, loss, aux
 
-    def after_step(self, new_state, *, step, target_batch_stats):
+    def after_step(self, new_state, *, step, target_batch_stats, targets=None, axis_name=None):
         """Nothing to update."""
-        del step, target_batch_stats
+        del step, target_batch_stats, targets, axis_name
         return new_state

@@ -145,8 +145,13 @@ class BYOL:
     def embedding_loss(self, z1, z2, axis_name):
         raise NotImplementedError("BYOL does not support micro-batching (docs/methods.md).")
 
-    def after_step(self, new_state, *, step, target_batch_stats):
-        """The EMA of the post-step online encoder and projector, at rate tau_step."""
+    def after_step(self, new_state, *, step, target_batch_stats, targets=None, axis_name=None):
+        """The EMA of the post-step online encoder and projector, at rate tau_step.
+
+        targets and axis_name (the step's targets and device axis, for methods with a queue)
+        are not used.
+        """
+        del targets, axis_name
         tau = ema.ema_rate(step, self.total_steps, self.tau_base)
         online = _select(new_state.params, TARGET_MODULES)
         return new_state.replace(

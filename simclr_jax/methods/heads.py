@@ -9,6 +9,7 @@ the CIFAR recipes'):
 - Barlow Twins: projector of 3 layers 8192-8192-8192, no biases, BN+ReLU on the hidden layers.
 - VICReg: "expander" of 3 layers 8192-8192-8192, biases on the hidden layers, none on the
   output.
+- MoCo v2: 2 layers 2048-128, biases, no BN (Linear-ReLU-Linear; hidden_bn=False).
 SimCLR's projection head is models.ProjectionHead (the reference's variable names).
 """
 
@@ -23,7 +24,8 @@ from simclr_jax import models
 
 
 class MLPHead(nn.Module):
-    """num_layers Dense layers; BN -> ReLU after each but the last; optionally BN on the output.
+    """num_layers Dense layers; BN -> ReLU after each but the last (ReLU alone with
+    hidden_bn=False); optionally BN on the output.
 
     Variables: dense_0 ... dense_{L-1}, bn_0 ... bn_{L-2} (and bn_{L-1} with last_bn), so a
     2-layer head is Linear(hidden) -> BN -> ReLU -> Linear(out), BYOL's projector.
@@ -39,6 +41,8 @@ class MLPHead(nn.Module):
       use_bias: biases on the hidden Dense layers.
       out_bias: a bias on the last Dense layer.
       last_bn: a BatchNorm without scale or bias on the output (MoCo v3's projector).
+      hidden_bn: BatchNorm on the hidden layers; False gives Linear -> ReLU -> ... -> Linear
+        without bn_* variables (MoCo v2's head).
     """
 
     hidden_dim: int
@@ -51,6 +55,7 @@ class MLPHead(nn.Module):
     use_bias: bool = True
     out_bias: bool = True
     last_bn: bool = False
+    hidden_bn: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -69,7 +74,9 @@ class MLPHead(nn.Module):
         last = self.num_layers - 1
         for i in range(last):
             x = nn.Dense(self.hidden_dim, use_bias=self.use_bias, name=f"dense_{i}", **kinds)(x)
-            x = nn.relu(nn.BatchNorm(name=f"bn_{i}", **bn)(x))
+            if self.hidden_bn:
+                x = nn.BatchNorm(name=f"bn_{i}", **bn)(x)
+            x = nn.relu(x)
         x = nn.Dense(self.out_dim, use_bias=self.out_bias, name=f"dense_{last}", **kinds)(x)
         if self.last_bn:
             x = nn.BatchNorm(use_scale=False, use_bias=False, name=f"bn_{last}", **bn)(x)
