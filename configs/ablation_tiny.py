@@ -14,12 +14,12 @@ About 10-15 minutes on 2 CPU cores (see docs/ablation_tiny/README.md). These
 runs are far too short to reproduce anything: they show that the grid, the
 resume logic and the report work.
 
-Other methods: `configs/ablation_tiny.py:<method>` (byol, mocov3, barlow_twins,
-vicreg; none or 'simclr' is the SimCLR grid above) builds the same grid on
+Other methods: `configs/ablation_tiny.py:<method>` (byol, mocov3, mocov2,
+barlow_twins, vicreg; none or 'simclr' is the SimCLR grid above) builds the same grid on
 configs/<method>_cifar10.py:quickstart, with the same edits (warmup, no kNN)
 and each cell's batch, epochs and sqrt-scaled LR. The temperature axis sets
-method.temperature for MoCo v3 and is a label only for BYOL, Barlow Twins and
-VICReg (no temperature); BYOL and MoCo v3 cannot train in micro-batches, so
+method.temperature for MoCo v3 and v2 and is a label only for BYOL, Barlow Twins and
+VICReg (no temperature); BYOL, MoCo v3 and MoCo v2 cannot train in micro-batches, so
 their micro_batch_size is 0 (batch 256 is one batch). No reference figures
 (the SimCLR paper's do not apply):
 
@@ -33,6 +33,7 @@ from configs import (
     barlow_twins_cifar10,
     byol_cifar10,
     linear_eval,
+    mocov2_cifar10,
     mocov3_cifar10,
     quickstart,
     vicreg_cifar10,
@@ -43,6 +44,7 @@ from simclr_jax import config_checks
 METHOD_CONFIGS = {
     "byol": byol_cifar10,
     "mocov3": mocov3_cifar10,
+    "mocov2": mocov2_cifar10,
     "barlow_twins": barlow_twins_cifar10,
     "vicreg": vicreg_cifar10,
 }

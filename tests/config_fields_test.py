@@ -34,7 +34,7 @@ CONFIGS = {
     "finetune": ["1pct", "10pct", "100pct"],
     "ablation_cifar10": [None],
     "ablation_imagenet": [None],
-    "ablation_tiny": [None, "simclr", "byol", "mocov3", "barlow_twins", "vicreg"],
+    "ablation_tiny": [None, "simclr", "byol", "mocov3", "mocov2", "barlow_twins", "vicreg"],
 }
 # Local names the library gives to one section of the config.
 SECTION_VARIABLES = {

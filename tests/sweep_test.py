@@ -193,6 +193,7 @@ def test_micro_batches_only_for_batches_above_the_threshold(tmp_path):
 OTHER_METHODS = {
     "byol": "configs/byol_cifar10.py:quickstart",
     "mocov3": "configs/mocov3_cifar10.py:quickstart",
+    "mocov2": "configs/mocov2_cifar10.py:quickstart",
     "barlow_twins": "configs/barlow_twins_cifar10.py:quickstart",
     "vicreg": "configs/vicreg_cifar10.py:quickstart",
 }
@@ -214,6 +215,7 @@ def test_the_temperature_axis_sets_the_temperature_each_method_reads(tmp_path):
     expected = {
         "simclr": "loss.temperature",
         "mocov3": "method.temperature",
+        "mocov2": "method.temperature",
         "byol": None,
         "barlow_twins": None,
         "vicreg": None,
