@@ -30,6 +30,10 @@ import statistics
 import sys
 import time
 
+# The training split's size the step object is built for (InstDisc's memory bank rows):
+# CIFAR-10's training images.
+NUM_EXAMPLES = 50_000
+
 # Dense peak TFLOP/s per device (chip for TPU, one GPU) by dtype, from vendor data sheets;
 # matched as a substring of jax's device_kind. float32 on GPUs is the non-tensor-core peak.
 VENDOR_PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -259,7 +263,7 @@ def main(argv: list[str]) -> dict:
     conv = conv_class.conv_class(args.cpu_conv, shortcut_fork=fork)
     # The method of the config (config.method.name: SimCLR, BYOL, ...), as train.py builds it.
     model = methods.build_model(config, num_classes=10, bn_axis_name=bn_axis, conv=conv)
-    method = methods.from_config(config, total_steps=1000)
+    method = methods.from_config(config, total_steps=1000, num_examples=NUM_EXAMPLES)
     tx, schedule = optim.create_optimizer(
         config.optim, batch_size=args.batch, total_steps=1000, warmup_steps=10
     )
@@ -272,6 +276,7 @@ def main(argv: list[str]) -> dict:
         "view1": jax.random.uniform(keys[0], shape),
         "view2": jax.random.uniform(keys[1], shape),
         "label": jax.random.randint(keys[2], (args.batch,), 0, 10),
+        "index": jnp.arange(args.batch, dtype=jnp.int32),  # distinct examples, as the pipeline's
     }
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
 

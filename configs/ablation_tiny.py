@@ -15,12 +15,12 @@ runs are far too short to reproduce anything: they show that the grid, the
 resume logic and the report work.
 
 Other methods: `configs/ablation_tiny.py:<method>` (byol, mocov3, mocov2,
-barlow_twins, vicreg; none or 'simclr' is the SimCLR grid above) builds the same grid on
-configs/<method>_cifar10.py:quickstart, with the same edits (warmup, no kNN)
+barlow_twins, vicreg, nnclr, instdisc; none or 'simclr' is the SimCLR grid above) builds the
+same grid on configs/<method>_cifar10.py:quickstart, with the same edits (warmup, no kNN)
 and each cell's batch, epochs and sqrt-scaled LR. The temperature axis sets
-method.temperature for MoCo v3 and v2 and is a label only for BYOL, Barlow Twins and
-VICReg (no temperature); BYOL, MoCo v3 and MoCo v2 cannot train in micro-batches, so
-their micro_batch_size is 0 (batch 256 is one batch). No reference figures
+method.temperature for MoCo v3, MoCo v2, NNCLR and InstDisc and is a label only for BYOL,
+Barlow Twins and VICReg (no temperature); only SimCLR, Barlow Twins and VICReg train in
+micro-batches, the others' micro_batch_size is 0 (batch 256 is one batch). No reference figures
 (the SimCLR paper's do not apply):
 
   python -m simclr_jax.sweep --config=configs/ablation_tiny.py:byol --workdir=/tmp/ablation_byol
@@ -32,9 +32,11 @@ from configs import (
     ablation_cifar10,
     barlow_twins_cifar10,
     byol_cifar10,
+    instdisc_cifar10,
     linear_eval,
     mocov2_cifar10,
     mocov3_cifar10,
+    nnclr_cifar10,
     quickstart,
     vicreg_cifar10,
 )
@@ -47,6 +49,8 @@ METHOD_CONFIGS = {
     "mocov2": mocov2_cifar10,
     "barlow_twins": barlow_twins_cifar10,
     "vicreg": vicreg_cifar10,
+    "nnclr": nnclr_cifar10,
+    "instdisc": instdisc_cifar10,
 }
 
 
@@ -71,7 +75,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     config.grid.batch_sizes = (64, 128, 256)
     config.grid.epochs = (0.5, 1.0)
     config.grid.lr_scalings = ("sqrt",)
-    config.grid.temperatures = (0.2,)
+    # One temperature: the method's own (0.2 for SimCLR, whose NT-Xent reads loss.temperature).
+    config.grid.temperatures = (pretrain.get("method", {}).get("temperature", 0.2),)
     config.base_lr.linear = 1.0
     config.base_lr.sqrt = 0.2
     method = config_checks.method_name(pretrain)

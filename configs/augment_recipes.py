@@ -89,3 +89,26 @@ def mocov2_views(config: mlc.ConfigDict, *, blur: bool = True) -> mlc.ConfigDict
     aug.blur_sigma_range = (0.1, 2.0)
     aug.solarize_prob = 0.0
     return config
+
+
+def instdisc_views(config: mlc.ConfigDict) -> mlc.ConfigDict:
+    """Sets InstDisc's augmentations (the same recipe on both views) and returns config.
+
+    Source: Wu et al. 2018, arXiv 1805.01978, and its official code (lemniscate.pytorch,
+    main.py and cifar.py): RandomResizedCrop scale (0.2, 1); grayscale p 0.2; colour jitter
+    (torchvision ColorJitter: multiplicative brightness) 0.4 / 0.4 / 0.4 / 0.4 applied to every
+    image (p 1.0); horizontal flip p 0.5; no blur, no solarisation. The official code
+    applies grayscale before the jitter; this pipeline's order is jitter then grayscale
+    (SimCLR's), which differs only on the 20% grayscale images (their jitter is then
+    saturation-free).
+
+    Args:
+      config: a config with the augment section of configs/cifar10.py.
+
+    Returns:
+      The same config, changed in place.
+    """
+    mocov2_views(config, blur=False)
+    config.augment.jitter_prob = 1.0
+    config.augment.jitter_hue = 0.4
+    return config

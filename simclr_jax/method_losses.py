@@ -1,4 +1,7 @@
-"""The losses of BYOL, MoCo v2, MoCo v3, Barlow Twins, VICReg, single-device and across devices.
+"""The losses of BYOL, MoCo v3, Barlow Twins, VICReg, single-device and across devices.
+
+The losses against stored vectors (MoCo v2's queue, NNCLR's support set, InstDisc's memory
+bank) are in memory_losses.py, with the same conventions.
 
 Pure functions of the two views' per-device outputs; no modules, no config. Each is
 written once for the per-device view of the batch, as `losses.nt_xent`: called plainly
@@ -256,59 +259,6 @@ def moco_v3_loss(
     share = 2.0 * temperature * (jnp.mean(ce_12) + jnp.mean(ce_21))
     metrics = {"contrastive_acc": (jnp.mean(correct_12) + jnp.mean(correct_21)) / 2}
     return _global_value(share, metrics, axis_name)
-
-
-def moco_v2_loss(
-    q: jax.Array,
-    k: jax.Array,
-    queue: jax.Array,
-    temperature: float,
-    axis_name: Hashable | None = None,
-) -> tuple[jax.Array, Metrics]:
-    """MoCo v2's InfoNCE against a queue of negatives (He et al. 2020 Algorithm 1; Chen, Fan,
-    Girshick, He 2020, arXiv 2003.04297), one direction as in the papers.
-
-    For query i: logits [q_i . k_i, q_i . queue_1, ..., q_i . queue_K] / tau, cross entropy
-    with the positive (column 0) as the label; q and k l2-normalised, the queue's rows used
-    as stored (unit keys). Loss = the mean over the global batch. Each query needs only its
-    own key and the queue, so nothing is gathered for the value: this device's share is the
-    mean over its n queries, and the global value is the shares' mean (n is the same on every
-    device).
-
-    Args:
-      q: [n, d] this device's queries (the query encoder's projections of view 1; any float
-        dtype, computed in float32).
-      k: [n, d] the matching keys (the key encoder's projections of view 2); stop_gradient-ed.
-      queue: [K, d] the negatives (the keys of earlier steps), the same on every device;
-        stop_gradient-ed, read in float32.
-      temperature: tau > 0 (0.2 in MoCo v2).
-      axis_name: the mapped device axis, or None; only the reported value and the metrics are
-        averaged over it.
-
-    Returns:
-      (loss, metrics): loss float32 scalar, the module's value/gradient convention; metrics
-      (float32, global, no gradient): 'loss', 'contrastive_acc' (fraction of the queries whose
-      positive has the largest of the K + 1 logits).
-
-    Raises:
-      ValueError: q, k not 2-D or of different shapes; a queue not [K, d]; temperature not
-        finite > 0.
-    """
-    _validate_2d(q=q, k=k)
-    _validate_scalar("temperature", temperature, allow_zero=False)
-    if jnp.ndim(queue) != 2 or jnp.shape(queue)[1] != jnp.shape(q)[1]:
-        raise ValueError(
-            f"queue must be [K, {jnp.shape(q)[1]}] (the keys' width); got {jnp.shape(queue)}."
-        )
-    qn = l2_normalize(q)
-    kn = l2_normalize(jax.lax.stop_gradient(k))
-    negatives = jnp.asarray(jax.lax.stop_gradient(queue), jnp.float32)
-    positive = jnp.sum(qn * kn, axis=1, keepdims=True)  # [n, 1]
-    logits = jnp.concatenate([positive, qn @ negatives.T], axis=1) / temperature  # [n, 1 + K]
-    ce = jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
-    correct = jnp.argmax(jax.lax.stop_gradient(logits), axis=1) == 0
-    metrics = {"contrastive_acc": jnp.mean(correct.astype(jnp.float32))}
-    return _global_value(jnp.mean(ce), metrics, axis_name)
 
 
 def barlow_twins_loss(

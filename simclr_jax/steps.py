@@ -280,7 +280,8 @@ def train_step(
     Args:
       state: the replicated train state.
       batch: {'view1', 'view2': [n, H, W, 3] float32, 'label': [n] int32 (outside
-        [0, classes): no label)}.
+        [0, classes): no label), and optionally 'index': [n] int32, each example's position
+        in the training split (the pipeline supplies it; InstDisc's memory bank needs it)}.
       model: the method's model (methods.build_model; with bn_axis_name=axis_name for global
         BN): outputs {'z', 'probe_logits', ...} for [2n] images.
       tx: the optimizer (LARS for pretraining).
@@ -315,7 +316,12 @@ def train_step(
     if micro_batch_per_device is None or micro_batch_per_device == n:
         images = jnp.concatenate([batch["view1"], batch["view2"]], axis=0)
         targets, target_stats = method.targets(
-            model, state, images, axis_name=axis_name, freeze_bn=freeze_bn
+            model,
+            state,
+            images,
+            axis_name=axis_name,
+            freeze_bn=freeze_bn,
+            index=batch.get("index"),
         )
         grads, aux = _full_batch_grads(
             state.params, state.batch_stats, batch, targets=targets, **common
@@ -337,6 +343,10 @@ def train_step(
             **common,
         )
     batch_stats, contrastive, aux, (ce_sum, correct, count) = aux
+    # What the method's after_step needs from the online forward pass (NNCLR's projections,
+    # InstDisc's embeddings), no gradient; the rest of aux is logged.
+    aux = dict(aux)
+    step_outputs = aux.pop("step_outputs", None)
     # nt_xent's gradient is this device's share, and so is the probe's (_probe_loss_share),
     # so the mean over devices is exactly the gradient of the global loss.
     grads = _pmean(grads, axis_name)
@@ -350,12 +360,14 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     # After the optimizer step: an EMA target averages in the post-step online parameters; a
-    # queue takes the step's keys (targets) from every device (axis_name).
+    # queue takes the step's keys (targets) or projections (step_outputs) from every device
+    # (axis_name); a memory bank takes the embeddings at the batch's example indices.
     new_state = method.after_step(
         new_state,
         step=state.step,
         target_batch_stats=target_stats,
         targets=targets,
+        outputs=step_outputs,
         axis_name=axis_name,
     )
 

@@ -134,7 +134,9 @@ def _build_run(
     )
     return Run(
         model=model,
-        method=methods.from_config(config, total_steps=total_steps),
+        method=methods.from_config(
+            config, total_steps=total_steps, num_examples=data_info.num_examples
+        ),
         tx=tx,
         schedule=schedule,
         mesh=mesh,

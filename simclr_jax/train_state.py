@@ -4,8 +4,9 @@
 {'step', 'params', 'batch_stats', 'opt_state'}. Methods with an EMA target network (BYOL,
 MoCo v3) use `TargetTrainState`, which adds the target's parameters and BN statistics; methods
 with a queue as well (MoCo v2) use `QueueTrainState`, which adds the queue and its write
-position. orbax saves and restores the added fields with the rest, so a resumed run continues
-the EMA and the queue exactly.
+position; NNCLR's `SupportSetTrainState` has a queue without a target, InstDisc's
+`MemoryBankTrainState` a memory bank. orbax saves and restores the added fields with the rest,
+so a resumed run continues the EMA, the queue and the bank exactly.
 """
 
 from typing import Any
@@ -53,6 +54,32 @@ class QueueTrainState(TargetTrainState):
 
     queue: Any
     queue_ptr: Any
+
+
+@flax.struct.dataclass
+class SupportSetTrainState(TrainState):
+    """TrainState plus a FIFO queue of the method's own projections (NNCLR's support set;
+    simclr_jax.methods.queue), replicated on every device; no target network.
+
+    Attributes:
+      queue: float32 [K, d], the K most recent unit projections.
+      queue_ptr: int32 [], the row the next global batch is written at.
+    """
+
+    queue: Any
+    queue_ptr: Any
+
+
+@flax.struct.dataclass
+class MemoryBankTrainState(TrainState):
+    """TrainState plus a memory bank (InstDisc; simclr_jax.methods.memory_bank), replicated.
+
+    Attributes:
+      bank: float32 [N, d], one unit vector per training example, row = the example's
+        position in the training split.
+    """
+
+    bank: Any
 
 
 def create_train_state(

@@ -25,6 +25,8 @@ CONFIGS = {
     "mocov3_cifar10": [None, "quickstart", "runlocal"],
     "barlow_twins_cifar10": [None, "quickstart", "runlocal"],
     "vicreg_cifar10": [None, "quickstart", "runlocal"],
+    "nnclr_cifar10": [None, "quickstart", "runlocal"],
+    "instdisc_cifar10": [None, "quickstart", "runlocal"],
     "byol_imagenet": [None, "runlocal"],
     "mocov3_imagenet": [None, "runlocal"],
     "barlow_twins_imagenet": [None, "runlocal"],
@@ -34,7 +36,8 @@ CONFIGS = {
     "finetune": ["1pct", "10pct", "100pct"],
     "ablation_cifar10": [None],
     "ablation_imagenet": [None],
-    "ablation_tiny": [None, "simclr", "byol", "mocov3", "mocov2", "barlow_twins", "vicreg"],
+    "ablation_tiny": [None, "simclr", "byol", "mocov3", "mocov2", "barlow_twins", "vicreg"]
+    + ["nnclr", "instdisc"],
 }
 # Local names the library gives to one section of the config.
 SECTION_VARIABLES = {

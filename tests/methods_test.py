@@ -29,8 +29,10 @@ from configs import (
     barlow_twins_cifar10,
     byol_cifar10,
     cifar10,
+    instdisc_cifar10,
     mocov2_cifar10,
     mocov3_cifar10,
+    nnclr_cifar10,
     vicreg_cifar10,
 )
 from configs import knn as knn_config
@@ -244,6 +246,8 @@ METHOD_CONFIGS = {
     "mocov3": mocov3_cifar10,
     "barlow_twins": barlow_twins_cifar10,
     "vicreg": vicreg_cifar10,
+    "nnclr": nnclr_cifar10,
+    "instdisc": instdisc_cifar10,
 }
 EMA_METHODS = ("byol", "mocov3")
 
@@ -361,3 +365,7 @@ def test_each_method_trains_through_main_py(name, tmp_path):
             assert saved["queue"].shape == (256, 32) and int(saved["queue_ptr"]) == 32
     else:
         assert "target_params" not in saved
+    if name == "nnclr":  # the support set of view-1 projections after 2 steps of 16
+        assert saved["queue"].shape == (256, 32) and int(saved["queue_ptr"]) == 32
+    if name == "instdisc":  # one bank row per example of the embedded sample's 4,000
+        assert saved["bank"].shape == (4000, 32)

@@ -189,7 +189,11 @@ def test_pretrain_batches_embedded():
     assert (info.local_batch_size, info.steps_per_epoch) == (8, 2000 // 8)
     assert (info.num_examples, info.num_classes, info.cached) == (4000, 10, True)
     for batch in take(ds, 2):
-        assert batch.keys() == {"view1", "view2", "label"}
+        assert batch.keys() == {"view1", "view2", "label", "index"}
+        assert (
+            batch["index"].dtype == np.int32
+            and ((batch["index"] >= 0) & (batch["index"] < 4000)).all()
+        )
         for view in ("view1", "view2"):
             assert batch[view].shape == (8, 32, 32, 3) and batch[view].dtype == np.float32
             assert batch[view].min() >= 0.0 and batch[view].max() <= 1.0
@@ -248,6 +252,8 @@ def test_epochs_are_fresh_global_permutations(sources, kind):
             np.testing.assert_array_equal(b["view1"], b["view2"])  # Identity views.
             ids = identify(b["view1"], table)
             assert [label for _, label in ids] == list(b["label"])
+            # 'index' is the drawn example's position in the split (InstDisc's bank row).
+            assert [index for index, _ in ids] == list(b["index"])
             drawn += [index for index, _ in ids]
         assert len(set(drawn)) == steps * batch  # Each drawn example once per epoch.
         epochs.append(drawn)
@@ -282,6 +288,7 @@ def test_tfds_stream_keeps_a_per_host_order(sources):
             for b in epoch_batches:
                 ids = identify(b["view1"], table)
                 assert [label for _, label in ids] == list(b["label"])
+                assert [index for index, _ in ids] == list(b["index"])  # Record streams too.
                 drawn += [index for index, _ in ids]
             assert len(set(drawn)) == per_epoch  # No repeats within an epoch.
             assert set(drawn) <= set(source.shard_indices(p, process_count))
@@ -410,9 +417,11 @@ def test_finetune_uses_only_the_subset(sources, kind):
         assert info.num_examples == len(subset)
         drawn = []
         for b in take(ds, info.steps_per_epoch):  # One epoch.
-            assert b.keys() == {"image", "label"} and b["image"].shape == (2, SIZE, SIZE, 3)
+            assert b.keys() == {"image", "label", "index"}
+            assert b["image"].shape == (2, SIZE, SIZE, 3)
             ids = identify(b["image"], table)
             assert [label for _, label in ids] == list(b["label"])
+            assert [index for index, _ in ids] == list(b["index"])  # Split positions.
             drawn += [index for index, _ in ids]
         allowed = (
             set(subset) if info.global_order else set(subset) & set(source.shard_indices(p, 2))

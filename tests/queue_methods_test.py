@@ -1,7 +1,7 @@
 """Tests of the replicated FIFO queue (simclr_jax.methods.queue) and MoCo v2 on the train step.
 
 The queue after several updates against a NumPy simulation of the FIFO over the global
-batches (wrapping around), on 1, 4 and 8 devices; method_losses.moco_v2_loss against a
+batches (wrapping around), on 1, 4 and 8 devices; memory_losses.moco_v2_loss against a
 float64 NumPy reference (value and, by finite differences, gradient) and on 8 devices against
 1; MoCo v2 steps on 8 devices against 1 (params, key encoder, queue, ptr) and one step against
 an independent computation; the config errors; slow: a run stopped and resumed against the
@@ -24,7 +24,7 @@ from configs import mocov2_cifar10
 from simclr_jax import (
     checkpoint,
     config_checks,
-    method_losses,
+    memory_losses,
     methods,
     models,
     sharding,
@@ -128,7 +128,7 @@ def _loss_inputs(n, d, size, seed):
 
 
 def _loss_value_and_grads(q, k, queue, axis_name=None):
-    fn = functools.partial(method_losses.moco_v2_loss, temperature=TAU, axis_name=axis_name)
+    fn = functools.partial(memory_losses.moco_v2_loss, temperature=TAU, axis_name=axis_name)
     return jax.value_and_grad(fn, argnums=(0, 1, 2), has_aux=True)(q, k, queue)
 
 
@@ -183,11 +183,11 @@ def test_moco_v2_loss_on_eight_devices_equals_one_device():
 def test_moco_v2_loss_refuses_bad_inputs():
     q, k, queue = _loss_inputs(4, 3, 8, seed=0)
     with pytest.raises(ValueError, match=r"queue must be \[K, 3\]"):
-        method_losses.moco_v2_loss(q, k, queue[:, :2], TAU)
+        memory_losses.moco_v2_loss(q, k, queue[:, :2], TAU)
     with pytest.raises(ValueError, match=r"batch sizes differ"):
-        method_losses.moco_v2_loss(q, k[:2], queue, TAU)
+        memory_losses.moco_v2_loss(q, k[:2], queue, TAU)
     with pytest.raises(ValueError, match=r"temperature must be a finite scalar > 0"):
-        method_losses.moco_v2_loss(q, k, queue, 0.0)
+        memory_losses.moco_v2_loss(q, k, queue, 0.0)
 
 
 # ----------------------------------------------------------------------------

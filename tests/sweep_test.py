@@ -196,6 +196,8 @@ OTHER_METHODS = {
     "mocov2": "configs/mocov2_cifar10.py:quickstart",
     "barlow_twins": "configs/barlow_twins_cifar10.py:quickstart",
     "vicreg": "configs/vicreg_cifar10.py:quickstart",
+    "nnclr": "configs/nnclr_cifar10.py:quickstart",
+    "instdisc": "configs/instdisc_cifar10.py:quickstart",
 }
 # What ablation_tiny and the grid change in the base config (tiny grid: batch 64-256, sqrt LR).
 GRID_EDITS = {
@@ -216,6 +218,8 @@ def test_the_temperature_axis_sets_the_temperature_each_method_reads(tmp_path):
         "simclr": "loss.temperature",
         "mocov3": "method.temperature",
         "mocov2": "method.temperature",
+        "nnclr": "method.temperature",
+        "instdisc": "method.temperature",
         "byol": None,
         "barlow_twins": None,
         "vicreg": None,

@@ -134,7 +134,9 @@ def build_pretrain_dataset(
     Returns:
       (dataset, info): the dataset yields {'view1', 'view2': float32 [b, S, S, 3]
       in [0, 1], view k made with view k's recipe (views.view_recipe), 'label':
-      int32 [b]} with b = info.local_batch_size, S = aug_cfg.image_size.
+      int32 [b], 'index': int32 [b], each example's position in the training split, fixed
+      before any shuffling (the same for every host count, resume and cache setting;
+      InstDisc's memory bank row)} with b = info.local_batch_size, S = aug_cfg.image_size.
     """
 
     def two_views(image, view_seed):
@@ -186,7 +188,7 @@ def build_finetune_dataset(
 
     Returns:
       (dataset, info): the dataset yields {'image': float32 [b, S, S, 3],
-      'label': int32 [b]}.
+      'label': int32 [b], 'index': int32 [b] (the example's position in the split)}.
     """
 
     def view(image, view_seed):
@@ -330,9 +332,11 @@ def _build_train_dataset(
             rows=rows,
         )
         read = _cached_fetcher(source, pool, subset) if cached else _table_fetcher(source, pool)
+        split_index = tf.constant(pool.astype(np.int32))
 
         def fetch(element):
-            return read(element["example"])
+            # element['example'] is a position in the pool; the bank index is the split's.
+            return {**read(element["example"]), "index": tf.gather(split_index, element["example"])}
 
     else:
         steps, epoch_stream = order.host_stream(
@@ -347,7 +351,11 @@ def _build_train_dataset(
         )
 
         def fetch(record):
-            return {"image": source.decode(record), "label": record["label"]}
+            return {
+                "image": source.decode(record),
+                "label": record["label"],
+                "index": tf.cast(record["index"], tf.int32),
+            }
 
     # Whole epochs are skipped by arithmetic, the rest on indices / undecoded
     # records, so a resume costs no decoding.
@@ -358,7 +366,11 @@ def _build_train_dataset(
         example = fetch(element)
         image = tf.image.convert_image_dtype(example["image"], tf.float32)
         view_seed = order.derive_seed(seed, purpose, element["epoch"], element["position"])
-        return {**make_views(image, view_seed), "label": example["label"]}
+        return {
+            **make_views(image, view_seed),
+            "label": example["label"],
+            "index": example["index"],
+        }
 
     ds = stream.map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

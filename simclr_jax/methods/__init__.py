@@ -1,19 +1,22 @@
 """Self-supervised methods on the generic train step: the registry of config.method.name.
 
-A method module (simclr.py, byol.py, mocov2.py, mocov3.py, barlow_twins.py, vicreg.py) supplies:
+A method module (simclr.py, byol.py, mocov2.py, mocov3.py, barlow_twins.py, vicreg.py, nnclr.py,
+instdisc.py) supplies:
 - NAME, its config.method.name, and TITLE, its name in print;
 - build_model(config, *, num_classes, bn_axis_name, conv): its Flax model (encoder, heads,
   online probe), returning {'h', 'z', 'probe_logits', ...} for [2n] images;
-- from_config(config, *, total_steps): the step object the train step calls: create_state,
-  targets (a target network's outputs, no gradient), objective (the loss over both views'
-  outputs with axis_name for cross-device statistics), embedding_loss (micro-batching),
-  after_step (extra state after the optimizer step: the EMA target, a queue; it is given the
-  step's targets and the device axis), supports_micro_batching;
+- from_config(config, *, total_steps, num_examples): the step object the train step calls:
+  create_state, targets (a target network's outputs or stored vectors, no gradient; it is
+  given the batch's example indices), objective (the loss over both views' outputs with
+  axis_name for cross-device statistics; its aux may carry 'step_outputs' for after_step),
+  embedding_loss (micro-batching), after_step (extra state after the optimizer step: the EMA
+  target, a queue, a memory bank; it is given the step's targets, step_outputs and the device
+  axis), supports_micro_batching;
 - check_config(config): ConfigErrors for the method's own fields.
 Its augmentation recipe per view is a config's (configs/augment_recipes.py, applied by
 configs/<method>_cifar10.py); the shared pieces are heads.py (MLP heads), base.py (the step
-object of methods without a target network), ema.py, queue.py (the replicated FIFO queue) and
-diagnostics.py.
+object of methods without a target network), ema.py, queue.py (the replicated FIFO queue),
+memory_bank.py (one vector per training example) and diagnostics.py.
 See docs/methods.md for the interface and how to add a method.
 """
 
@@ -24,12 +27,22 @@ import flax.linen as nn
 import ml_collections as mlc
 
 from simclr_jax import config_checks
-from simclr_jax.methods import barlow_twins, byol, mocov2, mocov3, simclr, vicreg
+from simclr_jax.methods import (
+    barlow_twins,
+    byol,
+    instdisc,
+    mocov2,
+    mocov3,
+    nnclr,
+    simclr,
+    vicreg,
+)
 
 # config.method.name -> module; the registry of method names (config_checks keeps the default
 # and the micro-batching subset for jax-free code, checked against this below).
 METHODS: dict[str, ModuleType] = {
-    module.NAME: module for module in (simclr, byol, mocov2, mocov3, barlow_twins, vicreg)
+    module.NAME: module
+    for module in (simclr, byol, mocov2, mocov3, barlow_twins, vicreg, nnclr, instdisc)
 }
 # The default and the names that micro-batch are also known to jax-free code (the ablation tool)
 # through config_checks; _check_config_checks_lists() keeps them in step with this registry.
@@ -105,9 +118,18 @@ def build_model(
     )
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int):
-    """The train step's method object for config.method.name."""
-    return get_method(config).from_config(config, total_steps=total_steps)
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0):
+    """The train step's method object for config.method.name.
+
+    Args:
+      config: the pretraining config.
+      total_steps: the run's length (schedules such as BYOL's EMA rate).
+      num_examples: the training split's size (InstDisc's memory bank has one row per example;
+        the other methods ignore it).
+    """
+    return get_method(config).from_config(
+        config, total_steps=total_steps, num_examples=num_examples
+    )
 
 
 __all__ = [
@@ -119,9 +141,11 @@ __all__ = [
     "check_config",
     "from_config",
     "get_method",
+    "instdisc",
     "method_name",
     "mocov2",
     "mocov3",
+    "nnclr",
     "simclr",
     "supports_micro_batching",
     "vicreg",

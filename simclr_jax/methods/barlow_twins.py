@@ -68,9 +68,9 @@ class BarlowTwins(base.EmbeddingLossMethod):
         return self.loss_scale * loss, (loss, diagnostics.view_retrieval(z1, z2, axis_name))
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> BarlowTwins:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> BarlowTwins:
     """BarlowTwins with config.method.lambd and loss_scale."""
-    del total_steps
+    del total_steps, num_examples  # num_examples: only a memory bank needs it
     return BarlowTwins(lambd=config.method.lambd, loss_scale=config.method.loss_scale)
 
 

@@ -28,9 +28,9 @@ class EmbeddingLossMethod:
         """The plain TrainState (train_state.create_train_state)."""
         return train_state.create_train_state(model, tx, rng, image_shape)
 
-    def targets(self, model, state, images, *, axis_name, freeze_bn):
+    def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
         """No target network: (None, None)."""
-        del model, state, images, axis_name, freeze_bn
+        del model, state, images, axis_name, freeze_bn, index
         return None, None
 
     def embedding_loss(self, z1: jax.Array, z2: jax.Array, axis_name: str | None):
@@ -49,7 +49,9 @@ class EmbeddingLossMethod:
         scaled, (loss, aux) = self.embedding_loss(z[:n], z[n:], axis_name)
         return scaled, loss, aux
 
-    def after_step(self, new_state, *, step, target_batch_stats, targets=None, axis_name=None):
+    def after_step(
+        self, new_state, *, step, target_batch_stats, targets=None, outputs=None, axis_name=None
+    ):
         """Nothing to update."""
-        del step, target_batch_stats, targets, axis_name
+        del step, target_batch_stats, targets, outputs, axis_name
         return new_state

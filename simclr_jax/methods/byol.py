@@ -120,9 +120,9 @@ class BYOL:
             target_batch_stats=copy(base.batch_stats),
         )
 
-    def targets(self, model, state, images, *, axis_name, freeze_bn):
+    def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
         """(stop_gradient(target z) [2n, d] float32, the target's new BN statistics)."""
-        del axis_name  # the model's BatchNorm layers carry it
+        del axis_name, index  # the model's BatchNorm layers carry the axis
         variables = {"params": state.target_params, "batch_stats": state.target_batch_stats}
         forward = dict(method=BYOLModel.target_forward)
         if freeze_bn:
@@ -145,13 +145,15 @@ class BYOL:
     def embedding_loss(self, z1, z2, axis_name):
         raise NotImplementedError("BYOL does not support micro-batching (docs/methods.md).")
 
-    def after_step(self, new_state, *, step, target_batch_stats, targets=None, axis_name=None):
+    def after_step(
+        self, new_state, *, step, target_batch_stats, targets=None, outputs=None, axis_name=None
+    ):
         """The EMA of the post-step online encoder and projector, at rate tau_step.
 
-        targets and axis_name (the step's targets and device axis, for methods with a queue)
-        are not used.
+        targets, outputs and axis_name (for methods with a queue or a memory bank) are not
+        used.
         """
-        del targets, axis_name
+        del targets, outputs, axis_name
         tau = ema.ema_rate(step, self.total_steps, self.tau_base)
         online = _select(new_state.params, TARGET_MODULES)
         return new_state.replace(
@@ -162,8 +164,9 @@ class BYOL:
         )
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> BYOL:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> BYOL:
     """BYOL with config.method.tau_base and the run's total steps."""
+    del num_examples  # the training split's size: only a memory bank needs it
     return BYOL(tau_base=config.method.tau_base, total_steps=total_steps)
 
 

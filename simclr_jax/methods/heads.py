@@ -10,6 +10,9 @@ the CIFAR recipes'):
 - VICReg: "expander" of 3 layers 8192-8192-8192, biases on the hidden layers, none on the
   output.
 - MoCo v2: 2 layers 2048-128, biases, no BN (Linear-ReLU-Linear; hidden_bn=False).
+- NNCLR: projector of 3 layers 2048-2048-256 with BN after every layer (an affine BN on the
+  output) and ReLU after all but the last; predictor of 2 layers 4096-256, BYOL's shape.
+- InstDisc: one Linear layer to 128 (num_layers=1).
 SimCLR's projection head is models.ProjectionHead (the reference's variable names).
 """
 
@@ -40,7 +43,9 @@ class MLPHead(nn.Module):
       dtype: computation dtype; parameters and BN statistics stay float32.
       use_bias: biases on the hidden Dense layers.
       out_bias: a bias on the last Dense layer.
-      last_bn: a BatchNorm without scale or bias on the output (MoCo v3's projector).
+      last_bn: a BatchNorm on the output, without scale or bias (MoCo v3's projector) unless
+        last_bn_affine.
+      last_bn_affine: the output BatchNorm has a scale and a bias (NNCLR's projector).
       hidden_bn: BatchNorm on the hidden layers; False gives Linear -> ReLU -> ... -> Linear
         without bn_* variables (MoCo v2's head).
     """
@@ -55,6 +60,7 @@ class MLPHead(nn.Module):
     use_bias: bool = True
     out_bias: bool = True
     last_bn: bool = False
+    last_bn_affine: bool = False
     hidden_bn: bool = True
 
     @nn.compact
@@ -79,7 +85,8 @@ class MLPHead(nn.Module):
             x = nn.relu(x)
         x = nn.Dense(self.out_dim, use_bias=self.out_bias, name=f"dense_{last}", **kinds)(x)
         if self.last_bn:
-            x = nn.BatchNorm(use_scale=False, use_bias=False, name=f"bn_{last}", **bn)(x)
+            affine = self.last_bn_affine
+            x = nn.BatchNorm(use_scale=affine, use_bias=affine, name=f"bn_{last}", **bn)(x)
         return jnp.asarray(x, jnp.float32)
 
 

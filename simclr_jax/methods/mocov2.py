@@ -8,7 +8,7 @@ update at the start of the next step), no gradient. A queue of the K most recent
 (methods.queue: [K, d] float32 and its write position, replicated on every device) supplies
 the negatives.
 
-Loss (the paper's, one direction, not symmetrised): method_losses.moco_v2_loss, the InfoNCE of
+Loss (the paper's, one direction, not symmetrised): memory_losses.moco_v2_loss, the InfoNCE of
 each query q (view 1) against its key k+ (view 2, stop_gradient) and the queue's K keys,
 logits [q.k+, q.queue^T] / tau with q, k l2-normalised, tau 0.2. After the step the keys of
 view 2 of the WHOLE global batch (all_gathered in global batch order) replace the oldest K
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 
-from simclr_jax import config_checks, method_losses, models, train_state
+from simclr_jax import config_checks, memory_losses, models, train_state
 from simclr_jax.losses import l2_normalize
 from simclr_jax.methods import diagnostics, ema
 from simclr_jax.methods import queue as queue_lib
@@ -125,13 +125,13 @@ class MoCoV2:
             queue_ptr=ptr,
         )
 
-    def targets(self, model, state, images, *, axis_name, freeze_bn):
+    def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
         """({'keys': unit keys of view 2 [n, d], 'queue': state.queue}, the key encoder's new
         BN statistics); no gradient.
 
         images: [2n, ...], view 1's rows then view 2's; the key encoder sees view 2 only.
         """
-        del axis_name  # the model's BatchNorm layers carry it
+        del axis_name, index  # the model's BatchNorm layers carry the axis
         view2 = images[images.shape[0] // 2 :]
         variables = {"params": state.target_params, "batch_stats": state.target_batch_stats}
         forward = dict(method=MoCoV2Model.key_forward)
@@ -145,7 +145,7 @@ class MoCoV2:
         return {"keys": keys, "queue": jax.lax.stop_gradient(state.queue)}, stats
 
     def objective(self, outputs: dict, targets: dict, *, n: int, axis_name: str | None):
-        """(loss, loss, diagnostics): method_losses.moco_v2_loss of the view-1 queries.
+        """(loss, loss, diagnostics): memory_losses.moco_v2_loss of the view-1 queries.
 
         outputs['z'] is [2n, d] (view 1's rows, then view 2's); targets as `targets` returns.
         The diagnostics compare the queries with the global batch's keys at the loss's
@@ -153,13 +153,15 @@ class MoCoV2:
         """
         q = outputs["z"][:n]
         keys = targets["keys"]
-        loss, _ = method_losses.moco_v2_loss(q, keys, targets["queue"], self.temperature, axis_name)
+        loss, _ = memory_losses.moco_v2_loss(q, keys, targets["queue"], self.temperature, axis_name)
         return loss, loss, diagnostics.view_retrieval(q, keys, axis_name, self.temperature)
 
     def embedding_loss(self, z1, z2, axis_name):
         raise NotImplementedError("MoCo v2 does not support micro-batching (docs/methods.md).")
 
-    def after_step(self, new_state, *, step, target_batch_stats, targets=None, axis_name=None):
+    def after_step(
+        self, new_state, *, step, target_batch_stats, targets=None, outputs=None, axis_name=None
+    ):
         """The key encoder's EMA of the post-step query encoder and head at the constant
         momentum, and the global batch's keys enqueued.
 
@@ -168,9 +170,10 @@ class MoCoV2:
           step: unused (the momentum is constant).
           target_batch_stats: the key encoder's BN statistics from `targets` (None: kept).
           targets: what `targets` returned for this step (its 'keys' are enqueued).
+          outputs: unused (the keys come from the key encoder, in `targets`).
           axis_name: the device axis the keys are gathered over, or None.
         """
-        del step
+        del step, outputs
         online = _select(new_state.params, TARGET_MODULES)
         tau = jnp.float32(self.momentum)
         queue, ptr = queue_lib.enqueue(
@@ -186,9 +189,9 @@ class MoCoV2:
         )
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> MoCoV2:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> MoCoV2:
     """MoCo v2 with config.method.momentum, temperature and queue_size."""
-    del total_steps
+    del total_steps, num_examples  # num_examples: only a memory bank needs it
     return MoCoV2(
         momentum=config.method.momentum,
         temperature=config.method.temperature,

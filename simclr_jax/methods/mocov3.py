@@ -89,8 +89,9 @@ class MoCoV3(byol.BYOL):
         return loss, loss, diag
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> MoCoV3:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> MoCoV3:
     """MoCo v3 with config.method.tau_base and temperature."""
+    del num_examples  # the training split's size: only a memory bank needs it
     return MoCoV3(
         tau_base=config.method.tau_base,
         total_steps=total_steps,

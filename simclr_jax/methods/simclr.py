@@ -52,9 +52,9 @@ class SimCLR(base.EmbeddingLossMethod):
         return self.loss_scale * loss, (loss, aux)
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> SimCLR:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> SimCLR:
     """SimCLR with config.loss.temperature and config.loss.loss_scale."""
-    del total_steps
+    del total_steps, num_examples  # num_examples: only a memory bank needs it
     return SimCLR(temperature=config.loss.temperature, loss_scale=config.loss.loss_scale)
 
 

@@ -75,9 +75,9 @@ class VICReg(base.EmbeddingLossMethod):
         return loss, (loss, diagnostics.view_retrieval(z1, z2, axis_name))
 
 
-def from_config(config: mlc.ConfigDict, *, total_steps: int) -> VICReg:
+def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> VICReg:
     """VICReg with config.method's three coefficients."""
-    del total_steps
+    del total_steps, num_examples  # num_examples: only a memory bank needs it
     return VICReg(**{name: config.method[name] for name in COEFFICIENTS})
 
 
