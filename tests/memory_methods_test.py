@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from method_losses_test import finite_difference_grads
-from methods_test import _assert_trees_close, _batch, _TinyEncoder
+from methods_test import _assert_trees_close, _batch, _TinyEncoder, run_steps
 from tiny_run import tiny_config
 
 from configs import instdisc_cifar10, nnclr_cifar10
@@ -299,34 +299,12 @@ def _method_steps(name, num_devices, num_steps, parallelism="shard_map"):
     """num_steps steps of the method with SGD(0.5) on batches _indexed_batch(i).
     Returns (old state, new state, metrics) as NumPy."""
     method, build = SETUPS[name]
-    axis = AXIS if num_devices > 1 else None
     tx = optax.sgd(0.5)
     state = method.create_state(build(None), tx, jax.random.key(0), (8, 8, 3))
     old = jax.device_get(state)
-    step = functools.partial(
-        steps.train_step,
-        model=build(axis),
-        tx=tx,
-        learning_rate_fn=lambda s: jnp.float32(0.5),
-        method=method,
-        axis_name=axis,
-        sync_batch_stats=False,
-    )
-    if num_devices == 1:
-        fn, place = jax.jit(step), lambda b: b
-    else:
-        mesh = sharding.create_mesh(jax.devices()[:num_devices])
-        fn = steps.compile_train_step(step, parallelism=parallelism, mesh=mesh)
-        place = functools.partial(sharding.make_global_batch, mesh=mesh)
-        if parallelism == "pmap":
-            state = sharding.replicate_for_pmap(state, jax.devices()[:num_devices])
-            place = functools.partial(sharding.shard_for_pmap, num_local_devices=num_devices)
-    for i in range(num_steps):
-        state, metrics = fn(state, place(_indexed_batch(i)))
-    if parallelism == "pmap" and num_devices > 1:
-        state = sharding.unreplicate_from_pmap(state)
-        metrics = sharding.unreplicate_from_pmap(metrics)
-    return old, jax.device_get(state), jax.device_get(metrics.compute())
+    batches = [_indexed_batch(i) for i in range(num_steps)]
+    new, metrics = run_steps(method, build, tx, state, batches, num_devices, parallelism)
+    return old, new, metrics
 
 
 def _pre_step_z(name, old):

@@ -103,13 +103,65 @@ def _batch(seed=0, n=16):
 TOTAL_STEPS, TAU_BASE = 10, 0.9
 
 
+def run_steps(method, build_model, tx, state, batches, num_devices, parallelism="shard_map"):
+    """The train step of `method` over `batches` from `state` on num_devices (1: plain jit;
+    otherwise compile_train_step with `parallelism`), the LR logged as 0.5.
+
+    Args:
+      build_model: axis -> the method's model with that BN axis (None on one device).
+
+    Returns:
+      (new state, the last step's metrics computed) as NumPy.
+    """
+    axis = AXIS if num_devices > 1 else None
+    step = functools.partial(
+        steps.train_step,
+        model=build_model(axis),
+        tx=tx,
+        learning_rate_fn=lambda s: jnp.float32(0.5),
+        method=method,
+        axis_name=axis,
+        sync_batch_stats=False,
+    )
+    if num_devices == 1:
+        fn, place = jax.jit(step), lambda b: b
+    else:
+        mesh = sharding.create_mesh(jax.devices()[:num_devices])
+        fn = steps.compile_train_step(step, parallelism=parallelism, mesh=mesh)
+        place = functools.partial(sharding.make_global_batch, mesh=mesh)
+        if parallelism == "pmap":
+            state = sharding.replicate_for_pmap(state, jax.devices()[:num_devices])
+            place = functools.partial(sharding.shard_for_pmap, num_local_devices=num_devices)
+    for batch in batches:
+        state, metrics = fn(state, place(batch))
+    if parallelism == "pmap" and num_devices > 1:
+        state = sharding.unreplicate_from_pmap(state)
+        metrics = sharding.unreplicate_from_pmap(metrics)
+    return jax.device_get(state), jax.device_get(metrics.compute())
+
+
+def assert_ema_of_post_step_params(old, new, tau):
+    """new.target_params == tau * old.target_params + (1 - tau) * new.params (float64), for
+    the target's modules {'encoder', 'projector'}; float32 rounding allowed."""
+    assert set(new.target_params) == {"encoder", "projector"}
+    for name in new.target_params:
+        expected = jax.tree_util.tree_map(
+            lambda t, o: tau * np.float64(t) + (1 - tau) * np.float64(o),
+            old.target_params[name],
+            new.params[name],
+        )
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
+            new.target_params[name],
+            expected,
+        )
+
+
 def _byol_step(num_devices, start_step=0, parallelism="shard_map", moco=False):
     """One BYOL (or MoCo v3) step with SGD(0.5) from a state whose target differs from the
     online net.
 
     Returns (old state, new state, metrics) as NumPy."""
-    axis = AXIS if num_devices > 1 else None
-    model = _byol_model(axis, moco)
     if moco:
         method = mocov3.MoCoV3(tau_base=TAU_BASE, total_steps=TOTAL_STEPS, temperature=0.2)
     else:
@@ -122,29 +174,9 @@ def _byol_step(num_devices, start_step=0, parallelism="shard_map", moco=False):
         target_params=jax.tree_util.tree_map(lambda x: 0.5 * x + 0.01, state.target_params),
     )
     old = jax.device_get(state)
-    step = functools.partial(
-        steps.train_step,
-        model=model,
-        tx=tx,
-        learning_rate_fn=lambda s: jnp.float32(0.5),
-        method=method,
-        axis_name=axis,
-        sync_batch_stats=False,
-    )
-    batch = _batch()
-    if num_devices == 1:
-        new, metrics = jax.jit(step)(state, batch)
-    else:
-        mesh = sharding.create_mesh(jax.devices()[:num_devices])
-        fn = steps.compile_train_step(step, parallelism=parallelism, mesh=mesh)
-        if parallelism == "pmap":
-            state = sharding.replicate_for_pmap(state, jax.devices()[:num_devices])
-            new, metrics = fn(state, sharding.shard_for_pmap(batch, num_devices))
-            new = sharding.unreplicate_from_pmap(new)
-            metrics = sharding.unreplicate_from_pmap(metrics)
-        else:
-            new, metrics = fn(state, sharding.make_global_batch(batch, mesh))
-    return old, jax.device_get(new), jax.device_get(metrics.compute())
+    build = functools.partial(_byol_model, moco=moco)
+    new, metrics = run_steps(method, build, tx, state, [_batch()], num_devices, parallelism)
+    return old, new, metrics
 
 
 @pytest.mark.parametrize("start_step", [0, 7])
@@ -152,18 +184,7 @@ def test_byol_step_updates_the_target_by_the_ema_of_the_post_step_params(start_s
     old, new, metrics = _byol_step(1, start_step)
     k = start_step
     tau = 1 - (1 - TAU_BASE) * (np.cos(np.pi * k / TOTAL_STEPS) + 1) / 2
-    for name in byol.TARGET_MODULES:
-        expected = jax.tree_util.tree_map(
-            lambda t, o: tau * np.float64(t) + (1 - tau) * np.float64(o),
-            old.target_params[name],
-            new.params[name],
-        )
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
-            new.target_params[name],
-            expected,
-        )
-    assert set(new.target_params) == {"encoder", "projector"}
+    assert_ema_of_post_step_params(old, new, tau)
     # The online network moved (so "post-step" differs from "pre-step").
     assert optax.tree.norm(jax.tree_util.tree_map(np.subtract, new.params, old.params)) > 1e-3
     # The target's BN running statistics come from its own forward pass in training mode.

@@ -197,103 +197,85 @@ def _flat(prefix, tree):
     return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in flat}
 
 
+def _two_method_steps(config, mesh, global_batch, name):
+    """Two steps of config's method on the fixed global batch, built as train.py builds them.
+
+    Returns:
+      (the initial online params on the host, {'<name>/p/<path>': the params after two steps},
+      the state after two steps).
+    """
+    import jax
+
+    from simclr_jax import methods, optim, sharding, steps
+
+    model = methods.build_model(config, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
+    method = methods.from_config(config, total_steps=4)
+    tx, schedule = optim.create_optimizer(
+        config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
+    )
+    init = jax.jit(
+        lambda k: method.create_state(model, tx, k, (32, 32, 3)),
+        out_shardings=sharding.replicated_sharding(mesh),
+    )
+    state = init(jax.random.key(0))
+    initial = _host(_flat(f"{name}/p0/", state.params))  # the step donates the state
+    step_fn = steps.compile_train_step(
+        lambda s, b: steps.train_step(
+            s,
+            b,
+            model=model,
+            tx=tx,
+            learning_rate_fn=schedule,
+            method=method,
+            axis_name=sharding.DATA_AXIS,
+            sync_batch_stats=False,
+        ),
+        parallelism="shard_map",
+        mesh=mesh,
+    )
+    step_fn = _compile_then_barrier(step_fn, f"{name}_train_step", state, global_batch)
+    for _ in range(2):
+        state, _ = step_fn(state, global_batch)
+    return initial, _host(_flat(f"{name}/p/", state.params)), state
+
+
 def _byol_outputs(mesh, global_batch) -> dict:
-    """Two BYOL steps (an EMA method) on the fixed global batch, built as train.py does.
+    """Two BYOL steps (an EMA method) on the fixed global batch.
 
     Returns:
       {'byol/p/<path>': online params, 'byol/t/<path>': EMA target params,
        'byol/ts/<path>': target BN statistics, 'byol/p0/<path>': the initial online params},
       on the host.
     """
-    import jax
-
     from configs import byol_cifar10
-    from simclr_jax import methods, optim, sharding, steps
 
     config = byol_cifar10.get_config("runlocal")
     config.model.base_width = 4
     config.method.projector_hidden_dim = 16
     config.method.projector_dim = 8
     config.method.predictor_hidden_dim = 16
-    model = methods.build_model(config, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
-    method = methods.from_config(config, total_steps=4)
-    tx, schedule = optim.create_optimizer(
-        config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
-    )
-    init = jax.jit(
-        lambda k: method.create_state(model, tx, k, (32, 32, 3)),
-        out_shardings=sharding.replicated_sharding(mesh),
-    )
-    state = init(jax.random.key(0))
-    out = _host(_flat("byol/p0/", state.params))  # the step donates the state
-    step_fn = steps.compile_train_step(
-        lambda s, b: steps.train_step(
-            s,
-            b,
-            model=model,
-            tx=tx,
-            learning_rate_fn=schedule,
-            method=method,
-            axis_name=sharding.DATA_AXIS,
-            sync_batch_stats=False,
-        ),
-        parallelism="shard_map",
-        mesh=mesh,
-    )
-    step_fn = _compile_then_barrier(step_fn, "byol_train_step", state, global_batch)
-    for _ in range(2):
-        state, _ = step_fn(state, global_batch)
-    out.update(_host(_flat("byol/p/", state.params)))
+    initial, out, state = _two_method_steps(config, mesh, global_batch, "byol")
+    out.update(initial)
     out.update(_host(_flat("byol/t/", state.target_params)))
     out.update(_host(_flat("byol/ts/", state.target_batch_stats)))
     return out
 
 
 def _mocov2_outputs(mesh, global_batch) -> dict:
-    """Two MoCo v2 steps (a queue of 32 rows, global batch 16: it wraps) as train.py builds them.
+    """Two MoCo v2 steps (a queue of 32 rows, global batch 16: it wraps).
 
     Returns:
       {'mocov2/p/<path>': query params, 'mocov2/t/<path>': key encoder params,
        'mocov2/queue': [32, 8] keys, 'mocov2/ptr': the write position}, on the host.
     """
-    import jax
-
     from configs import mocov2_cifar10
-    from simclr_jax import methods, optim, sharding, steps
 
     config = mocov2_cifar10.get_config("runlocal")
     config.model.base_width = 4
     config.method.projector_hidden_dim = 16
     config.method.projector_dim = 8
     config.method.queue_size = 2 * GLOBAL_BATCH
-    model = methods.build_model(config, num_classes=10, bn_axis_name=sharding.DATA_AXIS)
-    method = methods.from_config(config, total_steps=4)
-    tx, schedule = optim.create_optimizer(
-        config.optim, batch_size=GLOBAL_BATCH, total_steps=4, warmup_steps=1
-    )
-    init = jax.jit(
-        lambda k: method.create_state(model, tx, k, (32, 32, 3)),
-        out_shardings=sharding.replicated_sharding(mesh),
-    )
-    state = init(jax.random.key(0))
-    step_fn = steps.compile_train_step(
-        lambda s, b: steps.train_step(
-            s,
-            b,
-            model=model,
-            tx=tx,
-            learning_rate_fn=schedule,
-            method=method,
-            axis_name=sharding.DATA_AXIS,
-            sync_batch_stats=False,
-        ),
-        parallelism="shard_map",
-        mesh=mesh,
-    )
-    step_fn = _compile_then_barrier(step_fn, "mocov2_train_step", state, global_batch)
-    for _ in range(2):
-        state, _ = step_fn(state, global_batch)
-    out = _host(_flat("mocov2/p/", state.params))
+    _, out, state = _two_method_steps(config, mesh, global_batch, "mocov2")
     out.update(_host(_flat("mocov2/t/", state.target_params)))
     out.update(_host({"mocov2/queue": state.queue, "mocov2/ptr": state.queue_ptr}))
     return out

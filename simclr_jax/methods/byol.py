@@ -26,7 +26,7 @@ import optax
 
 from simclr_jax import config_checks, method_losses, models, train_state
 from simclr_jax.methods import diagnostics, ema
-from simclr_jax.methods.heads import MLPHead
+from simclr_jax.methods.heads import MLPHead, ProjectorModel, head_options
 
 NAME = "byol"
 TITLE = "BYOL"  # in progress lines and tables
@@ -34,9 +34,10 @@ TITLE = "BYOL"  # in progress lines and tables
 TARGET_MODULES = ("encoder", "projector")
 
 
-class BYOLModel(nn.Module):
-    """Online network (encoder, projector, predictor) and online probe; `target_forward` is
-    the target's path (encoder, projector), applied with the target's variables.
+class BYOLModel(ProjectorModel):
+    """Online network (encoder, projector, predictor) and online probe; `target_forward`
+    (ProjectorModel's) is the target's path (encoder, projector), applied with the target's
+    variables.
 
     Attributes:
       encoder: module (images, train) -> h [n, C].
@@ -45,10 +46,7 @@ class BYOLModel(nn.Module):
       probe: LinearHead on stop_gradient(h).
     """
 
-    encoder: nn.Module
-    projector: nn.Module
     predictor: nn.Module
-    probe: nn.Module
 
     def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
         """{'h': [n, C], 'z': [n, proj], 'p': [n, proj], 'probe_logits': [n, classes]}, f32."""
@@ -57,11 +55,6 @@ class BYOLModel(nn.Module):
         p = self.predictor(z, train=train)
         probe_logits = self.probe(jax.lax.stop_gradient(h))
         return {"h": h, "z": z, "p": p, "probe_logits": probe_logits}
-
-    def target_forward(self, images: jax.Array, train: bool) -> jax.Array:
-        """z = projector(encoder(images)) [n, proj] float32: needs only TARGET_MODULES."""
-        h = self.encoder(images, train=train)
-        return self.projector(jnp.asarray(h, jnp.float32), train=train)
 
 
 def build_model(
@@ -73,12 +66,7 @@ def build_model(
 ) -> BYOLModel:
     """The BYOL model: config.model's encoder, config.method's head widths, the probe."""
     model_cfg, method_cfg = config.model, config.method
-    head = dict(
-        bn_axis_name=bn_axis_name,
-        bn_momentum=model_cfg.bn_momentum,
-        bn_epsilon=model_cfg.bn_epsilon,
-        dtype=models.get_dtype(model_cfg.dtype),
-    )
+    head = head_options(model_cfg, bn_axis_name)
     return BYOLModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
         projector=MLPHead(method_cfg.projector_hidden_dim, method_cfg.projector_dim, **head),

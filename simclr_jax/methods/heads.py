@@ -90,8 +90,20 @@ class MLPHead(nn.Module):
         return jnp.asarray(x, jnp.float32)
 
 
+def head_options(model_cfg: mlc.ConfigDict, bn_axis_name: str | None) -> dict[str, Any]:
+    """The MLPHead fields every method takes from config.model: the BN axis (global BN),
+    momentum and epsilon, and the computation dtype."""
+    return dict(
+        bn_axis_name=bn_axis_name,
+        bn_momentum=model_cfg.bn_momentum,
+        bn_epsilon=model_cfg.bn_epsilon,
+        dtype=models.get_dtype(model_cfg.dtype),
+    )
+
+
 class ProjectorModel(nn.Module):
-    """Encoder -> projector, and the online probe on stop_gradient(h) (Barlow Twins, VICReg).
+    """Encoder -> projector, and the online probe on stop_gradient(h) (Barlow Twins, VICReg,
+    MoCo v2, InstDisc); `target_forward` is the path an EMA copy runs (MoCo v2's key encoder).
 
     Attributes:
       encoder: module (images, train) -> h [n, C].
@@ -109,6 +121,12 @@ class ProjectorModel(nn.Module):
         z = self.projector(h, train=train)
         return {"h": h, "z": z, "probe_logits": self.probe(jax.lax.stop_gradient(h))}
 
+    def target_forward(self, images: jax.Array, train: bool) -> jax.Array:
+        """z = projector(encoder(images)) [n, out_dim] float32: needs only the encoder and the
+        projector's variables (an EMA target's)."""
+        h = self.encoder(images, train=train)
+        return self.projector(jnp.asarray(h, jnp.float32), train=train)
+
 
 def build_projector_model(
     config: mlc.ConfigDict,
@@ -117,32 +135,31 @@ def build_projector_model(
     bn_axis_name: str | None,
     conv: models.ModuleDef,
     num_layers: int,
-    use_bias: bool,
-    out_bias: bool,
+    use_bias: bool = True,
+    out_bias: bool = True,
+    hidden_bn: bool = True,
 ) -> ProjectorModel:
     """config.model's encoder, an MLPHead of config.method's widths and the online probe.
 
     Args:
       config: a pretraining config (config.model: the encoder and BN settings; config.method:
-        projector_hidden_dim, projector_dim).
+        projector_dim, and projector_hidden_dim when num_layers > 1).
       num_classes: the probe's classes.
       bn_axis_name: the BatchNorm axis of the encoder and the projector (global BN), or None.
       conv: the encoder's convolution class.
-      num_layers, use_bias, out_bias: the projector's MLPHead fields.
+      num_layers, use_bias, out_bias, hidden_bn: the projector's MLPHead fields.
     """
     model_cfg, method_cfg = config.model, config.method
     return ProjectorModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
         projector=MLPHead(
-            method_cfg.projector_hidden_dim,
+            method_cfg.projector_hidden_dim if num_layers > 1 else method_cfg.projector_dim,
             method_cfg.projector_dim,
             num_layers=num_layers,
-            bn_axis_name=bn_axis_name,
-            bn_momentum=model_cfg.bn_momentum,
-            bn_epsilon=model_cfg.bn_epsilon,
-            dtype=models.get_dtype(model_cfg.dtype),
             use_bias=use_bias,
             out_bias=out_bias,
+            hidden_bn=hidden_bn,
+            **head_options(model_cfg, bn_axis_name),
         ),
         probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
     )

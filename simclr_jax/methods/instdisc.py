@@ -37,7 +37,7 @@ import optax
 from simclr_jax import config_checks, memory_losses, models, train_state
 from simclr_jax.losses import l2_normalize
 from simclr_jax.methods import diagnostics, memory_bank
-from simclr_jax.methods.heads import MLPHead, ProjectorModel
+from simclr_jax.methods.heads import ProjectorModel, build_projector_model
 
 NAME = "instdisc"
 TITLE = "InstDisc"  # in progress lines and tables
@@ -53,12 +53,8 @@ def build_model(
     conv: models.ModuleDef = nn.Conv,
 ) -> ProjectorModel:
     """config.model's encoder, a Linear layer to config.method.projector_dim, the probe."""
-    model_cfg = config.model
-    dim = config.method.projector_dim
-    return ProjectorModel(
-        encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
-        projector=MLPHead(dim, dim, num_layers=1, dtype=models.get_dtype(model_cfg.dtype)),
-        probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
+    return build_projector_model(
+        config, num_classes=num_classes, bn_axis_name=bn_axis_name, conv=conv, num_layers=1
     )
 
 

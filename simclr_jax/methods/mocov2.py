@@ -44,7 +44,7 @@ from simclr_jax import config_checks, memory_losses, models, train_state
 from simclr_jax.losses import l2_normalize
 from simclr_jax.methods import diagnostics, ema
 from simclr_jax.methods import queue as queue_lib
-from simclr_jax.methods.heads import MLPHead, ProjectorModel
+from simclr_jax.methods.heads import ProjectorModel, build_projector_model
 
 NAME = "mocov2"
 TITLE = "MoCo v2"  # in progress lines and tables
@@ -55,33 +55,22 @@ TARGET_MODULES = ("encoder", "projector")
 QUEUE_RNG_FOLD = 1
 
 
-class MoCoV2Model(ProjectorModel):
-    """Encoder -> projection head, and the online probe; `key_forward` is the key path."""
-
-    def key_forward(self, images: jax.Array, train: bool) -> jax.Array:
-        """z = projector(encoder(images)) [n, d] float32: needs only TARGET_MODULES."""
-        h = self.encoder(images, train=train)
-        return self.projector(jnp.asarray(h, jnp.float32), train=train)
-
-
 def build_model(
     config: mlc.ConfigDict,
     *,
     num_classes: int,
     bn_axis_name: str | None = None,
     conv: models.ModuleDef = nn.Conv,
-) -> MoCoV2Model:
-    """config.model's encoder, MoCo v2's 2-layer head without BN, the probe."""
-    model_cfg, method_cfg = config.model, config.method
-    return MoCoV2Model(
-        encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
-        projector=MLPHead(
-            method_cfg.projector_hidden_dim,
-            method_cfg.projector_dim,
-            hidden_bn=False,
-            dtype=models.get_dtype(model_cfg.dtype),
-        ),
-        probe=models.LinearHead(num_classes=num_classes, dtype=jnp.float32),
+) -> ProjectorModel:
+    """config.model's encoder, MoCo v2's 2-layer head without BN, the probe; the key path is
+    ProjectorModel.target_forward."""
+    return build_projector_model(
+        config,
+        num_classes=num_classes,
+        bn_axis_name=bn_axis_name,
+        conv=conv,
+        num_layers=2,
+        hidden_bn=False,
     )
 
 
@@ -134,7 +123,7 @@ class MoCoV2:
         del axis_name, index  # the model's BatchNorm layers carry the axis
         view2 = images[images.shape[0] // 2 :]
         variables = {"params": state.target_params, "batch_stats": state.target_batch_stats}
-        forward = dict(method=MoCoV2Model.key_forward)
+        forward = dict(method=ProjectorModel.target_forward)
         if freeze_bn:
             k = model.apply(variables, view2, train=False, **forward)
             stats = state.target_batch_stats

@@ -24,7 +24,7 @@ import ml_collections as mlc
 
 from simclr_jax import config_checks, method_losses, models
 from simclr_jax.methods import byol, diagnostics
-from simclr_jax.methods.heads import MLPHead
+from simclr_jax.methods.heads import MLPHead, head_options
 
 NAME = "mocov3"
 TITLE = "MoCo v3"  # in progress lines and tables
@@ -39,12 +39,7 @@ def build_model(
 ) -> byol.BYOLModel:
     """Encoder, projector and predictor (BYOLModel's structure with MoCo v3's heads), probe."""
     model_cfg, method_cfg = config.model, config.method
-    head = dict(
-        bn_axis_name=bn_axis_name,
-        bn_momentum=model_cfg.bn_momentum,
-        bn_epsilon=model_cfg.bn_epsilon,
-        dtype=models.get_dtype(model_cfg.dtype),
-    )
+    head = head_options(model_cfg, bn_axis_name)
     dim = method_cfg.projector_dim
     return byol.BYOLModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),

@@ -38,7 +38,7 @@ from simclr_jax.losses import l2_normalize
 from simclr_jax.methods import diagnostics
 from simclr_jax.methods import queue as queue_lib
 from simclr_jax.methods.byol import BYOLModel
-from simclr_jax.methods.heads import MLPHead
+from simclr_jax.methods.heads import MLPHead, head_options
 
 NAME = "nnclr"
 TITLE = "NNCLR"  # in progress lines and tables
@@ -56,12 +56,7 @@ def build_model(
 ) -> BYOLModel:
     """config.model's encoder, NNCLR's projector and predictor, the probe."""
     model_cfg, method_cfg = config.model, config.method
-    head = dict(
-        bn_axis_name=bn_axis_name,
-        bn_momentum=model_cfg.bn_momentum,
-        bn_epsilon=model_cfg.bn_epsilon,
-        dtype=models.get_dtype(model_cfg.dtype),
-    )
+    head = head_options(model_cfg, bn_axis_name)
     dim = method_cfg.projector_dim
     return BYOLModel(
         encoder=models.build_encoder(model_cfg, bn_axis_name=bn_axis_name, conv=conv),
