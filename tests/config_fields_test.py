@@ -31,6 +31,7 @@ CONFIGS = {
     "mocov3_imagenet": [None, "runlocal"],
     "barlow_twins_imagenet": [None, "runlocal"],
     "vicreg_imagenet": [None, "runlocal"],
+    "mocov2_imagenet": [None, "runlocal"],
     "linear_eval": [None, "reference"],
     "knn": [None],
     "finetune": ["1pct", "10pct", "100pct"],

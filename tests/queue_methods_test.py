@@ -26,7 +26,7 @@ from methods_test import (
 )
 from tiny_run import tiny_config
 
-from configs import mocov2_cifar10
+from configs import mocov2_cifar10, mocov2_imagenet
 from simclr_jax import (
     checkpoint,
     config_checks,
@@ -278,6 +278,18 @@ def test_mocov2_config_errors_name_the_field():
         methods.check_config(config)
         config_checks.validate_pretrain_config(config)
         assert config.method.queue_size % config.train.batch_size == 0
+    # The paper's ImageNet recipe: SGD 0.03 at batch 256, 800 epochs, queue 65,536, m 0.999.
+    for arg in (None, "runlocal"):
+        config = mocov2_imagenet.get_config(arg)
+        methods.check_config(config)
+        config_checks.validate_pretrain_config(config)
+    config = mocov2_imagenet.get_config()
+    assert (config.model.depth, config.train.batch_size, config.train.epochs) == (50, 256, 800)
+    assert (config.optim.name, config.optim.base_lr, config.method.queue_size) == (
+        "sgd",
+        0.03,
+        65536,
+    )
     assert methods.METHODS["mocov2"].TITLE == "MoCo v2"
 
 
