@@ -94,13 +94,12 @@ def mocov2_views(config: mlc.ConfigDict, *, blur: bool = True) -> mlc.ConfigDict
 def instdisc_views(config: mlc.ConfigDict) -> mlc.ConfigDict:
     """Sets InstDisc's augmentations (the same recipe on both views) and returns config.
 
-    Source: Wu et al. 2018, arXiv 1805.01978, and its official code (lemniscate.pytorch,
-    main.py and cifar.py): RandomResizedCrop scale (0.2, 1); grayscale p 0.2; colour jitter
-    (torchvision ColorJitter: multiplicative brightness) 0.4 / 0.4 / 0.4 / 0.4 applied to every
-    image (p 1.0); horizontal flip p 0.5; no blur, no solarisation. The official code
-    applies grayscale before the jitter; this pipeline's order is jitter then grayscale
-    (SimCLR's), which differs only on the 20% grayscale images (their jitter is then
-    saturation-free).
+    Source: Wu et al. 2018, arXiv 1805.01978, and its official code (lemniscate.pytorch):
+    RandomResizedCrop scale (0.2, 1); colour jitter (torchvision ColorJitter: multiplicative
+    brightness) 0.4 / 0.4 / 0.4 / 0.4 applied to every image (p 1.0); grayscale p 0.2; no blur,
+    no solarisation. Its cifar.py jitters before the grayscale (this pipeline's order too) and
+    does not flip (the flip is commented out); its ImageNet main.py applies grayscale first and
+    flips with p 0.5. Here: horizontal flip p 0.5 on both (as every recipe of this repository).
 
     Args:
       config: a config with the augment section of configs/cifar10.py.

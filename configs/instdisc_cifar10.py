@@ -11,8 +11,10 @@ embedding, temperature 0.1, SGD with momentum 0.9, lr 0.03 at batch 128 (linear 
 base_lr 0.06 at 256), weight decay 5e-4, 200 epochs; its augmentations
 (configs/augment_recipes.instdisc_views). Differences from the official code: its step decay
 of the LR (x0.1 late in training) is this repository's warmup + cosine; its SGD decays every
-parameter, this repository's no 1-D parameter (biases, BN); the exact softmax (its CIFAR code's
-LinearAverage) rather than NCE. No run of this full recipe was made here.
+parameter, this repository's no 1-D parameter (biases, BN); its cifar.py flips no image (the
+flip is commented out), this recipe flips with p 0.5 as every other here; the exact softmax
+(its LinearAverage, `--nce-k 0` in its README's CIFAR command) rather than its default NCE.
+No run of this full recipe was made here.
 
 `:quickstart` is configs/quickstart.py (the embedded 4,000-image sample, a ResNet-18 of base
 width 8, 5 epochs = 155 steps at batch 128, SimCLR's CIFAR augmentations) with InstDisc: a

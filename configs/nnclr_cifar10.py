@@ -12,13 +12,15 @@ linear LR scaling (base_lr 0.4 at batch 256), weight decay 1e-5 (biases and BN e
 support set of 65,536 projections (the paper's ImageNet size: 98,304); temperature 0.2 (the
 paper's ImageNet value: 0.1); BYOL's asymmetric augmentations (configs/augment_recipes.byol_views)
 without blur on 32x32 images. Differences from solo-learn: LARS's trust coefficient 0.001
-rather than 0.02 with clipping; float32 rather than 16-bit mixed precision. Reference figure:
-solo-learn's online linear probe for NNCLR 91.88 (1000 epochs). No run of this full recipe
-was made here.
+rather than 0.02 with clipping; float32 rather than 16-bit mixed precision; one forward pass
+over both views (BN statistics over 2n images; solo-learn's heads see each view apart).
+Reference figure: solo-learn's online linear probe for NNCLR 91.88 (1000 epochs). No run of
+this full recipe was made here.
 
 `:quickstart` is configs/quickstart.py (the embedded 4,000-image sample, a ResNet-18 of base
-width 8, 5 epochs = 155 steps at batch 128) with NNCLR: heads 256-64 and 256, a support set
-of 1,024 projections (8 batches) (docs/methods.md lists the measured figures).
+width 8, 5 epochs = 155 steps at batch 128) with NNCLR: projector 256-256-64, predictor
+256-64, a support set of 1,024 projections (8 batches), LARS at peak LR 2.0
+(docs/methods.md lists the measured figures).
 """
 
 import ml_collections as mlc

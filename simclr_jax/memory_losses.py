@@ -180,8 +180,9 @@ def instdisc_loss(
     P(i | v) = exp(bank_i . v / tau) / sum_j exp(bank_j . v / tau), v = normalise(f(x)), the
     bank rows as stored (unit vectors of earlier steps, no gradient); L = the mean over the
     global batch's rows of -log P(index | v). The official code (lemniscate.pytorch) computes
-    the same with LinearAverage on CIFAR; on ImageNet it approximates the denominator by NCE
-    with 4,096 sampled noise rows (not done here: the full softmax costs n x N logits).
+    the same with LinearAverage (its `--nce-k 0`, the CIFAR command of its README); by default
+    and on ImageNet it approximates the denominator by NCE with 4,096 sampled noise rows (not
+    done here: the exact softmax costs n x N logits).
 
     Args:
       v: [n, d] this device's embeddings (rows of any view; any float dtype).

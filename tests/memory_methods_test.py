@@ -307,13 +307,15 @@ def _method_steps(name, num_devices, num_steps, parallelism="shard_map"):
     return old, new, metrics
 
 
-def _pre_step_z(name, old):
-    """z of both views [2n, d] by the pre-step online network in training mode (BN over 2n)."""
+def _pre_step_outputs(name, old):
+    """The pre-step online network's outputs of both views [2n, d] in training mode (BN over
+    2n), float64, and the batch's index."""
     batch = _indexed_batch(0)
     images = np.concatenate([batch["view1"], batch["view2"]])
     variables = {"params": old.params, "batch_stats": old.batch_stats}
     outputs, _ = SETUPS[name][1](None).apply(variables, images, train=True, mutable=["batch_stats"])
-    return np.asarray(outputs["z"], np.float64), batch["index"]
+    outputs = {k: np.asarray(v, np.float64) for k, v in outputs.items() if k in ("z", "p")}
+    return outputs, batch["index"]
 
 
 def test_nnclr_step_enqueues_view_one_projections():
@@ -322,10 +324,18 @@ def test_nnclr_step_enqueues_view_one_projections():
     assert set(new.params) == {"encoder", "projector", "predictor", "probe"}
     assert set(new.params["projector"]) == {"dense_0", "dense_1", "dense_2", "bn_0", "bn_1", "bn_2"}
     assert set(new.params["projector"]["bn_2"]) == {"scale", "bias"}  # an affine output BN
-    z, _ = _pre_step_z("nnclr", old)
+    outputs, _ = _pre_step_outputs("nnclr", old)
+    z, p = outputs["z"], outputs["p"]
     np.testing.assert_allclose(new.queue[:BATCH], _unit(z[:BATCH]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(new.queue[BATCH:], old.queue[BATCH:])
     assert int(new.queue_ptr) == BATCH and int(new.step) == 1
+    # The step's loss is the float64 NNCLR loss of these outputs against the pre-step support
+    # set: anchors from z1 scored against p2 and from z2 against p1 (not the other pairings).
+    n, support = BATCH, np.float64(old.queue)
+    want, _ = np_nnclr(z[:n], z[n:], p[:n], p[n:], support, TAU)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
+    swapped, _ = np_nnclr(z[:n], z[n:], p[n:], p[:n], support, TAU)
+    assert abs(swapped - want) > 1e-2  # the pairing is visible in the value
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
 
@@ -334,8 +344,14 @@ def test_instdisc_step_moves_the_bank_rows_of_the_batch():
     assert type(new) is train_state.MemoryBankTrainState
     assert set(new.params) == {"encoder", "projector", "probe"}
     assert set(new.params["projector"]) == {"dense_0"}  # one Linear layer
-    z, index = _pre_step_z("instdisc", old)
+    outputs, index = _pre_step_outputs("instdisc", old)
+    z = outputs["z"]
     direction = _unit(z[:BATCH]) + _unit(z[BATCH:])
+    # The step's loss: both views' rows against the pre-step bank at the batch's indices.
+    want, _ = np_instdisc(z, np.concatenate([index, index]), np.float64(old.bank), TAU)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
+    shuffled, _ = np_instdisc(z, np.concatenate([index, index[::-1]]), np.float64(old.bank), TAU)
+    assert abs(shuffled - want) > 1e-3  # the rows' pairing with their bank rows is visible
     expected = _numpy_bank(old.bank, [(index, direction)], BANK_M)
     np.testing.assert_allclose(new.bank, expected, rtol=1e-5, atol=1e-6)
     others = np.setdiff1d(np.arange(NUM_EXAMPLES), index)
@@ -352,11 +368,12 @@ def test_instdisc_step_moves_the_bank_rows_of_the_batch():
 EIGHT_VS_ONE_TOL = {"nnclr": (5e-5, 5e-6), "instdisc": (1e-5, 1e-6)}
 
 
+@pytest.mark.parametrize("parallelism", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(SETUPS))
-def test_memory_method_steps_on_eight_devices_equal_one_device(name):
+def test_memory_method_steps_on_eight_devices_equal_one_device(name, parallelism):
     """Three steps (the support set of two batches wraps; the bank's rows are revisited)."""
     _, one, one_metrics = _method_steps(name, 1, 3)
-    _, eight, eight_metrics = _method_steps(name, 8, 3)
+    _, eight, eight_metrics = _method_steps(name, 8, 3, parallelism)
     np.testing.assert_allclose(eight_metrics["loss"], one_metrics["loss"], rtol=1e-5)
     stored = "queue" if name == "nnclr" else "bank"
     tol, atol = EIGHT_VS_ONE_TOL[name]
@@ -366,7 +383,11 @@ def test_memory_method_steps_on_eight_devices_equal_one_device(name):
         assert int(eight.queue_ptr) == int(one.queue_ptr) == (3 * BATCH) % QUEUE_SIZE
 
 
-def test_instdisc_needs_the_batch_index():
+def test_instdisc_needs_the_batch_index_and_the_split_size():
+    with pytest.raises(ValueError, match=r"needs the training split's size.*num_examples=0"):
+        instdisc.InstDisc(temperature=TAU, bank_momentum=BANK_M, num_examples=0).create_state(
+            _instdisc_model(None), optax.sgd(0.1), jax.random.key(0), (8, 8, 3)
+        )
     method, build = SETUPS["instdisc"]
     tx = optax.sgd(0.1)
     state = method.create_state(build(None), tx, jax.random.key(0), (8, 8, 3))

@@ -82,6 +82,12 @@ class InstDisc:
         Raises:
           ValueError: num_examples < 1 (the step object was built without the split's size).
         """
+        if self.num_examples < 1:
+            raise ValueError(
+                f"InstDisc's memory bank needs the training split's size: build the step object "
+                f"with methods.from_config(config, total_steps=..., num_examples=<split size>) "
+                f"(got num_examples={self.num_examples})."
+            )
         base = train_state.create_train_state(model, tx, rng, image_shape)
         bank = memory_bank.init(
             jax.random.fold_in(rng, BANK_RNG_FOLD), self.num_examples, model.projector.out_dim
@@ -149,7 +155,11 @@ class InstDisc:
 
 
 def from_config(config: mlc.ConfigDict, *, total_steps: int, num_examples: int = 0) -> InstDisc:
-    """InstDisc with config.method.temperature and bank_momentum, a bank of num_examples rows."""
+    """InstDisc with config.method.temperature and bank_momentum, a bank of num_examples rows.
+
+    num_examples must be the size of the split the pipeline's batch['index'] counts in (train.py
+    passes PipelineInfo.num_examples; pretraining reads the whole split, so the two agree).
+    """
     del total_steps
     return InstDisc(
         temperature=config.method.temperature,

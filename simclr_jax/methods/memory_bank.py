@@ -12,8 +12,9 @@ once per epoch and a batch never straddles two epochs), so the scatter has one w
 
 Why replicated: every device's rows are scored against the whole bank (the softmax's
 denominator). Memory per device: CIFAR-10, 50,000 x 128 x 4 B = 24 MiB; ImageNet,
-1,281,167 x 128 x 4 B = 626 MiB, affordable on a 16 GiB accelerator, but the exact softmax's
-logits are [n, N] per device (1.3 GiB at n = 256), where the paper samples NCE noise instead.
+1,281,167 x 128 x 4 B = 626 MiB, affordable on a 16 GiB accelerator, but InstDisc's exact
+softmax has [2n, N] logits per device (both views: 2.4 GiB at n = 256, before the backward
+pass), where the paper samples NCE noise instead.
 
 Pure functions; train_state.MemoryBankTrainState holds the array.
 """
