@@ -18,7 +18,13 @@ import numpy as np
 import optax
 import pytest
 from method_losses_test import finite_difference_grads
-from methods_test import _assert_trees_close, _batch, _TinyEncoder, run_steps
+from methods_test import (
+    _assert_trees_close,
+    _batch,
+    _TinyEncoder,
+    restore_latest,
+    run_steps,
+)
 from tiny_run import tiny_config
 
 from configs import instdisc_cifar10, nnclr_cifar10
@@ -435,13 +441,6 @@ def test_memory_method_config_errors_name_the_field():
 # ----------------------------------------------------------------------------
 
 
-def _restore(workdir):
-    manager = checkpoint.create_manager(workdir, max_to_keep=3, asynchronous=False)
-    restored = manager.restore(manager.latest_step())
-    manager.close()
-    return jax.tree_util.tree_map(np.asarray, restored)
-
-
 def _tiny(name, **overrides):
     config = tiny_config(**overrides)
     module = {"nnclr": nnclr_cifar10, "instdisc": instdisc_cifar10}[name]
@@ -459,9 +458,9 @@ def test_memory_method_resumed_run_equals_uninterrupted_bit_for_bit(name, tmp_pa
     resumed = str(tmp_path / "resumed")
     out = train.train_and_evaluate(_tiny(name, train__stop_at_step=2), resumed)
     assert out["preempted"] and checkpoint.latest_step(resumed) == 2
-    at_two = _restore(resumed)
+    at_two = restore_latest(resumed)
     train.train_and_evaluate(_tiny(name), resumed)
-    got, want = _restore(resumed), _restore(reference)
+    got, want = restore_latest(resumed), restore_latest(reference)
     assert int(got["step"]) == 4
     stored = ("queue", "queue_ptr") if name == "nnclr" else ("bank",)
     for field in ("params", "batch_stats", "opt_state", *stored):

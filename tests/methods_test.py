@@ -293,7 +293,8 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
-def _restore(workdir):
+def restore_latest(workdir):
+    """The workdir's latest checkpoint as a tree of NumPy arrays."""
     manager = checkpoint.create_manager(workdir, max_to_keep=3, asynchronous=False)
     restored = manager.restore(manager.latest_step())
     manager.close()
@@ -307,11 +308,11 @@ def test_ema_method_resumed_run_equals_uninterrupted_bit_for_bit(name, uninterru
     workdir = str(tmp_path)
     out = train.train_and_evaluate(_tiny_method(name, train__stop_at_step=2), workdir)
     assert out["preempted"] and checkpoint.latest_step(workdir) == 2
-    saved = _restore(workdir)
+    saved = restore_latest(workdir)
     assert set(saved["target_params"]) == {"encoder", "projector"}
     assert set(saved["target_batch_stats"]) == {"encoder", "projector"}
     train.train_and_evaluate(_tiny_method(name), workdir)
-    resumed, reference = _restore(workdir), _restore(uninterrupted(name))
+    resumed, reference = restore_latest(workdir), restore_latest(uninterrupted(name))
     assert int(resumed["step"]) == 4
     for field in ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats"):
         jax.tree_util.tree_map(np.testing.assert_array_equal, resumed[field], reference[field])
@@ -341,7 +342,7 @@ def test_knn_export_and_finetune_read_the_method_from_the_run(name, uninterrupte
     out = export.export_encoder(run, str(tmp_path / f"{name}.npz"), include_head=True)
     exported = export.load_exported(out)
     assert set(exported["params"]) == {"encoder"}
-    saved = _restore(run)["params"]["encoder"]
+    saved = restore_latest(run)["params"]["encoder"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported["params"]["encoder"], saved)
     pretrained = pretrained_lib.load_pretrained(run)
     tx = optax.sgd(0.1)
@@ -378,7 +379,7 @@ def test_each_method_trains_through_main_py(name, tmp_path):
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert last["step"] == 2 and np.isfinite(last["train/loss"])
-    saved = _restore(str(tmp_path))
+    saved = restore_latest(str(tmp_path))
     assert set(saved["params"]) >= {"encoder", "projector", "probe"}
     if name in EMA_METHODS or name == "mocov2":
         assert set(saved["target_params"]) == {"encoder", "projector"}

@@ -22,6 +22,7 @@ from methods_test import (
     _batch,
     _TinyEncoder,
     assert_ema_of_post_step_params,
+    restore_latest,
     run_steps,
 )
 from tiny_run import tiny_config
@@ -293,13 +294,6 @@ def test_mocov2_config_errors_name_the_field():
     assert methods.METHODS["mocov2"].TITLE == "MoCo v2"
 
 
-def _restore(workdir):
-    manager = checkpoint.create_manager(workdir, max_to_keep=3, asynchronous=False)
-    restored = manager.restore(manager.latest_step())
-    manager.close()
-    return jax.tree_util.tree_map(np.asarray, restored)
-
-
 def _tiny_mocov2(**overrides):
     config = tiny_config(**overrides)
     config.method = mocov2_cifar10.get_config("runlocal").method
@@ -315,10 +309,10 @@ def test_mocov2_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path):
     workdir = str(tmp_path / "resumed")
     out = train.train_and_evaluate(_tiny_mocov2(train__stop_at_step=2), workdir)
     assert out["preempted"] and checkpoint.latest_step(workdir) == 2
-    saved = _restore(workdir)
+    saved = restore_latest(workdir)
     assert int(saved["queue_ptr"]) == 32 and saved["queue"].shape == (48, 32)
     train.train_and_evaluate(_tiny_mocov2(), workdir)
-    resumed, uninterrupted = _restore(workdir), _restore(reference)
+    resumed, uninterrupted = restore_latest(workdir), restore_latest(reference)
     assert int(resumed["step"]) == 4 and int(resumed["queue_ptr"]) == (4 * 16) % 48
     fields = ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats")
     for field in (*fields, "queue", "queue_ptr"):
