@@ -31,6 +31,9 @@ EXTRAS_REQUIRE = {
     "torch": ["torch==2.13.0", "safetensors"],
     # UMAP maps (python -m simclr_jax.embed --method=umap); its numba kernels compile on first use.
     "umap": ["umap-learn==0.5.12"],
+    # oneDNN's CPU convolutions (simclr_jax.cpu.kernels, Linux x86-64): the library (GNU OpenMP
+    # threading, no other runtime) and its headers; the FFI shim compiles on first use.
+    "cpu": ["onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0"],
 }
 
 setuptools.setup(

@@ -3,7 +3,7 @@
   python benchmarks/conv_layer.py --threads=2                      # XLA conv, recommended flags
   python benchmarks/conv_layer.py --threads=2 --xla_flags=none     # XLA conv, jaxlib's defaults
   python benchmarks/conv_layer.py --threads=2 --impl=matmul        # simclr_jax MatmulConv
-  python benchmarks/conv_layer.py --threads=2 --impl=native        # simclr_jax native kernels
+  python benchmarks/conv_layer.py --threads=2 --impl=onednn        # oneDNN (the cpu extra)
   python benchmarks/conv_layer.py --threads=2 --impl=torch         # PyTorch, channels_last
 
 Times value_and_grad of sum(conv(x, w)^2) with respect to x and w (one forward and the two
@@ -29,7 +29,7 @@ STAGES = ((32, 64), (16, 128), (8, 256), (4, 512))
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--impl", default="xla", choices=["xla", "matmul", "native", "torch"])
+    parser.add_argument("--impl", default="xla", choices=["xla", "matmul", "onednn", "torch"])
     parser.add_argument("--xla_flags", default="recommended", choices=["recommended", "none"])
     parser.add_argument("--views", type=int, default=128, help="batch of images per conv")
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
@@ -62,8 +62,8 @@ def _jax_timer(impl: str):
     def conv(x, w):
         if impl == "matmul":
             return convs.matmul_conv(x, w, 1, "SAME")
-        if impl == "native":  # the choices of --cpu_conv=native (conv_layers.native_conv)
-            return convs.native_conv(x, w, 1, "SAME")
+        if impl == "onednn":  # --cpu_conv=onednn (conv_layers.onednn_conv)
+            return convs.onednn_conv(x, w, 1, "SAME")
         return jax.lax.conv_general_dilated(
             x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )

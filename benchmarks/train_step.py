@@ -294,17 +294,17 @@ def main(argv: list[str]) -> dict:
         mesh=mesh,
     )
     start = time.perf_counter()
-    traced = step.trace(state, batch)  # traced once: compiled, and read for native FLOPs
+    traced = step.trace(state, batch)  # traced once: compiled, and read for oneDNN FLOPs
     compiled = traced.lower().compile()
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     # The SPMD module is one device's program: scale to the whole step. XLA's cost analysis
-    # does not see inside the native kernel calls (--cpu_conv=native): they are
+    # does not see inside the oneDNN calls (--cpu_conv=onednn): they are
     # counted from the traced program and added.
-    native_flops = kernels.native_flops(traced.jaxpr) * args.devices
-    xla_flops = float((cost or {}).get("flops", float("nan"))) * args.devices + native_flops
+    onednn_flops = kernels.onednn_flops(traced.jaxpr) * args.devices
+    xla_flops = float((cost or {}).get("flops", float("nan"))) * args.devices + onednn_flops
 
     times = []
     for index in range(args.warmup + args.steps):
@@ -356,7 +356,7 @@ def main(argv: list[str]) -> dict:
         "analytic_fwd_gmacs_per_view": macs / 1e9,
         "analytic_gflop_per_step": analytic_flops / 1e9,
         "xla_gflop_per_step": xla_flops / 1e9,
-        "native_gflop_per_step": native_flops / 1e9,
+        "onednn_gflop_per_step": onednn_flops / 1e9,
         "achieved_gflop_per_s": achieved / 1e9,
         "measured_peak_gflop_per_s": measured_peak / 1e9,
         "utilisation_vs_measured_peak": achieved / measured_peak,

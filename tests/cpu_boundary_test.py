@@ -63,17 +63,19 @@ def test_choices_resolve_per_backend():
     assert conv_class.describe(conv_class.conv_class("matmul", backend="gpu")) == "matmul"
     with pytest.raises(ValueError, match="must be one of"):
         conv_class.conv_class("cudnn")
-    with pytest.raises(ValueError, match="CPU kernel"):
-        conv_class.conv_class("native", backend="gpu")
-    # conftest applied simclr_jax.cpu.xla_flags: XLA keeps its own convolution kernel.
-    if "-individual_convolution" in os.environ.get("XLA_FLAGS", ""):
-        expected = "native" if kernels.available() else "xla"
-        with pytest.warns(UserWarning) if expected == "xla" else contextlib.nullcontext():
-            conv = conv_class.conv_class("auto", backend="cpu")
-        assert conv_class.describe(conv) == expected + "+fork"
-        assert issubclass(conv, nn.Conv)
-        if expected == "native":
-            assert issubclass(conv, conv_layers.NativeConv)
+    with pytest.raises(ValueError, match="CPU library"):
+        conv_class.conv_class("onednn", backend="gpu")
+    with pytest.raises(ValueError, match="must be one of"):
+        conv_class.conv_class("native", backend="cpu")  # the removed hand-written kernels
+    # conftest applied simclr_jax.cpu.xla_flags: XLA keeps its own convolution kernel, the
+    # fallback where oneDNN is not installed.
+    expected = "onednn" if kernels.available() else "xla"
+    with pytest.warns(UserWarning) if expected == "xla" else contextlib.nullcontext():
+        conv = conv_class.conv_class("auto", backend="cpu")
+    assert conv_class.describe(conv) == expected + "+fork"
+    assert issubclass(conv, nn.Conv)
+    if expected == "onednn":
+        assert issubclass(conv, conv_layers.OneDnnConv)
 
 
 def _run(args, *, blocked: bool, timeout=400):
@@ -93,7 +95,7 @@ def _run(args, *, blocked: bool, timeout=400):
 
 @pytest.mark.slow
 def test_runs_work_without_the_cpu_package(tmp_path):
-    """Pretrain with the CPU boundary (native kernels where they build), then evaluate with
+    """Pretrain with the CPU boundary (oneDNN where installed), then evaluate with
     simclr_jax.cpu blocked (XLA's convolutions): the checkpoint and config.json carry no trace of
     the convolution. Then pretrain with it blocked, too."""
     assert jax.device_count() == 8

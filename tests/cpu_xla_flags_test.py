@@ -71,17 +71,23 @@ def test_cpuinfo_detection(tmp_path):
 
 _PROBE = """
 import json, os
+import warnings
 import jax
 from simclr_jax.cpu import conv_class
-print(json.dumps({"native": conv_class.cpu_conv_is_native(),
-                  "auto": conv_class.resolve_choice("auto"),
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    auto = conv_class.resolve_choice("auto")
+print(json.dumps({"own_kernel": conv_class.xla_uses_own_conv_kernel(), "auto": auto,
+                  "warnings": [str(w.message) for w in caught],
                   "flags": os.environ.get("XLA_FLAGS", "")}))
 """
 
 
-def _probe(xla_flags_env: str, apply_flags: bool) -> dict:
+def _probe(xla_flags_env: str, apply_flags: bool, onednn_root: str | None = None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_env)
     env.pop("SIMCLR_XLA_CPU_FLAGS", None)
+    if onednn_root is not None:
+        env["SIMCLR_JAX_ONEDNN_ROOT"] = onednn_root
     code = "from simclr_jax.cpu import xla_flags; xla_flags.apply()\n" if apply_flags else ""
     code += _PROBE
     out = subprocess.run(
@@ -92,18 +98,22 @@ def _probe(xla_flags_env: str, apply_flags: bool) -> dict:
 
 
 @pytest.mark.slow
-def test_auto_follows_the_flags_the_backend_started_with():
-    """The probe reads what XLA compiled, so 'auto' is right with and without the flags."""
-    with_flags = _probe("", apply_flags=True)
-    assert _YNN in with_flags["flags"]
-    # With XLA's own convolution, 'auto' adds the native kernels where they build here.
+def test_auto_follows_the_flags_the_backend_started_with(tmp_path):
+    """'auto' is oneDNN where it is usable; without it, one warning and the faster fallback for
+    the flags the backend started with (the probe reads what XLA compiled)."""
     from simclr_jax.cpu import kernels
 
-    expected = "native" if kernels.available() else "xla"
-    assert with_flags == {**with_flags, "native": True, "auto": expected}
+    with_flags = _probe("", apply_flags=True)
+    assert _YNN in with_flags["flags"] and with_flags["own_kernel"]
+    if kernels.available():
+        assert with_flags["auto"] == "onednn" and with_flags["warnings"] == []
+    missing = str(tmp_path / "no_onednn")
+    fallback = _probe("", apply_flags=True, onednn_root=missing)
+    assert fallback["auto"] == "xla"
+    assert len(fallback["warnings"]) == 1 and missing in fallback["warnings"][0]
     # Convolutions sent to YNNPACK (jaxlib 0.10's default on this CPU; forced here so the case
-    # does not depend on the CPU): im2col is the faster choice, and 'auto' must see it.
+    # does not depend on the CPU): im2col is the faster fallback, and 'auto' must see it.
     forced = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
-    without = _probe(forced, apply_flags=False)
+    without = _probe(forced, apply_flags=False, onednn_root=missing)
     assert without["flags"] == forced
-    assert without == {**without, "native": False, "auto": "matmul"}
+    assert without == {**without, "own_kernel": False, "auto": "matmul"}

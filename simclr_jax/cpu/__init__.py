@@ -5,8 +5,8 @@ flax.linen.Conv with jaxlib's default XLA:CPU flags (slower on CPU), and checkpo
 same as ever: they load anywhere.
 
   xla_flags     XLA:CPU compiler flags, applied before jax starts its backend (imports no jax).
-  kernels/      native C++ convolution kernels (XLA FFI), compiled with g++ on first use.
-  conv_layers   MatmulConv (im2col + GEMM) and NativeConv (the native kernels where faster).
+  kernels/      oneDNN's convolutions as XLA FFI targets (a small C++ shim built on first use).
+  conv_layers   OneDnnConv (oneDNN for forward and both gradients) and MatmulConv (im2col + GEMM).
   shortcut_fork the identity fan-out that keeps XLA's own kernel on residual blocks' convs.
   conv_class    the one choice handed to the models: conv_class('auto') -> a conv class.
 

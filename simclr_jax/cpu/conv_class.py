@@ -9,13 +9,14 @@ a config field, and is stored with no run. Every class has nn.Conv's parameter t
 checkpoint written with one loads with any other, on any backend.
 
 Choices (CONV_CHOICES):
-  'auto'    nn.Conv on GPU/TPU. On CPU, when XLA runs convolutions with its own kernel
-            (`cpu_conv_is_native`: simclr_jax.cpu.xla_flags was applied before jax started,
-            as main.py does): NativeConv where the native kernels build, else nn.Conv (with a
-            warning that says why); without the flags MatmulConv, faster than YNNPACK's path.
+  'auto'    nn.Conv on GPU/TPU. On CPU OneDnnConv where oneDNN is usable (the `cpu` extra and a
+            C++ compiler); else, with one warning that says why, nn.Conv when XLA runs
+            convolutions with its own kernel (`xla_uses_own_conv_kernel`: simclr_jax.cpu.xla_flags
+            was applied before jax started, as main.py does), and MatmulConv without the
+            flags (faster than YNNPACK's path).
   'xla'     flax.linen.Conv.
   'matmul'  conv_layers.MatmulConv (im2col + one GEMM).
-  'native'  conv_layers.NativeConv; CPU only, and only where the kernels build.
+  'onednn'  conv_layers.OneDnnConv; CPU only, and only where oneDNN is usable.
 On the CPU backend the class also carries `fork_shortcut` (simclr_jax.cpu.shortcut_fork), which
 the ResNet's identity blocks use to split their input; `shortcut_fork=False` leaves it out.
 """
@@ -29,16 +30,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from simclr_jax.cpu import kernels
-from simclr_jax.cpu.conv_layers import MatmulConv, NativeConv
+from simclr_jax.cpu.conv_layers import MatmulConv, OneDnnConv
 from simclr_jax.cpu.shortcut_fork import shortcut_fork as _shortcut_fork
 from simclr_jax.models import ModuleDef
 
-CONV_CHOICES: tuple[str, ...] = ("auto", "xla", "matmul", "native")
-_CLASSES: dict[str, ModuleDef] = {"xla": nn.Conv, "matmul": MatmulConv, "native": NativeConv}
+CONV_CHOICES: tuple[str, ...] = ("auto", "xla", "matmul", "onednn")
+_CLASSES: dict[str, ModuleDef] = {"xla": nn.Conv, "matmul": MatmulConv, "onednn": OneDnnConv}
 
 
 @functools.cache
-def cpu_conv_is_native() -> bool:
+def xla_uses_own_conv_kernel() -> bool:
     """Whether XLA:CPU runs convolutions with its own kernel rather than through YNNPACK.
 
     jaxlib 0.10 sends convolutions to YNNPACK unless XLA_FLAGS says otherwise
@@ -66,50 +67,48 @@ def cpu_conv_is_native() -> bool:
 
 
 def resolve_choice(choice: str, backend: str | None = None) -> str:
-    """Resolves 'auto' to 'xla', 'matmul' or 'native' for a backend, and checks 'native'.
+    """Resolves 'auto' to 'xla', 'matmul' or 'onednn' for a backend, and checks 'onednn'.
 
     Args:
       choice: one of CONV_CHOICES.
       backend: jax backend name ('cpu', 'gpu', 'tpu'); None asks jax.default_backend().
 
     Returns:
-      'xla', 'matmul' or 'native' (the rules are in the module docstring).
+      'xla', 'matmul' or 'onednn' (the rules are in the module docstring).
 
     Raises:
-      ValueError: for an unknown choice, or 'native' off the CPU backend or where the native
-        kernels cannot be built (the message says why).
+      ValueError: for an unknown choice, or 'onednn' off the CPU backend or where oneDNN
+        cannot be used (the message says why).
     """
     if choice not in CONV_CHOICES:
         raise ValueError(f"the CPU convolution must be one of {CONV_CHOICES}, got {choice!r}.")
     backend = jax.default_backend() if backend is None else backend
-    if choice == "native":
+    if choice == "onednn":
         if backend != "cpu":
             raise ValueError(
-                f"the 'native' convolution is a CPU kernel; the backend is {backend!r}. "
+                f"the 'onednn' convolution is a CPU library; the backend is {backend!r}. "
                 "Use 'auto' or 'xla'."
             )
         reason = kernels.unavailable_reason()
         if reason is not None:
             raise ValueError(
-                f"the 'native' convolution: the native kernels are unavailable here ({reason}). "
-                "Use 'auto' or 'xla'."
+                f"the 'onednn' convolution is unavailable here ({reason}). Use 'auto' or 'xla'."
             )
         return choice
     if choice != "auto":
         return choice
     if backend != "cpu":
         return "xla"
-    if not cpu_conv_is_native():
-        return "matmul"
     reason = kernels.unavailable_reason()
     if reason is None:
-        return "native"
+        return "onednn"
+    fallback = "xla" if xla_uses_own_conv_kernel() else "matmul"
     warnings.warn(
-        f"the 'auto' CPU convolution: using XLA's convolution kernel gradient, which is slower "
-        f"on CPU, because the native kernels are unavailable ({reason}).",
+        f"the 'auto' CPU convolution: oneDNN is unavailable ({reason}); using the slower "
+        f"{fallback!r} convolution.",
         stacklevel=2,
     )
-    return "xla"
+    return fallback
 
 
 @functools.cache
@@ -152,7 +151,7 @@ def conv_class(
 
 
 def describe(conv: ModuleDef) -> str:
-    """'xla' | 'matmul' | 'native', plus '+fork' when the class forks shortcuts (for logs)."""
+    """'xla' | 'matmul' | 'onednn', plus '+fork' when the class forks shortcuts (for logs)."""
     names = {cls: name for name, cls in _CLASSES.items()}
     base = next((cls for cls in conv.__mro__ if cls in names), None)
     name = names.get(base, conv.__name__)

@@ -1,4 +1,12 @@
-"""Convolution layers for XLA:CPU: one matrix multiplication (im2col), or native kernels.
+"""Convolution layers for XLA:CPU: oneDNN's convolutions, or one matrix multiplication (im2col).
+
+`OneDnnConv` ('onednn', the CPU default where oneDNN is installed: the `cpu` extra) runs the
+forward convolution, its input gradient and its kernel gradient with oneDNN, the library
+PyTorch's CPU convolutions come from, through the FFI calls of `simclr_jax.cpu.kernels`. They
+are FFI calls without a partitioning rule, so OneDnnConv is XLA's convolution wherever it is
+traced under jit over arrays that may be spread across several devices (`runs_per_device`);
+per device (shard_map, pmap, a single device) it is oneDNN. Other dtypes than float32 stay on
+XLA.
 
 jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default, which runs them, above all the
 backward (input- and kernel-gradient) convolutions, far below the machine's matmul peak. With
@@ -8,24 +16,9 @@ used instead. Without those flags `MatmulConv` is faster than the YNNPACK path
 kh * kw strided slices of the padded input, concatenate them on the channel axis to patches
 [n, ho, wo, kh * kw * cin], and multiply by the kernel reshaped to [kh * kw * cin, cout].
 Forward and both gradients then become large matmuls plus cheap slicing/padding. A 1x1
-convolution is a plain dot (a stride is a strided slice).
-
-The patches are kh * kw times larger than the input, so the im2col + dot is wrapped in
-jax.checkpoint: the backward pass recomputes the slices from the input instead of keeping the
-patches alive from forward to backward (keeps peak memory close to nn.Conv's).
-
-`NativeConv` ('native', the CPU default when the kernels build) computes convolutions with the
-native kernels of `simclr_jax.cpu.kernels` (XLA FFI calls) where they are faster than XLA's
-own, and with XLA's elsewhere. XLA:CPU computes the kernel gradient as an Eigen convolution
-with an image-sized window over the transposed input, at about half its forward rate in the
-first ResNet stage; the native kernel ran it at 1.2-2.5x XLA's rate at the four ResNet-18
-stages (benchmarks/conv_layer.py --parts --impl=native; at 4 x 4 x 512 the two were within
-noise in other runs), so it always takes the kernel gradient. The native forward kernel
-(also the input gradient of a stride-1 convolution) is faster for stride-1 convolutions up
-to 256 output channels and is used there (`native_forward_supported`). Convolutions it cannot
-take at all (not float32, output channels not a multiple of 16) stay on XLA, and NativeConv
-uses XLA's convolution wherever it is traced under jit over arrays that may be spread across
-several devices (`runs_per_device`): the FFI calls have no partitioning rule.
+convolution is a plain dot (a stride is a strided slice). The patches are kh * kw times larger
+than the input, so the im2col + dot is wrapped in jax.checkpoint: the backward pass recomputes
+the slices from the input instead of keeping the patches alive from forward to backward.
 
 All modules are drop-in replacements for flax.linen.Conv as the ResNet uses it: same 'kernel'
 parameter [kh, kw, cin, cout] (and optional 'bias'), same default initialiser, same padding
@@ -236,63 +229,19 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
 
 
-def native_forward_supported(x_shape, kernel_shape, strides) -> bool:
-    """Whether `native_conv` runs a convolution's forward pass with the native kernel rather
-    than XLA's.
-
-    Where it measured faster here (benchmarks/conv_layer.py --parts and an interleaved
-    micro-benchmark): stride 1, input and output channels multiples of 16, at most 256
-    output channels (XLA's kernel was as fast or faster for the widest layers).
-    """
-    del x_shape
-    cin, cout = kernel_shape[2], kernel_shape[3]
-    return (
-        tuple(strides) == (1, 1)
-        and cin % kernels.native.LANES == 0
-        and cout % kernels.native.LANES == 0
-        and cout <= 256
-    )
-
-
-def native_input_grad_supported(x_shape, kernel_shape, strides) -> bool:
-    """Whether `native_conv` computes the input gradient with the native forward kernel (a
-    stride-1 convolution of the output cotangent whose outputs are the cin input channels:
-    the same limits as `native_forward_supported` with cin and cout swapped)."""
-    kh, kw, cin, cout = kernel_shape
-    return native_forward_supported(x_shape, (kh, kw, cout, cin), strides)
-
-
-def _forward(x, kernel, strides, pads):
-    if native_forward_supported(x.shape, kernel.shape, strides):
-        return kernels.conv_forward(x, kernel, strides, pads)
-    return _xla_conv(x, kernel, strides, pads)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_native(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
-    return _forward(x, kernel, strides, pads)
+def _conv_onednn(x: jax.Array, kernel: jax.Array, strides, pads) -> jax.Array:
+    return kernels.conv_forward(x, kernel, strides, pads)
 
 
-def _conv_native_fwd(x, kernel, strides, pads):
-    return _forward(x, kernel, strides, pads), (x, kernel)
+def _conv_onednn_fwd(x, kernel, strides, pads):
+    return kernels.conv_forward(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv_native_bwd(strides, pads, residuals, dy):
+def _conv_onednn_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    if native_input_grad_supported(x.shape, kernel.shape, strides):
-        # Stride 1: dx[h] = sum_i dy[h - i + p] w[i] is a convolution of dy with the flipped,
-        # transposed kernel and padding k - 1 - p on each side; its output is x's size.
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        (ph0, ph1), (pw0, pw1) = pads
-        dx = kernels.conv_forward(
-            dy, flipped, (1, 1), ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1))
-        )
-    else:
-        # XLA's input gradient (the forward conv in this vjp is dead code and is removed).
-        _, vjp_x = jax.vjp(lambda x_: _xla_conv(x_, kernel, strides, pads), x)
-        (dx,) = vjp_x(dy)
-    dw = kernels.conv_kernel_grad(x, dy, (kh, kw), strides, (pads[0][0], pads[1][0]))
+    dx = kernels.conv_backward_data(dy, kernel, x.shape, strides, pads)
+    dw = kernels.conv_backward_weights(x, dy, kernel.shape[:2], strides, pads)
     return _like_primal(dx, x), _like_primal(dw, kernel)
 
 
@@ -305,7 +254,7 @@ def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(cotangent, tuple(sorted(extra))) if extra else cotangent
 
 
-_conv_native.defvjp(_conv_native_fwd, _conv_native_bwd)
+_conv_onednn.defvjp(_conv_onednn_fwd, _conv_onednn_bwd)
 
 
 def runs_per_device() -> bool:
@@ -314,33 +263,23 @@ def runs_per_device() -> bool:
     True inside jax.shard_map / jax.pmap (the current abstract mesh has manual axes; jax 0.10
     runs pmap through shard_map) and when the run has a single device in all
     (jax.device_count(), every process's). False under jax.jit over arrays that may be spread
-    across several devices (evaluation, fine-tuning): the native kernels are FFI calls without
-    a partitioning rule, for which XLA would gather the whole batch onto every device. (Also
+    across several devices (evaluation, fine-tuning): the oneDNN calls are FFI calls without a
+    partitioning rule, for which XLA would gather the whole batch onto every device. (Also
     False for jit on one device of a multi-device run: XLA's convolution, only slower.)
     """
     return jax.device_count() == 1 or bool(jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def native_supported(x_dtype, kernel_dtype, cout: int) -> bool:
-    """Whether `native_conv` uses the native kernels at all (else it is XLA's convolution)."""
-    return (
-        x_dtype == jnp.float32 and kernel_dtype == jnp.float32 and cout % kernels.native.LANES == 0
-    )
-
-
-def native_conv(
+def onednn_conv(
     x: jax.Array,
     kernel: jax.Array,
     strides: int | Sequence[int] = 1,
     padding: PaddingLike = "SAME",
 ) -> jax.Array:
-    """2-D convolution (NHWC, HWIO) with the native CPU kernels where they are faster.
+    """2-D convolution (NHWC, HWIO) whose forward pass and both gradients are oneDNN's.
 
-    The kernel gradient always comes from the native kernel; the forward pass and the input
-    gradient where `native_forward_supported` / `native_input_grad_supported` say so, else
-    from XLA. Values and gradients equal lax.conv_general_dilated's up to float32 summation
-    order. Convolutions that `native_supported` rejects (not float32, output channels not a
-    multiple of 16) are XLA's entirely.
+    float32 only: any other dtype (e.g. model.dtype=bfloat16) is XLA's convolution. Values and
+    gradients equal lax.conv_general_dilated's up to float32 summation order.
 
     Args:
       x: input [n, h, w, cin].
@@ -350,22 +289,25 @@ def native_conv(
 
     Returns:
       [n, ho, wo, cout].
+
+    Raises:
+      KernelUnavailableError: for float32 operands where oneDNN cannot be used here.
     """
     strides, pads = _strides_and_pads(x, kernel, strides, padding)
-    if not native_supported(x.dtype, kernel.dtype, kernel.shape[-1]):
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         return _xla_conv(x, kernel, strides, pads)
-    return _conv_native(x, kernel, strides, pads)
+    return _conv_onednn(x, kernel, strides, pads)
 
 
 def _xla_conv_padded(x, kernel, strides, padding):
     return _xla_conv(x, kernel, *_strides_and_pads(x, kernel, strides, padding))
 
 
-class NativeConv(nn.Conv):
-    """flax.linen.Conv computed with the native CPU kernels where they are faster.
+class OneDnnConv(nn.Conv):
+    """flax.linen.Conv computed with oneDNN's CPU convolutions (forward and both gradients).
 
     Same fields and parameters as nn.Conv, same values up to float32 summation order (see
-    `native_conv`); supports what the ResNet uses (no dilation, no feature groups, no mask).
+    `onednn_conv`); supports what the ResNet uses (no dilation, no feature groups, no mask).
     Where the traced code sees several devices' data (`runs_per_device` is False: jit over
     global arrays in a multi-device process), it is XLA's convolution.
     """
@@ -373,5 +315,5 @@ class NativeConv(nn.Conv):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """Applies the convolution to inputs [n, h, w, cin]; returns [n, ho, wo, features]."""
-        conv_fn = native_conv if runs_per_device() else _xla_conv_padded
+        conv_fn = onednn_conv if runs_per_device() else _xla_conv_padded
         return _apply_plain_conv(self, inputs, conv_fn)

@@ -1,0 +1,249 @@
+// oneDNN convolutions as XLA:CPU FFI handlers: NHWC activations, HWIO kernels, float32.
+//
+//   SimclrOnednnConvForward         (x, w)  -> y    y  = conv(x, w)
+//   SimclrOnednnConvBackwardData    (dy, w) -> dx   dx = d conv(x, w) / dx  applied to dy
+//   SimclrOnednnConvBackwardWeights (x, dy) -> dw   dw = d conv(x, w) / dw  applied to dy
+//
+// Attributes: sh, sw (strides), ph0, ph1, pw0, pw1 (low/high zero padding of height/width).
+// Activations stay NHWC (oneDNN's `nhwc`, what PyTorch's channels_last hands it); the kernel
+// is reordered from/to HWIO into the layout the chosen oneDNN kernel prefers. Primitives (and
+// their reorders) are created once per shape and direction and kept for the process.
+//
+// Threads: the oneDNN build runs on OpenMP; every call runs under one process-wide lock, so at
+// most one convolution's OpenMP team is busy at a time (several XLA devices in one process, or
+// independent convolutions XLA runs concurrently, take turns instead of oversubscribing the
+// cores). The scratchpad is user-managed, so a primitive never shares hidden state.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+constexpr auto kF32 = memory::data_type::f32;
+
+enum Direction : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+// One convolution's geometry, in oneDNN's logical (NCHW / OIHW) dims.
+struct Shape {
+  int64_t n, cin, h, w, cout, kh, kw, ho, wo, sh, sw, ph0, ph1, pw0, pw1;
+  std::array<int64_t, 16> key(Direction d) const {
+    return {d, n, cin, h, w, cout, kh, kw, ho, wo, sh, sw, ph0, ph1, pw0, pw1};
+  }
+};
+
+// A cached convolution: the primitive, the kernel layout it wants and the reorder between that
+// layout and HWIO (to it for forward / backward data, from it for backward weights).
+struct Cached {
+  dnnl::primitive conv;
+  memory::desc kernel_md;  // the primitive's kernel layout
+  memory::desc user_kernel_md;  // HWIO
+  bool reorder_kernel = false;
+  dnnl::reorder reorder;
+  memory::desc scratchpad_md;
+};
+
+struct Runtime {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::mutex cache_mu;  // guards `cache`
+  std::map<std::array<int64_t, 16>, std::unique_ptr<Cached>> cache;
+  // Held while a convolution runs: one OpenMP team at a time. (Letting XLA's threads run
+  // convolutions concurrently, with 1 or with all OpenMP threads each, measured slower.)
+  std::mutex run_mu;
+};
+
+Runtime& runtime() {
+  static Runtime* rt = new Runtime();  // never destroyed: handlers may run during exit
+  return *rt;
+}
+
+// The layout the NHWC activations are described to oneDNN in. With exactly 16 channels,
+// oneDNN's blocked layout nChw16c is the same bytes as NHWC; where input and output both have
+// 16 channels, declaring it lets oneDNN 3.2 pick its blocked direct kernels for the forward
+// pass and the input gradient, faster there than its NHWC kernels (docs/performance.md); for
+// the kernel gradient NHWC is faster. (A blocked tensor beside an NHWC one gets the reference
+// kernel, hundreds of times slower: both or neither.)
+Tag activation_tag(const Shape& s, Direction d) {
+  return s.cin == 16 && s.cout == 16 && d != kBackwardWeights ? Tag::nChw16c : Tag::nhwc;
+}
+
+Cached* build(Runtime& rt, const Shape& s, Direction d) {
+  const memory::dims src_dims = {s.n, s.cin, s.h, s.w};
+  const memory::dims dst_dims = {s.n, s.cout, s.ho, s.wo};
+  const memory::dims kernel_dims = {s.cout, s.cin, s.kh, s.kw};
+  const memory::dims strides = {s.sh, s.sw}, pad_l = {s.ph0, s.pw0}, pad_r = {s.ph1, s.pw1};
+  const memory::desc src(src_dims, kF32, activation_tag(s, d));
+  const memory::desc dst(dst_dims, kF32, activation_tag(s, d));
+  const memory::desc kernel_any(kernel_dims, kF32, Tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto algo = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::primitive_desc fwd(rt.engine, dnnl::prop_kind::forward_training,
+                                                algo, src, kernel_any, dst, strides, pad_l,
+                                                pad_r, attr);
+  auto c = std::make_unique<Cached>();
+  c->user_kernel_md = memory::desc(kernel_dims, kF32, Tag::hwio);
+  if (d == kForward) {
+    c->conv = dnnl::convolution_forward(fwd);
+    c->kernel_md = fwd.weights_desc();
+    c->scratchpad_md = fwd.scratchpad_desc();
+  } else if (d == kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
+                                                        strides, pad_l, pad_r, fwd, attr);
+    c->conv = dnnl::convolution_backward_data(bwd);
+    c->kernel_md = bwd.weights_desc();
+    c->scratchpad_md = bwd.scratchpad_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
+                                                           strides, pad_l, pad_r, fwd, attr);
+    c->conv = dnnl::convolution_backward_weights(bwd);
+    c->kernel_md = bwd.diff_weights_desc();
+    c->scratchpad_md = bwd.scratchpad_desc();
+  }
+  c->reorder_kernel = c->kernel_md != c->user_kernel_md;
+  if (c->reorder_kernel) {
+    c->reorder = d == kBackwardWeights
+                     ? dnnl::reorder(dnnl::reorder::primitive_desc(rt.engine, c->kernel_md,
+                                                                   rt.engine, c->user_kernel_md))
+                     : dnnl::reorder(dnnl::reorder::primitive_desc(
+                           rt.engine, c->user_kernel_md, rt.engine, c->kernel_md));
+  }
+  Cached* out = c.get();
+  rt.cache[s.key(d)] = std::move(c);
+  return out;
+}
+
+void* resized(std::vector<char>& buffer, size_t bytes) {
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+// Runs one direction. `src`, `dst` and `kernel` are the NHWC input, NHWC output and HWIO kernel
+// of the forward convolution (read or written as the direction says).
+ffi::Error run(const Shape& s, Direction d, float* src, float* dst, float* kernel) {
+  Runtime& rt = runtime();
+  // Per calling thread: its stream and the buffers its calls reuse.
+  thread_local dnnl::stream stream(rt.engine);
+  thread_local std::vector<char> scratchpad_buffer, kernel_buffer;
+  std::lock_guard<std::mutex> run_lock(rt.run_mu);
+  try {
+    Cached* c;
+    {
+      std::lock_guard<std::mutex> lock(rt.cache_mu);
+      auto it = rt.cache.find(s.key(d));
+      c = it != rt.cache.end() ? it->second.get() : build(rt, s, d);
+    }
+    memory src_m(memory::desc({s.n, s.cin, s.h, s.w}, kF32, activation_tag(s, d)),
+                 rt.engine, src);
+    memory dst_m(memory::desc({s.n, s.cout, s.ho, s.wo}, kF32, activation_tag(s, d)),
+                 rt.engine, dst);
+    memory user_kernel(c->user_kernel_md, rt.engine, kernel);
+    memory conv_kernel = user_kernel;
+    if (c->reorder_kernel) {
+      conv_kernel = memory(c->kernel_md, rt.engine,
+                           resized(kernel_buffer, c->kernel_md.get_size()));
+    }
+    memory scratchpad(c->scratchpad_md, rt.engine,
+                      resized(scratchpad_buffer, c->scratchpad_md.get_size()));
+    if (d != kBackwardWeights && c->reorder_kernel) {
+      c->reorder.execute(stream, user_kernel, conv_kernel);
+    }
+    if (d == kForward) {
+      c->conv.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                  {DNNL_ARG_WEIGHTS, conv_kernel},
+                                  {DNNL_ARG_DST, dst_m},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else if (d == kBackwardData) {
+      c->conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src_m},
+                                  {DNNL_ARG_WEIGHTS, conv_kernel},
+                                  {DNNL_ARG_DIFF_DST, dst_m},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    } else {
+      c->conv.execute(stream, {{DNNL_ARG_SRC, src_m},
+                                  {DNNL_ARG_DIFF_WEIGHTS, conv_kernel},
+                                  {DNNL_ARG_DIFF_DST, dst_m},
+                                  {DNNL_ARG_SCRATCHPAD, scratchpad}});
+      if (c->reorder_kernel) c->reorder.execute(stream, conv_kernel, user_kernel);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("oneDNN convolution failed: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// The geometry from the NHWC activations [n, h, w, cin] and [n, ho, wo, cout] and the HWIO
+// kernel dims, checked against the attributes.
+ffi::ErrorOr<Shape> shape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y,
+                          ffi::Span<const int64_t> k, int64_t sh, int64_t sw, int64_t ph0,
+                          int64_t ph1, int64_t pw0, int64_t pw1) {
+  if (x.size() != 4 || y.size() != 4 || k.size() != 4) {
+    return ffi::Unexpected(
+        ffi::Error::InvalidArgument("oneDNN conv: operands must be 4-D (NHWC, HWIO)"));
+  }
+  Shape s{x[0], x[3], x[1], x[2], y[3], k[0], k[1], y[1], y[2], sh, sw, ph0, ph1, pw0, pw1};
+  const bool ok = s.sh >= 1 && s.sw >= 1 && ph0 >= 0 && ph1 >= 0 && pw0 >= 0 && pw1 >= 0 &&
+                  y[0] == s.n && k[2] == s.cin && k[3] == s.cout &&
+                  s.ho == (s.h + ph0 + ph1 - s.kh) / s.sh + 1 &&
+                  s.wo == (s.w + pw0 + pw1 - s.kw) / s.sw + 1 && s.ho >= 1 && s.wo >= 1;
+  if (!ok) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "oneDNN conv: shapes, strides and paddings do not describe one convolution"));
+  }
+  return s;
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error Forward(F32 x, F32 w, F32Out y, int64_t sh, int64_t sw, int64_t ph0, int64_t ph1,
+                   int64_t pw0, int64_t pw1) {
+  auto s = shape(x.dimensions(), y->dimensions(), w.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  if (s.has_error()) return s.error();
+  return run(s.value(), kForward, x.typed_data(), y->typed_data(), w.typed_data());
+}
+
+ffi::Error BackwardData(F32 dy, F32 w, F32Out dx, int64_t sh, int64_t sw, int64_t ph0,
+                        int64_t ph1, int64_t pw0, int64_t pw1) {
+  auto s = shape(dx->dimensions(), dy.dimensions(), w.dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  if (s.has_error()) return s.error();
+  return run(s.value(), kBackwardData, dx->typed_data(), dy.typed_data(), w.typed_data());
+}
+
+ffi::Error BackwardWeights(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw, int64_t ph0,
+                           int64_t ph1, int64_t pw0, int64_t pw1) {
+  auto s = shape(x.dimensions(), dy.dimensions(), dw->dimensions(), sh, sw, ph0, ph1, pw0, pw1);
+  if (s.has_error()) return s.error();
+  return run(s.value(), kBackwardWeights, x.typed_data(), dy.typed_data(), dw->typed_data());
+}
+
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<F32>()
+      .Arg<F32>()
+      .Ret<F32>()
+      .Attr<int64_t>("sh")
+      .Attr<int64_t>("sw")
+      .Attr<int64_t>("ph0")
+      .Attr<int64_t>("ph1")
+      .Attr<int64_t>("pw0")
+      .Attr<int64_t>("pw1");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrOnednnConvForward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrOnednnConvBackwardData, BackwardData, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SimclrOnednnConvBackwardWeights, BackwardWeights, Binding());
