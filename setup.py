@@ -33,7 +33,11 @@ EXTRAS_REQUIRE = {
     "umap": ["umap-learn==0.5.12"],
     # oneDNN's CPU convolutions (simclr_jax.cpu.kernels, Linux x86-64): the library (GNU OpenMP
     # threading, no other runtime) and its headers; the FFI shim compiles on first use.
-    "cpu": ["onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0"],
+    # Elsewhere (no wheels) the extra installs nothing and runs use XLA's convolutions.
+    "cpu": [
+        f"{name}==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'"
+        for name in ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
+    ],
 }
 
 setuptools.setup(

@@ -9,6 +9,8 @@ extra) the tests that need it skip, except under SIMCLR_TESTS_REQUIRE_EXTRAS=1 (
 
 import os
 import stat
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -111,6 +113,11 @@ CASES = [
     (3, 8, 8, 3, 1, 3, 3, (2, 2), ((1, 1), (1, 1))),
     (2, 5, 5, 130, 7, 3, 3, (1, 1), ((1, 1), (1, 1))),
     (33, 4, 4, 16, 24, 3, 3, (1, 1), ((0, 2), (2, 0))),
+    # 16 -> 16 channels: the blocked-layout path of the forward pass and input gradient.
+    (3, 9, 8, 16, 16, 3, 3, (2, 2), ((0, 1), (1, 0))),
+    (2, 7, 7, 16, 16, 1, 1, (2, 2), ((0, 0), (0, 0))),
+    (2, 8, 9, 16, 16, 3, 1, (1, 2), ((1, 1), (0, 0))),
+    (2, 11, 10, 16, 16, 5, 5, (3, 3), ((2, 2), (2, 2))),
 ]
 
 
@@ -346,6 +353,15 @@ def test_bad_geometry_is_refused():
         jax.block_until_ready(
             jax.ffi.ffi_call(onednn.BACKWARD_WEIGHTS_TARGET, wrong_cout)(x, dy, **attrs)
         )
+    # A 3x3 kernel over an unpadded 2x2 input has no output (C++ integer division would say 1).
+    no_pad = {**attrs, "sh": np.int64(2), "sw": np.int64(2)}
+    no_pad.update({k: np.int64(0) for k in ("ph0", "ph1", "pw0", "pw1")})
+    small = jnp.ones((1, 2, 2, 8))
+    with pytest.raises(Exception, match="do not describe one convolution"):
+        out1 = jax.ShapeDtypeStruct((1, 1, 1, 16), jnp.float32)
+        jax.block_until_ready(
+            jax.ffi.ffi_call(onednn.FORWARD_TARGET, out1)(small, jnp.ones((3, 3, 8, 16)), **no_pad)
+        )
     pads = ((1, 1), (1, 1))
     with pytest.raises(ValueError, match="strides"):
         kernels.conv_forward(x, jnp.ones((3, 3, 8, 16)), (0, 1), pads)
@@ -359,6 +375,36 @@ def test_bad_geometry_is_refused():
         kernels.conv_backward_weights(x, jnp.ones((2, 3, 4, 16)), (3, 3), (1, 1), pads)
     with pytest.raises(ValueError, match="float32 only"):
         kernels.conv_forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 8, 16)), (1, 1), pads)
+
+
+_ISA_PROBE = """
+import numpy as np, jax, jax.numpy as jnp
+from simclr_jax.cpu import kernels
+x = jnp.ones((4, 8, 8, 16)); w = jnp.ones((3, 3, 16, 16)) * 0.1; pads = ((1, 1), (1, 1))
+y = kernels.conv_forward(x, w, (1, 1), pads)
+dx = kernels.conv_backward_data(y, w, x.shape, (1, 1), pads)
+dw = kernels.conv_backward_weights(x, y, (3, 3), (1, 1), pads)
+print("sum", float(jnp.sum(y)), float(jnp.sum(dx)), float(jnp.sum(dw)))
+"""
+
+
+@pytest.mark.slow
+@needs_onednn
+@pytest.mark.parametrize("isa", ["AVX2", "ALL"])
+def test_no_reference_kernels_whatever_the_instruction_set(isa):
+    """16 -> 16 channels take the blocked layout only where a blocked kernel exists (AVX-512):
+    with oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) none of the three directions may fall to
+    oneDNN's reference kernel, hundreds of times slower (ONEDNN_VERBOSE names the kernel)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, ONEDNN_VERBOSE="1", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    executed = [line for line in out.stdout.splitlines() if ",exec,cpu,convolution," in line]
+    assert len(executed) == 3, out.stdout[-2000:]
+    assert not [line for line in executed if ",ref:" in line], executed
+    if isa == "AVX2":
+        assert not [line for line in executed if "avx512" in line], executed
 
 
 def test_onednn_is_usable_where_required():

@@ -11,8 +11,9 @@ version, jaxlib's version and the oneDNN found. Later processes load the cached 
 milliseconds; concurrent first builds (pytest-xdist workers) each write a temporary file and
 rename it into place.
 
-oneDNN is looked for under $SIMCLR_JAX_ONEDNN_ROOT, else under this Python's prefix (where pip
-puts the wheels' include/ and lib/). Where the headers, the library, its OpenMP runtime
+oneDNN is looked for under $SIMCLR_JAX_ONEDNN_ROOT, else where pip installed the headers wheel
+(its include/ and lib/ share one prefix: the environment's, ~/.local for --user, ...), else
+under this Python's prefix. Where the headers, the library, its OpenMP runtime
 (libgomp) or a compiler is missing, `available()` is False and `unavailable_reason()` says
 what; the 'auto' CPU convolution then falls back to XLA's (simclr_jax.cpu.conv_class).
 
@@ -24,6 +25,7 @@ that call it concurrently take turns rather than oversubscribe the cores.
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -46,7 +48,11 @@ _SYMBOLS = {
 }
 CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 ROOT_ENV = "SIMCLR_JAX_ONEDNN_ROOT"
-INSTALL_HINT = "pip install 'simclr_jax[cpu]' (onednn-cpu-gomp and onednn-devel-cpu-gomp 2023.2)"
+_HEADERS_DIST = "onednn-devel-cpu-gomp"
+INSTALL_HINT = (
+    "install the project's cpu extra (pip install -e '.[cpu]': onednn-cpu-gomp and "
+    "onednn-devel-cpu-gomp 2023.2)"
+)
 # The oneDNN major version the shim is written against (its C++ API changed at 3.0).
 _DNNL_MAJOR = 3
 
@@ -66,8 +72,21 @@ def cache_dir() -> str:
 
 
 def onednn_root() -> str:
-    """The prefix holding oneDNN's include/ and lib/: $SIMCLR_JAX_ONEDNN_ROOT, else sys.prefix."""
-    return os.environ.get(ROOT_ENV) or sys.prefix
+    """The prefix holding oneDNN's include/ and lib/: $SIMCLR_JAX_ONEDNN_ROOT, else the prefix
+    the `onednn-devel-cpu-gomp` wheel was installed into, else sys.prefix."""
+    if os.environ.get(ROOT_ENV):
+        return os.environ[ROOT_ENV]
+    try:
+        files = importlib.metadata.files(_HEADERS_DIST) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "dnnl_version.h" and file.parent.name == "dnnl":
+            # <prefix>/include/oneapi/dnnl/dnnl_version.h
+            return os.path.dirname(
+                os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(file.locate()))))
+            )
+    return sys.prefix
 
 
 def _find_onednn(root: str) -> tuple[str, str, str]:
@@ -125,7 +144,8 @@ def _build(cxx: str, root: str) -> str:
     # -isystem: jaxlib's and oneDNN's headers have warnings of their own that are not ours.
     cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), "-isystem", include, SOURCE]
     cmd += ["-o", tmp, "-L", lib_dir, f"-l:{os.path.basename(library)}"]
-    # RPATH, not RUNPATH: it also finds the libraries oneDNN itself needs (its threading runtime).
+    # RPATH, not RUNPATH: it also applies to the libraries oneDNN itself loads (a custom build's
+    # threading runtime beside it; the wheel's libgomp is the system's).
     cmd += [f"-Wl,--disable-new-dtags,-rpath,{lib_dir}"]
     print(f"simclr_jax: compiling the oneDNN convolution shim into {path}", file=sys.stderr)
     try:
@@ -138,6 +158,7 @@ def _build(cxx: str, root: str) -> str:
         raise KernelUnavailableError(
             f"compiling {SOURCE} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
         )
+    os.chmod(tmp, 0o755)  # mkstemp made it private; a shared cache serves other users too
     os.replace(tmp, path)
     return path
 

@@ -12,7 +12,9 @@
 // Threads: the oneDNN build runs on OpenMP; every call runs under one process-wide lock, so at
 // most one convolution's OpenMP team is busy at a time (several XLA devices in one process, or
 // independent convolutions XLA runs concurrently, take turns instead of oversubscribing the
-// cores). The scratchpad is user-managed, so a primitive never shares hidden state.
+// cores). GNU OpenMP keeps a pool of workers per thread that ever called in (XLA threads x
+// (OMP_NUM_THREADS - 1) threads, mostly asleep). The scratchpad is user-managed, and shared
+// under the lock.
 
 #include <array>
 #include <cstdint>
@@ -52,15 +54,18 @@ struct Cached {
   bool reorder_kernel = false;
   dnnl::reorder reorder;
   memory::desc scratchpad_md;
+  memory::desc src_md, dst_md;  // the activations' layout (NHWC, or nChw16c at 16 channels)
 };
 
 struct Runtime {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
-  std::mutex cache_mu;  // guards `cache`
+  // Held while a convolution is looked up, built and run: one OpenMP team at a time. (Letting
+  // XLA's threads run convolutions concurrently, with 1 or with all OpenMP threads each,
+  // measured slower.) Guards everything below.
+  std::mutex mu;
   std::map<std::array<int64_t, 16>, std::unique_ptr<Cached>> cache;
-  // Held while a convolution runs: one OpenMP team at a time. (Letting XLA's threads run
-  // convolutions concurrently, with 1 or with all OpenMP threads each, measured slower.)
-  std::mutex run_mu;
+  std::unique_ptr<dnnl::stream> stream;
+  std::vector<char> scratchpad, kernel_buffer;
 };
 
 Runtime& runtime() {
@@ -73,18 +78,23 @@ Runtime& runtime() {
 // 16 channels, declaring it lets oneDNN 3.2 pick its blocked direct kernels for the forward
 // pass and the input gradient, faster there than its NHWC kernels (docs/performance.md); for
 // the kernel gradient NHWC is faster. (A blocked tensor beside an NHWC one gets the reference
-// kernel, hundreds of times slower: both or neither.)
+// kernel, hundreds of times slower: both or neither.) Only where a blocked kernel exists for
+// this CPU (AVX-512): `build` falls back to NHWC when oneDNN would take its reference kernel.
 Tag activation_tag(const Shape& s, Direction d) {
   return s.cin == 16 && s.cout == 16 && d != kBackwardWeights ? Tag::nChw16c : Tag::nhwc;
 }
 
-Cached* build(Runtime& rt, const Shape& s, Direction d) {
+bool is_reference(const dnnl::primitive_desc_base& pd) {
+  return std::string(pd.impl_info_str()).rfind("ref", 0) == 0;
+}
+
+// The primitive of one shape and direction, with the activation layout `tag`.
+std::unique_ptr<Cached> build_with(Runtime& rt, const Shape& s, Direction d, Tag tag) {
   const memory::dims src_dims = {s.n, s.cin, s.h, s.w};
   const memory::dims dst_dims = {s.n, s.cout, s.ho, s.wo};
   const memory::dims kernel_dims = {s.cout, s.cin, s.kh, s.kw};
   const memory::dims strides = {s.sh, s.sw}, pad_l = {s.ph0, s.pw0}, pad_r = {s.ph1, s.pw1};
-  const memory::desc src(src_dims, kF32, activation_tag(s, d));
-  const memory::desc dst(dst_dims, kF32, activation_tag(s, d));
+  const memory::desc src(src_dims, kF32, tag), dst(dst_dims, kF32, tag);
   const memory::desc kernel_any(kernel_dims, kF32, Tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -94,23 +104,30 @@ Cached* build(Runtime& rt, const Shape& s, Direction d) {
                                                 pad_r, attr);
   auto c = std::make_unique<Cached>();
   c->user_kernel_md = memory::desc(kernel_dims, kF32, Tag::hwio);
+  c->src_md = src;
+  c->dst_md = dst;
+  bool reference;
   if (d == kForward) {
+    reference = is_reference(fwd);
     c->conv = dnnl::convolution_forward(fwd);
     c->kernel_md = fwd.weights_desc();
     c->scratchpad_md = fwd.scratchpad_desc();
   } else if (d == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
                                                         strides, pad_l, pad_r, fwd, attr);
+    reference = is_reference(bwd);
     c->conv = dnnl::convolution_backward_data(bwd);
     c->kernel_md = bwd.weights_desc();
     c->scratchpad_md = bwd.scratchpad_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
                                                            strides, pad_l, pad_r, fwd, attr);
+    reference = is_reference(bwd);
     c->conv = dnnl::convolution_backward_weights(bwd);
     c->kernel_md = bwd.diff_weights_desc();
     c->scratchpad_md = bwd.scratchpad_desc();
   }
+  if (reference && tag != Tag::nhwc) return nullptr;  // no blocked kernel on this CPU
   c->reorder_kernel = c->kernel_md != c->user_kernel_md;
   if (c->reorder_kernel) {
     c->reorder = d == kBackwardWeights
@@ -119,6 +136,12 @@ Cached* build(Runtime& rt, const Shape& s, Direction d) {
                      : dnnl::reorder(dnnl::reorder::primitive_desc(
                            rt.engine, c->user_kernel_md, rt.engine, c->kernel_md));
   }
+  return c;
+}
+
+Cached* build(Runtime& rt, const Shape& s, Direction d) {
+  std::unique_ptr<Cached> c = build_with(rt, s, d, activation_tag(s, d));
+  if (!c) c = build_with(rt, s, d, Tag::nhwc);
   Cached* out = c.get();
   rt.cache[s.key(d)] = std::move(c);
   return out;
@@ -133,29 +156,22 @@ void* resized(std::vector<char>& buffer, size_t bytes) {
 // of the forward convolution (read or written as the direction says).
 ffi::Error run(const Shape& s, Direction d, float* src, float* dst, float* kernel) {
   Runtime& rt = runtime();
-  // Per calling thread: its stream and the buffers its calls reuse.
-  thread_local dnnl::stream stream(rt.engine);
-  thread_local std::vector<char> scratchpad_buffer, kernel_buffer;
-  std::lock_guard<std::mutex> run_lock(rt.run_mu);
+  std::lock_guard<std::mutex> lock(rt.mu);
   try {
-    Cached* c;
-    {
-      std::lock_guard<std::mutex> lock(rt.cache_mu);
-      auto it = rt.cache.find(s.key(d));
-      c = it != rt.cache.end() ? it->second.get() : build(rt, s, d);
-    }
-    memory src_m(memory::desc({s.n, s.cin, s.h, s.w}, kF32, activation_tag(s, d)),
-                 rt.engine, src);
-    memory dst_m(memory::desc({s.n, s.cout, s.ho, s.wo}, kF32, activation_tag(s, d)),
-                 rt.engine, dst);
+    if (!rt.stream) rt.stream = std::make_unique<dnnl::stream>(rt.engine);
+    dnnl::stream& stream = *rt.stream;
+    auto it = rt.cache.find(s.key(d));
+    Cached* c = it != rt.cache.end() ? it->second.get() : build(rt, s, d);
+    memory src_m(c->src_md, rt.engine, src);
+    memory dst_m(c->dst_md, rt.engine, dst);
     memory user_kernel(c->user_kernel_md, rt.engine, kernel);
     memory conv_kernel = user_kernel;
     if (c->reorder_kernel) {
       conv_kernel = memory(c->kernel_md, rt.engine,
-                           resized(kernel_buffer, c->kernel_md.get_size()));
+                           resized(rt.kernel_buffer, c->kernel_md.get_size()));
     }
     memory scratchpad(c->scratchpad_md, rt.engine,
-                      resized(scratchpad_buffer, c->scratchpad_md.get_size()));
+                      resized(rt.scratchpad, c->scratchpad_md.get_size()));
     if (d != kBackwardWeights && c->reorder_kernel) {
       c->reorder.execute(stream, user_kernel, conv_kernel);
     }
@@ -177,9 +193,11 @@ ffi::Error run(const Shape& s, Direction d, float* src, float* dst, float* kerne
       if (c->reorder_kernel) c->reorder.execute(stream, conv_kernel, user_kernel);
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc, ...
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("oneDNN convolution failed: ") + e.what());
+  } catch (...) {
+    return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN convolution failed");
   }
   return ffi::Error::Success();
 }
@@ -195,6 +213,7 @@ ffi::ErrorOr<Shape> shape(ffi::Span<const int64_t> x, ffi::Span<const int64_t> y
   }
   Shape s{x[0], x[3], x[1], x[2], y[3], k[0], k[1], y[1], y[2], sh, sw, ph0, ph1, pw0, pw1};
   const bool ok = s.sh >= 1 && s.sw >= 1 && ph0 >= 0 && ph1 >= 0 && pw0 >= 0 && pw1 >= 0 &&
+                  s.kh >= 1 && s.kw >= 1 && s.h + ph0 + ph1 >= s.kh && s.w + pw0 + pw1 >= s.kw &&
                   y[0] == s.n && k[2] == s.cin && k[3] == s.cout &&
                   s.ho == (s.h + ph0 + ph1 - s.kh) / s.sh + 1 &&
                   s.wo == (s.w + pw0 + pw1 - s.kw) / s.sw + 1 && s.ho >= 1 && s.wo >= 1;
