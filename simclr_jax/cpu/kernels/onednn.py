@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -83,9 +84,7 @@ def onednn_root() -> str:
     for file in files:
         if file.name == "dnnl_version.h" and file.parent.name == "dnnl":
             # <prefix>/include/oneapi/dnnl/dnnl_version.h
-            return os.path.dirname(
-                os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(file.locate()))))
-            )
+            return str(pathlib.Path(os.path.abspath(file.locate())).parents[3])
     return sys.prefix
 
 
