@@ -1,7 +1,8 @@
-"""PyTorch peer of benchmarks/train_step.py: the same SimCLR step on CPU, for comparison.
+"""PyTorch peer of benchmarks/train_step.py: the same SimCLR step on CPU or GPU, for comparison.
 
   pip install torch==2.13.0   # optional dependency, CPU build
   python benchmarks/peer_torch.py --batch=64 --steps=10 --warmup=2 --threads=2 --json=t.json
+  python benchmarks/peer_torch.py --device=cuda --dtype=bfloat16 --batch=512 --steps=20
 
 ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool; a projection shortcut on the
 first block of every stage, as the reference and simclr_jax; last BN of each block
@@ -10,10 +11,18 @@ zero-initialised), the 3-layer BN projection head
 views in one forward pass), momentum SGD, channels_last memory format, random data,
 torch.set_num_threads(--threads). One image = two views. Written from scratch for this
 benchmark (no lightly dependency), so only torch is needed.
+
+On CUDA: cudnn.benchmark on; float32 convolutions and matmuls may use TF32 (as XLA's default
+precision on GPUs does; --no_tf32 forbids it); --dtype=bfloat16 runs the step under
+torch.autocast (parameters and optimizer stay float32, as flax's dtype=bfloat16 does);
+--compile wraps the model in torch.compile. The step's analytic FLOPs (6 x forward MACs of the
+conv and linear layers, counted with forward hooks, per view) give the utilisation against
+the vendor's dense peak from train_step.py's table.
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -82,9 +91,38 @@ def nt_xent(z: torch.Tensor, n: int, temperature: float) -> torch.Tensor:
     """Paper NT-Xent over 2n anchors; z holds view 1 rows then view 2 rows."""
     z = functional.normalize(z, dim=1)
     logits = z @ z.t() / temperature
-    logits = logits - 1e9 * torch.eye(2 * n, dtype=logits.dtype)
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    logits = logits - 1e9 * torch.eye(2 * n, dtype=logits.dtype, device=logits.device)
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(logits.device)
     return functional.cross_entropy(logits, targets)
+
+
+def forward_macs(model: nn.Module, shape: tuple[int, ...], device) -> float:
+    """Multiply-accumulates of one forward pass at `shape`, conv and linear layers only."""
+    total = []
+
+    def count(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            kernel = module.weight[0].numel()  # cin / groups x kh x kw
+            total.append(output.numel() * kernel)
+        elif isinstance(module, nn.Linear):
+            total.append(output.numel() * module.in_features)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(shape, device=device).contiguous(memory_format=torch.channels_last))
+    model.train()
+    for hook in hooks:
+        hook.remove()
+    return float(sum(total)) / shape[0]
+
+
+def vendor_peak(device_name: str, dtype: str) -> float | None:
+    """The vendor's dense peak FLOP/s of this GPU (train_step.py's table), or None."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_step  # stdlib imports only at module level
+
+    return train_step.vendor_peak(device_name, dtype)
 
 
 def main(argv: list[str]) -> dict:
@@ -95,24 +133,39 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no_tf32", action="store_true", help="CUDA: float32 without TF32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda: torch sees no CUDA device")
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = SimCLRNet(args.width).to(memory_format=torch.channels_last)
+    device = torch.device(args.device)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    model = SimCLRNet(args.width).to(device, memory_format=torch.channels_last)
+    macs = forward_macs(model, (1, 3, args.image_size, args.image_size), device)
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9
     )
+    forward = torch.compile(model) if args.compile else model
     n = args.batch
     shape = (n, 3, args.image_size, args.image_size)
-    view1, view2 = torch.rand(shape), torch.rand(shape)
+    view1, view2 = torch.rand(shape, device=device), torch.rand(shape, device=device)
+    autocast = torch.autocast(args.device, torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     times = []
     for index in range(args.warmup + args.steps):
         start = time.perf_counter()
         images = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)
-        loss = nt_xent(model(images), n, 0.5)
+        with autocast:
+            loss = nt_xent(forward(images).float(), n, 0.5)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,17 +173,30 @@ def main(argv: list[str]) -> dict:
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    flops = 6.0 * macs * 2 * n  # fwd + 2x bwd, two views per image, as train_step.py
+    peak = vendor_peak(torch.cuda.get_device_name(), args.dtype) if args.device == "cuda" else None
+    if args.device == "cuda":
+        memory = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {
         "system": f"torch {torch.__version__}",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "tf32": args.device == "cuda" and not args.no_tf32,
+        "compiled": args.compile,
         "batch": n,
         "width": args.width,
         "step_s_median": step_s,
         "images_per_s": n / step_s,
-        "peak_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "analytic_fwd_gmacs_per_view": macs / 1e9,
+        "achieved_gflop_per_s": flops / step_s / 1e9,
+        "utilisation_vs_vendor_peak": flops / step_s / peak if peak else "n/a",
+        "peak_memory_mib": memory,
     }
     for key, value in result.items():
-        print(f"{key:20s} {value:.4g}" if isinstance(value, float) else f"{key:20s} {value}")
+        print(f"{key:28s} {value:.4g}" if isinstance(value, float) else f"{key:28s} {value}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
