@@ -141,6 +141,27 @@ def test_peer_torch_model_has_the_same_encoder_parameters():
     assert count == 11_173_056
 
 
+@pytest.mark.parametrize("width", [8, 64])
+def test_peer_torch_hooked_macs_equal_the_analytic_count(width):
+    """Both scripts' utilisation rests on the same FLOPs: torch's hooks vs our layer shapes."""
+    import_or_skip("torch", "torch")
+    peer_torch = _load("peer_torch")
+    torch_macs = peer_torch.forward_macs(peer_torch.SimCLRNet(width), (2, 3, 32, 32), "cpu")
+    # The head is 8w-8w-128 at base width w on both sides.
+    assert torch_macs == _load("train_step").analytic_encoder_macs(18, width, 32, True, 3, 128)
+
+
+def test_peer_torch_runs_a_bfloat16_step_on_cpu(tmp_path):
+    """The autocast path (used on GPUs) runs end to end and reports what it ran."""
+    import_or_skip("torch", "torch")
+    out = tmp_path / "peer.json"
+    args = ["--batch=4", "--width=4", "--steps=1", "--warmup=0", "--threads=1"]
+    result = _load("peer_torch").main([*args, "--dtype=bfloat16", f"--json={out}"])
+    assert json.loads(out.read_text()) == result
+    assert result["dtype"] == "bfloat16" and result["device"] == "cpu"
+    assert result["images_per_s"] > 0 and result["utilisation_vs_vendor_peak"] == "n/a"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/byol_cifar10.py:runlocal", "configs/quickstart.py"])
 def test_train_step_benchmark_times_the_configs_method(config, tmp_path):
