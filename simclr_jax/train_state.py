@@ -9,13 +9,15 @@ position; NNCLR's `SupportSetTrainState` has a queue without a target, InstDisc'
 so a resumed run continues the EMA, the queue and the bank exactly.
 """
 
-from typing import Any
+from typing import Any, TypeVar
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+State = TypeVar("State", bound="TrainState")
 
 
 @flax.struct.dataclass
@@ -104,4 +106,24 @@ def create_train_state(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
+    )
+
+
+def extend(base: TrainState, state_class: type[State], **fields: Any) -> State:
+    """A method's state: `base`'s step, params, batch_stats and opt_state, plus `fields`.
+
+    Args:
+      base: a TrainState, usually fresh from create_train_state.
+      state_class: a subclass of TrainState (TargetTrainState, QueueTrainState, ...).
+      **fields: the fields the subclass adds (e.g. target_params, queue, bank).
+
+    Returns:
+      state_class(step=base.step, ..., **fields).
+    """
+    return state_class(
+        step=base.step,
+        params=base.params,
+        batch_stats=base.batch_stats,
+        opt_state=base.opt_state,
+        **fields,
     )

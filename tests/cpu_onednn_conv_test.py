@@ -1,14 +1,14 @@
 """Tests for oneDNN's convolutions (simclr_jax.cpu.kernels) and OneDnnConv.
 
 The three directions (forward, input gradient, kernel gradient) are checked against float64
-NumPy formulas of the convolution and its gradients, and against XLA's own; the model,
-multi-device and fallback paths against nn.Conv. Where oneDNN is not installed (the `cpu`
-extra) the tests that need it skip, except under SIMCLR_TESTS_REQUIRE_EXTRAS=1 (CI), where
-`test_onednn_is_usable_where_required` fails instead.
+NumPy formulas of the convolution and its gradients, and against XLA's own; the model and
+multi-device paths against nn.Conv. Where oneDNN is not installed (the `cpu` extra) the tests
+that need it skip, except under SIMCLR_TESTS_REQUIRE_EXTRAS=1 (CI), where
+cpu_onednn_build_test.py's `test_onednn_is_usable_where_required` fails instead. Finding and
+building oneDNN and the fallback: cpu_onednn_build_test.py.
 """
 
 import os
-import stat
 import subprocess
 import sys
 
@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from optional_deps import REQUIRE_EXTRAS_ENV
 
-from simclr_jax.cpu import conv_class, kernels
 from simclr_jax.cpu import conv_layers as convs
+from simclr_jax.cpu import kernels
 from simclr_jax.cpu.kernels import onednn
 from simclr_jax.models import resnet
 
@@ -317,27 +316,6 @@ def test_shard_map_gradients_match_one_device(check_vma):
     assert _rel_err(dx, dx_ref) < 1e-5
 
 
-def test_resolve_falls_back_with_a_reason(monkeypatch):
-    monkeypatch.setattr(onednn, "_load", lambda: "no C++ compiler found (test)")
-    assert not kernels.available()
-    with pytest.raises(ValueError, match="no C.. compiler found"):
-        conv_class.resolve_choice("onednn", backend="cpu")
-    with pytest.raises(ValueError, match="CPU library"):
-        conv_class.resolve_choice("onednn", backend="gpu")
-    # conftest applied simclr_jax.cpu.xla_flags: the fallback is XLA's own convolution.
-    assert conv_class.xla_uses_own_conv_kernel()
-    with pytest.warns(UserWarning, match="no C.. compiler found") as caught:
-        assert conv_class.resolve_choice("auto", backend="cpu") == "xla"
-    assert len(caught) == 1
-    with pytest.warns(UserWarning, match="no C.. compiler found"):
-        assert conv_class.conv_class("auto", backend="cpu").__mro__[1] is nn.Conv
-    x = jnp.ones((1, 4, 4, 2))
-    with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
-        kernels.conv_backward_weights(x, jnp.ones((1, 4, 4, 16)), (3, 3), (1, 1), ((1, 1),) * 2)
-    with pytest.raises(kernels.KernelUnavailableError, match="unavailable"):
-        kernels.conv_forward(x, jnp.ones((3, 3, 2, 16)), (1, 1), ((1, 1),) * 2)
-
-
 @needs_onednn
 def test_bad_geometry_is_refused():
     """The Python wrappers name the problem; the C++ handlers check what reaches them anyway."""
@@ -407,13 +385,6 @@ def test_no_reference_kernels_whatever_the_instruction_set(isa):
         assert not [line for line in executed if "avx512" in line], executed
 
 
-def test_onednn_is_usable_where_required():
-    """Where CI installs the `cpu` extra (SIMCLR_TESTS_REQUIRE_EXTRAS=1), oneDNN must build and
-    load, or every other test here would silently skip."""
-    if os.environ.get(REQUIRE_EXTRAS_ENV) == "1":
-        assert kernels.unavailable_reason() is None
-
-
 @needs_onednn
 def test_onednn_conv_is_xla_under_jit_over_several_devices():
     """Under plain jit over arrays sharded on several devices (evaluation, fine-tuning) the
@@ -440,67 +411,6 @@ def test_onednn_conv_is_xla_under_jit_over_several_devices():
     )
     assert _onednn_calls(per_device, w, x) > 0
     assert np.allclose(jax.jit(per_device)(w, x), jax.jit(grad)(w, x), rtol=1e-5)
-
-
-def _fake_onednn(root) -> str:
-    """A prefix that looks like the oneDNN wheels' (version header and library file)."""
-    (root / "include" / "oneapi" / "dnnl").mkdir(parents=True)
-    (root / "include" / "oneapi" / "dnnl" / "dnnl_version.h").write_text(
-        "#define DNNL_VERSION_MAJOR 3\n#define DNNL_VERSION_MINOR 2\n"
-    )
-    (root / "lib").mkdir()
-    (root / "lib" / "libdnnl.so.3").write_text("not a library")
-    return str(root)
-
-
-def test_finding_onednn_names_what_is_missing(tmp_path):
-    with pytest.raises(kernels.KernelUnavailableError, match="headers not found.*pip install"):
-        onednn._find_onednn(str(tmp_path))
-    root = _fake_onednn(tmp_path / "prefix")
-    include, library, _ = onednn._find_onednn(root)
-    assert library == os.path.join(root, "lib", "libdnnl.so.3")
-    header = tmp_path / "prefix" / "include" / "oneapi" / "dnnl" / "dnnl_version.h"
-    header.write_text("#define DNNL_VERSION_MAJOR 2\n")
-    with pytest.raises(kernels.KernelUnavailableError, match="not oneDNN 3"):
-        onednn._find_onednn(root)
-    os.unlink(os.path.join(root, "lib", "libdnnl.so.3"))
-    with pytest.raises(kernels.KernelUnavailableError, match="library not found"):
-        onednn._find_onednn(root)
-
-
-def test_build_reports_compiler_errors_and_caches(monkeypatch, tmp_path):
-    """A failing compiler gives KernelUnavailableError with its output; a good build is cached
-    under a key of source, flags, compiler, jaxlib and oneDNN, and reused."""
-    root = _fake_onednn(tmp_path / "prefix")
-    fake = tmp_path / "fake-cxx"
-    fake.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi\n'
-        'echo "error: no such thing" >&2; exit 1\n'
-    )
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("SIMCLR_JAX_KERNEL_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(onednn.KernelUnavailableError, match="no such thing"):
-        onednn._build(str(fake), root)
-    assert not [p for p in os.listdir(tmp_path / "cache") if p.endswith(".so")]
-
-    # A compiler that writes its output file (the argument after -o): built once, then cached.
-    calls = tmp_path / "calls"
-    fake.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "--version" ]; then echo fake-cxx 1.0; exit 0; fi\n'
-        f'echo "$@" >> "{calls}"\n'
-        'while [ "$#" -gt 0 ]; do if [ "$1" = "-o" ]; then echo lib > "$2"; fi; shift; done\n'
-    )
-    first = onednn._build(str(fake), root)
-    assert os.path.dirname(first) == str(tmp_path / "cache") and os.path.exists(first)
-    assert onednn._build(str(fake), root) == first
-    lines = calls.read_text().splitlines()
-    assert len(lines) == 1 and f"-Wl,--disable-new-dtags,-rpath,{root}/lib" in lines[0]
-    # Another oneDNN (here: another version header) is another build.
-    header = tmp_path / "prefix" / "include" / "oneapi" / "dnnl" / "dnnl_version.h"
-    header.write_text(header.read_text() + "#define DNNL_VERSION_PATCH 1\n")
-    assert onednn._build(str(fake), root) != first
 
 
 class _OneDnnEncoder(nn.Module):

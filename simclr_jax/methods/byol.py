@@ -75,10 +75,6 @@ def build_model(
     )
 
 
-def _select(tree: dict, names) -> dict:
-    return {name: tree[name] for name in names if name in tree}
-
-
 @dataclasses.dataclass(frozen=True)
 class BYOL:
     """BYOL's part of the train step.
@@ -98,15 +94,8 @@ class BYOL:
     ) -> train_state.TargetTrainState:
         """The online state, and a target network equal to the online one (paper, sec. 3.1)."""
         base = train_state.create_train_state(model, tx, rng, image_shape)
-        copy = lambda tree: jax.tree_util.tree_map(jnp.copy, _select(tree, TARGET_MODULES))  # noqa: E731
-        return train_state.TargetTrainState(
-            step=base.step,
-            params=base.params,
-            batch_stats=base.batch_stats,
-            opt_state=base.opt_state,
-            target_params=copy(base.params),
-            target_batch_stats=copy(base.batch_stats),
-        )
+        target = ema.init_target(base, TARGET_MODULES)
+        return train_state.extend(base, train_state.TargetTrainState, **target)
 
     def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
         """(stop_gradient(target z) [2n, d] float32, the target's new BN statistics)."""
@@ -143,12 +132,8 @@ class BYOL:
         """
         del targets, outputs, axis_name
         tau = ema.ema_rate(step, self.total_steps, self.tau_base)
-        online = _select(new_state.params, TARGET_MODULES)
         return new_state.replace(
-            target_params=ema.ema_update(new_state.target_params, online, tau),
-            target_batch_stats=(
-                new_state.target_batch_stats if target_batch_stats is None else target_batch_stats
-            ),
+            **ema.target_after_step(new_state, TARGET_MODULES, tau, target_batch_stats)
         )
 
 

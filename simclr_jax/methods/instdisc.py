@@ -92,13 +92,7 @@ class InstDisc:
         bank = memory_bank.init(
             jax.random.fold_in(rng, BANK_RNG_FOLD), self.num_examples, model.projector.out_dim
         )
-        return train_state.MemoryBankTrainState(
-            step=base.step,
-            params=base.params,
-            batch_stats=base.batch_stats,
-            opt_state=base.opt_state,
-            bank=bank,
-        )
+        return train_state.extend(base, train_state.MemoryBankTrainState, bank=bank)
 
     def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
         """({'bank': the bank [N, d] without gradient, 'index': the batch's examples [n]},

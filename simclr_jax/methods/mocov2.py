@@ -74,10 +74,6 @@ def build_model(
     )
 
 
-def _select(tree: dict, names) -> dict:
-    return {name: tree[name] for name in names if name in tree}
-
-
 @dataclasses.dataclass(frozen=True)
 class MoCoV2:
     """MoCo v2's part of the train step.
@@ -99,19 +95,12 @@ class MoCoV2:
     ) -> train_state.QueueTrainState:
         """The query state, a key encoder equal to it, a queue of random unit keys."""
         base = train_state.create_train_state(model, tx, rng, image_shape)
-        copy = lambda tree: jax.tree_util.tree_map(jnp.copy, _select(tree, TARGET_MODULES))  # noqa: E731
         head = base.params["projector"]
         dim = head[f"dense_{len(head) - 1}"]["kernel"].shape[1]
         queue, ptr = queue_lib.init(jax.random.fold_in(rng, QUEUE_RNG_FOLD), self.queue_size, dim)
-        return train_state.QueueTrainState(
-            step=base.step,
-            params=base.params,
-            batch_stats=base.batch_stats,
-            opt_state=base.opt_state,
-            target_params=copy(base.params),
-            target_batch_stats=copy(base.batch_stats),
-            queue=queue,
-            queue_ptr=ptr,
+        target = ema.init_target(base, TARGET_MODULES)
+        return train_state.extend(
+            base, train_state.QueueTrainState, **target, queue=queue, queue_ptr=ptr
         )
 
     def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):
@@ -163,16 +152,12 @@ class MoCoV2:
           axis_name: the device axis the keys are gathered over, or None.
         """
         del step, outputs
-        online = _select(new_state.params, TARGET_MODULES)
         tau = jnp.float32(self.momentum)
         queue, ptr = queue_lib.enqueue(
             new_state.queue, new_state.queue_ptr, targets["keys"], axis_name
         )
         return new_state.replace(
-            target_params=ema.ema_update(new_state.target_params, online, tau),
-            target_batch_stats=(
-                new_state.target_batch_stats if target_batch_stats is None else target_batch_stats
-            ),
+            **ema.target_after_step(new_state, TARGET_MODULES, tau, target_batch_stats),
             queue=queue,
             queue_ptr=ptr,
         )

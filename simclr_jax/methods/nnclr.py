@@ -95,13 +95,8 @@ class NNCLR:
         queue, ptr = queue_lib.init(
             jax.random.fold_in(rng, QUEUE_RNG_FOLD), self.queue_size, model.projector.out_dim
         )
-        return train_state.SupportSetTrainState(
-            step=base.step,
-            params=base.params,
-            batch_stats=base.batch_stats,
-            opt_state=base.opt_state,
-            queue=queue,
-            queue_ptr=ptr,
+        return train_state.extend(
+            base, train_state.SupportSetTrainState, queue=queue, queue_ptr=ptr
         )
 
     def targets(self, model, state, images, *, axis_name, freeze_bn, index=None):

@@ -88,6 +88,16 @@ bool is_reference(const dnnl::primitive_desc_base& pd) {
   return std::string(pd.impl_info_str()).rfind("ref", 0) == 0;
 }
 
+// Takes one direction's primitive into `c`; `kernel_md` is the kernel (or kernel gradient)
+// layout it wants. Returns whether oneDNN chose its reference (slow) implementation.
+template <typename Primitive, typename PrimitiveDesc>
+bool adopt(Cached* c, const PrimitiveDesc& pd, const memory::desc& kernel_md) {
+  c->conv = Primitive(pd);
+  c->kernel_md = kernel_md;
+  c->scratchpad_md = pd.scratchpad_desc();
+  return is_reference(pd);
+}
+
 // The primitive of one shape and direction, with the activation layout `tag`.
 std::unique_ptr<Cached> build_with(Runtime& rt, const Shape& s, Direction d, Tag tag) {
   const memory::dims src_dims = {s.n, s.cin, s.h, s.w};
@@ -108,24 +118,15 @@ std::unique_ptr<Cached> build_with(Runtime& rt, const Shape& s, Direction d, Tag
   c->dst_md = dst;
   bool reference;
   if (d == kForward) {
-    reference = is_reference(fwd);
-    c->conv = dnnl::convolution_forward(fwd);
-    c->kernel_md = fwd.weights_desc();
-    c->scratchpad_md = fwd.scratchpad_desc();
+    reference = adopt<dnnl::convolution_forward>(c.get(), fwd, fwd.weights_desc());
   } else if (d == kBackwardData) {
     dnnl::convolution_backward_data::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
                                                         strides, pad_l, pad_r, fwd, attr);
-    reference = is_reference(bwd);
-    c->conv = dnnl::convolution_backward_data(bwd);
-    c->kernel_md = bwd.weights_desc();
-    c->scratchpad_md = bwd.scratchpad_desc();
+    reference = adopt<dnnl::convolution_backward_data>(c.get(), bwd, bwd.weights_desc());
   } else {
     dnnl::convolution_backward_weights::primitive_desc bwd(rt.engine, algo, src, kernel_any, dst,
                                                            strides, pad_l, pad_r, fwd, attr);
-    reference = is_reference(bwd);
-    c->conv = dnnl::convolution_backward_weights(bwd);
-    c->kernel_md = bwd.diff_weights_desc();
-    c->scratchpad_md = bwd.scratchpad_desc();
+    reference = adopt<dnnl::convolution_backward_weights>(c.get(), bwd, bwd.diff_weights_desc());
   }
   if (reference && tag != Tag::nhwc) return nullptr;  // no blocked kernel on this CPU
   c->reorder_kernel = c->kernel_md != c->user_kernel_md;
