@@ -22,7 +22,9 @@ WIDTH="${5:-64}"
 PYTHON="${PYTHON:-python}"
 OUT="${OUT:-$(mktemp -d)}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$JAX_COMPILATION_CACHE_DIR"
+OUT="$(cd "$OUT" && pwd)"  # absolute: the loop runs from the repository root
+JAX_COMPILATION_CACHE_DIR="$(cd "$JAX_COMPILATION_CACHE_DIR" && pwd)"
 cd "$(dirname "$0")/.."
 
 for dtype in ${DTYPES//,/ }; do
@@ -46,9 +48,11 @@ for dtype in dtypes:
     for side in ("jax", "torch"):
         runs = load(f"{side}_{dtype}")
         ips = [r["images_per_s"] for r in runs]
-        util = statistics.median(r["utilisation_vs_vendor_peak"] for r in runs)
+        utils = [r["utilisation_vs_vendor_peak"] for r in runs]
+        util = (f"{statistics.median(utils):.3f}" if all(isinstance(u, float) for u in utils)
+                else "n/a (GPU not in train_step.VENDOR_PEAK_TFLOPS)")
         print(f"{dtype}: {side:5s} img/s median {statistics.median(ips):.0f} "
-              f"rounds {[round(v) for v in ips]}, utilisation of vendor peak {util:.3f}")
+              f"rounds {[round(v) for v in ips]}, utilisation of vendor peak {util}")
     ratio = statistics.median(r["images_per_s"] for r in load(f"jax_{dtype}")) / statistics.median(
         r["images_per_s"] for r in load(f"torch_{dtype}"))
     print(f"{dtype}: ratio jax/torch {ratio:.2f}")

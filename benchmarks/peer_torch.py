@@ -1,8 +1,8 @@
 """PyTorch peer of benchmarks/train_step.py: the same SimCLR step on CPU or GPU, for comparison.
 
-  pip install torch==2.13.0   # optional dependency, CPU build
+  pip install torch==2.13.0   # optional dependency (the CPU build is enough on CPU)
   python benchmarks/peer_torch.py --batch=64 --steps=10 --warmup=2 --threads=2 --json=t.json
-  python benchmarks/peer_torch.py --device=cuda --dtype=bfloat16 --batch=512 --steps=20
+  python benchmarks/peer_torch.py --device=cuda --dtype=bfloat16 --batch=512  # CUDA torch
 
 ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool; a projection shortcut on the
 first block of every stage, as the reference and simclr_jax; last BN of each block
@@ -13,14 +13,17 @@ torch.set_num_threads(--threads). One image = two views. Written from scratch fo
 benchmark (no lightly dependency), so only torch is needed.
 
 On CUDA: cudnn.benchmark on; float32 convolutions and matmuls may use TF32 (as XLA's default
-precision on GPUs does; --no_tf32 forbids it); --dtype=bfloat16 runs the step under
-torch.autocast (parameters and optimizer stay float32, as flax's dtype=bfloat16 does);
+precision on GPUs does; --no_tf32 forbids it); --dtype=bfloat16 runs the network under
+torch.autocast (parameters and optimizer stay float32, as flax's dtype=bfloat16 does; the
+loss's logits are float32 on both sides);
 --compile wraps the model in torch.compile. The step's analytic FLOPs (6 x forward MACs of the
 conv and linear layers, counted with forward hooks, per view) give the utilisation against
 the vendor's dense peak from train_step.py's table.
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import resource
@@ -92,12 +95,15 @@ def nt_xent(z: torch.Tensor, n: int, temperature: float) -> torch.Tensor:
     z = functional.normalize(z, dim=1)
     logits = z @ z.t() / temperature
     logits = logits - 1e9 * torch.eye(2 * n, dtype=logits.dtype, device=logits.device)
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(logits.device)
+    arange = functools.partial(torch.arange, device=logits.device)
+    targets = torch.cat([arange(n, 2 * n), arange(0, n)])
     return functional.cross_entropy(logits, targets)
 
 
 def forward_macs(model: nn.Module, shape: tuple[int, ...], device) -> float:
-    """Multiply-accumulates of one forward pass at `shape`, conv and linear layers only."""
+    """Forward multiply-accumulates per example (per view) of `model`, from one forward pass
+    at `shape` (N, C, H, W) divided by N; nn.Conv2d and nn.Linear layers only (BN, ReLU and
+    pooling are not counted, as in train_step.analytic_encoder_macs)."""
     total = []
 
     def count(module, inputs, output):
@@ -118,10 +124,12 @@ def forward_macs(model: nn.Module, shape: tuple[int, ...], device) -> float:
 
 
 def vendor_peak(device_name: str, dtype: str) -> float | None:
-    """The vendor's dense peak FLOP/s of this GPU (train_step.py's table), or None."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import train_step  # stdlib imports only at module level
-
+    """The vendor's dense peak FLOP/s of this GPU (train_step.py's table, its one owner), or
+    None for a GPU not in it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
+    spec = importlib.util.spec_from_file_location("train_step_peaks", path)
+    train_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_step)  # stdlib imports only at module level
     return train_step.vendor_peak(device_name, dtype)
 
 
@@ -165,7 +173,8 @@ def main(argv: list[str]) -> dict:
         start = time.perf_counter()
         images = torch.cat([view1, view2]).contiguous(memory_format=torch.channels_last)
         with autocast:
-            loss = nt_xent(forward(images).float(), n, 0.5)
+            z = forward(images)
+        loss = nt_xent(z.float(), n, 0.5)  # float32 logits, as ours
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,7 +193,7 @@ def main(argv: list[str]) -> dict:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
-        "tf32": args.device == "cuda" and not args.no_tf32,
+        "tf32": args.device == "cuda" and args.dtype == "float32" and not args.no_tf32,
         "compiled": args.compile,
         "batch": n,
         "width": args.width,

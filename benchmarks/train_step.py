@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -35,9 +36,11 @@ import time
 NUM_EXAMPLES = 50_000
 
 # Dense peak TFLOP/s per device (chip for TPU, one GPU) by dtype, from vendor data sheets;
-# matched as a substring of jax's device_kind. float32 on GPUs is the non-tensor-core peak.
+# matched as whole words in jax's device_kind, the longest key first (so "H100 PCIe" before
+# "H100", and "L4" matches no "L40S"). float32 on GPUs is the non-tensor-core peak.
 VENDOR_PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bfloat16": 989.0, "float32": 67.0},
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 51.0},
     "H100": {"bfloat16": 989.0, "float32": 67.0},
     "A100": {"bfloat16": 312.0, "float32": 19.5},
     "V100": {"bfloat16": 125.0, "float32": 15.7},
@@ -163,9 +166,10 @@ def time_matmul_peak(jax, jnp, dtype, size: int) -> float:
 
 
 def vendor_peak(device_kind: str, dtype: str) -> float | None:
-    for key, peaks in VENDOR_PEAK_TFLOPS.items():
-        if key.lower() in device_kind.lower():
-            return peaks[dtype] * 1e12
+    """The dense peak FLOP/s in `dtype` of a device kind (e.g. 'NVIDIA H200'), or None."""
+    for key in sorted(VENDOR_PEAK_TFLOPS, key=len, reverse=True):
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_kind, re.IGNORECASE):
+            return VENDOR_PEAK_TFLOPS[key][dtype] * 1e12
     return None
 
 
@@ -188,7 +192,6 @@ def profile_step(jax, compiled, state, batch, profile_dir: str, top: int = 12) -
     """
     import collections
     import glob
-    import re
 
     start = time.perf_counter()
     with jax.profiler.trace(profile_dir):

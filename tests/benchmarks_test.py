@@ -147,16 +147,33 @@ def test_peer_torch_hooked_macs_equal_the_analytic_count(width):
     import_or_skip("torch", "torch")
     peer_torch = _load("peer_torch")
     torch_macs = peer_torch.forward_macs(peer_torch.SimCLRNet(width), (2, 3, 32, 32), "cpu")
-    # The head is 8w-8w-128 at base width w on both sides.
+    # The 3-layer head is 8w-8w-8w-128 at base width w on both sides.
     assert torch_macs == _load("train_step").analytic_encoder_macs(18, width, 32, True, 3, 128)
+
+
+def test_vendor_peaks_match_whole_device_names():
+    train_step = _load("train_step")
+    assert train_step.vendor_peak("NVIDIA H200", "bfloat16") == 989e12
+    assert train_step.vendor_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert train_step.vendor_peak("NVIDIA H100 80GB HBM3", "float32") == 67e12
+    assert train_step.vendor_peak("NVIDIA L40S", "bfloat16") is None  # not L4's
+    assert train_step.vendor_peak("TPU v4", "bfloat16") == 275e12
+    import_or_skip("torch", "torch")
+    assert _load("peer_torch").vendor_peak("NVIDIA H200", "float32") == 67e12
 
 
 def test_peer_torch_runs_a_bfloat16_step_on_cpu(tmp_path):
     """The autocast path (used on GPUs) runs end to end and reports what it ran."""
     import_or_skip("torch", "torch")
     out = tmp_path / "peer.json"
+    import torch
+
     args = ["--batch=4", "--width=4", "--steps=1", "--warmup=0", "--threads=1"]
-    result = _load("peer_torch").main([*args, "--dtype=bfloat16", f"--json={out}"])
+    threads = torch.get_num_threads()
+    try:
+        result = _load("peer_torch").main([*args, "--dtype=bfloat16", f"--json={out}"])
+    finally:
+        torch.set_num_threads(threads)  # main sets the process-wide thread count
     assert json.loads(out.read_text()) == result
     assert result["dtype"] == "bfloat16" and result["device"] == "cpu"
     assert result["images_per_s"] > 0 and result["utilisation_vs_vendor_peak"] == "n/a"
