@@ -21,12 +21,17 @@ SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS and OnlineLinearClassifi
 lightly, a torchvision-layout ResNet-18, a plain PyTorch loop. What each lightly component
 corresponds to on ours, and where they differ: docs/quality_vs_lightly.md.
 
-One script, two roles: the driver (default) runs our side with --ours_python (default: this
-interpreter) and the lightly side by calling this script with --role=lightly under
---lightly_python, which needs torch, torchvision and lightly (an optional extra, never a
-dependency of the library). Each run writes one JSON file; a rerun with the same setting
-reuses the finished ones, so a long comparison can be resumed. --method names the method;
-one lightly counterpart per method lives in METHODS (only 'simclr' so far).
+Other methods (--method=byol, mocov2, barlow_twins, vicreg, nnclr): our CIFAR recipe of that
+method (configs/<method>_cifar10.py) with the same budget overrides, against its lightly
+counterpart (benchmarks/lightly_methods.py).
+
+One script, three roles: the driver (default) runs our side with --ours_python (default: this
+interpreter), resolves our config with the same overrides into <workdir>/recipe.json
+(--role=recipe under --ours_python), and runs the lightly side by calling this script with
+--role=lightly under --lightly_python, which needs torch, torchvision and lightly (an
+optional extra, never a dependency of the library) and reads every value it configures from
+the recipe. Each run writes one JSON file; a rerun with the same setting reuses the finished
+ones, so a long comparison can be resumed.
 """
 
 import argparse
@@ -71,30 +76,69 @@ class HarnessError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One method: our config and overrides, and the function running its lightly counterpart."""
+    """One method: our config, its overrides, and the builder of its lightly counterpart."""
 
     our_config: str
-    our_overrides: tuple[str, ...]
-    lightly_run: str  # 'module:function' in benchmarks/, (args, data_root, seed) -> dict
+    our_overrides: tuple[str, ...] = ()
+    # The builder of its lightly counterpart: a function of benchmarks/lightly_methods.py.
+    lightly_counterpart: str = ""
 
 
+# The issue's SimCLR setting; the other methods run their own CIFAR recipe (configs/) with the
+# harness's budget (recipe_overrides), so a method's side-by-side is the recipe users run.
+SIMCLR_OVERRIDES = (
+    f"--config.model.head_layers={HEAD_LAYERS}",
+    f"--config.model.head_dim={HEAD_DIM}",
+    "--config.optim.name=lars",
+    f"--config.optim.base_lr={BASE_LR}",
+    "--config.optim.lr_scaling=linear",
+    f"--config.optim.weight_decay={WEIGHT_DECAY}",
+    f"--config.optim.momentum={MOMENTUM}",
+    f"--config.optim.trust_coefficient={TRUST_COEFFICIENT}",
+    f"--config.loss.temperature={TEMPERATURE}",
+    f"--config.loss.loss_scale={LOSS_SCALE}",
+    f"--config.augment.jitter_strength={JITTER_STRENGTH}",
+    "--config.augment.blur_prob=0.0",
+)
 METHODS = {
-    "simclr": Method(
-        our_config="configs/cifar10.py",
-        our_overrides=(
-            f"--config.loss.temperature={TEMPERATURE}",
-            f"--config.loss.loss_scale={LOSS_SCALE}",
-            f"--config.augment.jitter_strength={JITTER_STRENGTH}",
-            "--config.augment.blur_prob=0.0",
-        ),
-        lightly_run="lightly_simclr:run_lightly_simclr",
-    ),
+    "simclr": Method("configs/cifar10.py", SIMCLR_OVERRIDES, "simclr"),
+    "byol": Method("configs/byol_cifar10.py", (), "byol"),
+    "mocov2": Method("configs/mocov2_cifar10.py", (), "mocov2"),
+    "barlow_twins": Method("configs/barlow_twins_cifar10.py", (), "barlow_twins"),
+    "vicreg": Method("configs/vicreg_cifar10.py", (), "vicreg"),
+    "nnclr": Method("configs/nnclr_cifar10.py", (), "nnclr"),
 }
+# Methods of ours without a lightly counterpart, and why (printed when asked for).
+NO_COUNTERPART = {
+    "mocov3": "lightly has MoCo v3's heads but not its loss (2 tau CE(q k^T / tau) over the "
+    "keys of the batch)",
+    "instdisc": "lightly has no InstDisc (a memory bank of one vector per image, the "
+    "non-parametric softmax)",
+}
+
+
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """Our config's overrides for the harness's setting: budget, encoder, kNN, the method's.
+
+    Every method gets the setting's width, batch and epochs and the 0.5-epoch warmup (the
+    CIFAR recipes' 10 warmup epochs are for 1000-epoch runs); the rest is its config's.
+    """
+    return [
+        f"--config.model.base_width={args.width}",
+        "--config.model.cifar_stem=True",
+        f"--config.train.batch_size={args.batch}",
+        f"--config.train.epochs={args.epochs}",
+        f"--config.optim.warmup_epochs={WARMUP_EPOCHS}",
+        f"--config.eval.knn_k={KNN_K}",
+        f"--config.eval.knn_temperature={KNN_TEMPERATURE}",
+        "--config.eval.compare_random_init=False",
+        *METHODS[args.method].our_overrides,
+    ]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", default="simclr", help=f"one of {sorted(METHODS)}")
+    parser.add_argument("--method", default="simclr", help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--sides", default="ours,lightly", help="ours, lightly or both")
     parser.add_argument("--data", default="", help="archive or folder of <class>/<image>")
@@ -116,11 +160,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lightly_workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--lightly_device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--json", default="", help="also write the summary here")
-    # The lightly role (run by the driver under --lightly_python).
-    parser.add_argument("--role", default="driver", choices=["driver", "lightly"])
+    # The roles the driver runs: recipe (under --ours_python) and lightly (--lightly_python).
+    parser.add_argument("--role", default="driver", choices=["driver", "recipe", "lightly"])
     parser.add_argument("--seed", type=int, default=0, help="--role=lightly only")
     parser.add_argument("--data_root", default="", help="--role=lightly: the prepared subset")
-    parser.add_argument("--out", default="", help="--role=lightly: the result JSON")
+    parser.add_argument("--recipe", default="", help="--role=lightly: the resolved recipe JSON")
+    parser.add_argument("--out", default="", help="--role=recipe|lightly: the JSON written")
     args = parser.parse_args(argv)
     try:
         check_args(args)
@@ -145,9 +190,10 @@ def parse_seeds(text: str) -> list[int]:
 def check_args(args: argparse.Namespace) -> None:
     """Checks the arguments that need no files; raises HarnessError naming the flag."""
     if args.method not in METHODS:
+        why = NO_COUNTERPART.get(args.method, "unknown method")
         raise HarnessError(
-            f"--method={args.method!r} has no lightly counterpart yet; available: "
-            f"{', '.join(sorted(METHODS))} (add one to METHODS in this script)"
+            f"--method={args.method!r} has no lightly counterpart ({why}); available: "
+            f"{', '.join(METHODS)}"
         )
     args.seed_list = parse_seeds(args.seeds)
     args.side_list = [s for s in args.sides.split(",") if s]
@@ -158,8 +204,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise HarnessError(f"--{name}={getattr(args, name)} must be a positive integer")
     if not math.isfinite(args.epochs) or args.epochs < WARMUP_EPOCHS:
         raise HarnessError(f"--epochs={args.epochs} must be at least the warmup, {WARMUP_EPOCHS}")
-    if args.role == "lightly" and not (args.data_root and args.out):
-        raise HarnessError("--role=lightly needs --data_root and --out (the driver passes them)")
+    if args.role == "lightly" and not (args.data_root and args.recipe and args.out):
+        raise HarnessError(
+            "--role=lightly needs --data_root, --recipe and --out (the driver passes them)"
+        )
+    if args.role == "recipe" and not args.out:
+        raise HarnessError("--role=recipe needs --out (the driver passes it)")
     if args.lightly_workers < 0:
         raise HarnessError(f"--lightly_workers={args.lightly_workers} must be >= 0")
 
@@ -180,13 +230,15 @@ def check_lightly_python(python: str, modules: tuple[str, ...] = LIGHTLY_MODULES
         )
 
 
-def schedule(num_train: int, args: argparse.Namespace) -> tuple[int, int, int]:
+def schedule(
+    num_train: int, args: argparse.Namespace, warmup_epochs: float = WARMUP_EPOCHS
+) -> tuple[int, int, int]:
     """(steps per epoch, total steps, warmup steps), as simclr_jax.train derives them."""
     steps_per_epoch = num_train // args.batch
     if steps_per_epoch == 0:
         raise HarnessError(f"--batch={args.batch} exceeds the {num_train} pretraining images")
     total = int(math.ceil(args.epochs * steps_per_epoch))
-    return steps_per_epoch, total, int(round(WARMUP_EPOCHS * steps_per_epoch))
+    return steps_per_epoch, total, int(round(warmup_epochs * steps_per_epoch))
 
 
 # --- the data subset -----------------------------------------------------------------------
@@ -284,26 +336,9 @@ def run_ours(args: argparse.Namespace, data_root: str, seed: int) -> dict:
         "--config.data.eval_split=test",
         "--config.data.val_fraction=0.0",
         f"--config.seed={seed}",
-        f"--config.model.base_width={args.width}",
-        "--config.model.cifar_stem=True",
-        f"--config.model.head_layers={HEAD_LAYERS}",
-        f"--config.model.head_dim={HEAD_DIM}",
-        f"--config.train.batch_size={args.batch}",
-        f"--config.train.epochs={args.epochs}",
-        "--config.optim.name=lars",
-        f"--config.optim.base_lr={BASE_LR}",
-        "--config.optim.lr_scaling=linear",
-        f"--config.optim.weight_decay={WEIGHT_DECAY}",
-        f"--config.optim.warmup_epochs={WARMUP_EPOCHS}",
-        f"--config.eval.knn_k={KNN_K}",
-        f"--config.eval.knn_temperature={KNN_TEMPERATURE}",
-        "--config.eval.compare_random_init=False",
-        *method.our_overrides,
+        *recipe_overrides(args),
     ]
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.getenv("PYTHONPATH")]))
-    )
-    wall = _run_logged(command, os.path.join(workdir + ".log"), env)
+    wall = _run_logged(command, os.path.join(workdir + ".log"), _ours_env())
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     return {
@@ -313,6 +348,62 @@ def run_ours(args: argparse.Namespace, data_root: str, seed: int) -> dict:
         "wall_s": wall,
         "steps": results["step"],
     }
+
+
+def _ours_env() -> dict:
+    """The environment of our side's processes: this repository first on PYTHONPATH."""
+    path = os.pathsep.join(filter(None, [ROOT, os.getenv("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def write_recipe(args: argparse.Namespace) -> dict:
+    """--role=recipe (under --ours_python): our config with recipe_overrides, resolved.
+
+    Loads the method's config file with the same overrides as main.py would (ml_collections'
+    config flags), adds each view's resolved augmentations (simclr_jax.data.views.view_recipe)
+    under 'views', writes it to --out as JSON and returns it. The lightly side reads every
+    value it configures from this file.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from simclr_jax.data import views
+
+    path = os.path.join(ROOT, METHODS[args.method].our_config)
+    argv = ["recipe", f"--config={path}", *recipe_overrides(args)]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    config = values.config
+    name = config.get("method", {}).get("name", "simclr")
+    if name != args.method:
+        raise HarnessError(f"{path} configures the method {name!r}, not {args.method!r}")
+    recipe = json.loads(config.to_json_best_effort())
+    recipe["views"] = [views.view_recipe(config.augment, view) for view in (1, 2)]
+    with open(args.out, "w") as f:
+        json.dump(recipe, f, indent=2)
+    return recipe
+
+
+def resolve_recipe(args: argparse.Namespace) -> str:
+    """Runs --role=recipe under --ours_python once; returns <workdir>/recipe.json."""
+    out = os.path.abspath(os.path.join(args.workdir, "recipe.json"))
+    command = [
+        args.ours_python,
+        os.path.abspath(__file__),
+        "--role=recipe",
+        f"--method={args.method}",
+        f"--width={args.width}",
+        f"--batch={args.batch}",
+        f"--epochs={args.epochs}",
+        f"--out={out}",
+    ]
+    env = dict(_ours_env(), TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise HarnessError(f"resolving our {args.method} recipe failed: {last}")
+    return out
 
 
 def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> float:
@@ -333,11 +424,12 @@ def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> f
     return time.perf_counter() - start
 
 
-# --- lightly's side (benchmarks/lightly_simclr.py imports torch) ----------------------------
+# --- lightly's side (benchmarks/lightly_side.py and lightly_methods.py import torch) --------
 
 
 def run_lightly(args: argparse.Namespace, data_root: str, seed: int) -> dict:
     """This script with --role=lightly under --lightly_python; returns its JSON."""
+    recipe = resolve_recipe(args)
     out = os.path.abspath(os.path.join(args.workdir, "lightly", f"seed{seed}.json"))
     command = [
         args.lightly_python,
@@ -346,6 +438,7 @@ def run_lightly(args: argparse.Namespace, data_root: str, seed: int) -> dict:
         f"--method={args.method}",
         f"--seed={seed}",
         f"--data_root={os.path.abspath(data_root)}",
+        f"--recipe={recipe}",
         f"--out={out}",
         f"--width={args.width}",
         f"--batch={args.batch}",
@@ -446,11 +539,18 @@ def format_report(report: dict) -> str:
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     try:
+        if args.role == "recipe":
+            return write_recipe(args)
         if args.role == "lightly":
-            module, function = METHODS[args.method].lightly_run.split(":")
+            # lightly_side imports this script by name: one module, one HarnessError class.
+            sys.modules.setdefault("quality_vs_lightly", sys.modules[__name__])
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            run = getattr(importlib.import_module(module), function)
-            result = run(args, args.data_root, args.seed)
+            lightly_side = importlib.import_module("lightly_side")
+            methods = importlib.import_module("lightly_methods")
+            with open(args.recipe) as f:
+                recipe = json.load(f)
+            build = getattr(methods, METHODS[args.method].lightly_counterpart)
+            result = lightly_side.run(args, args.data_root, args.seed, recipe, build)
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
             return result

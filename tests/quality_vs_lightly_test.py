@@ -1,6 +1,7 @@
 """The argument handling of benchmarks/quality_vs_lightly.py: no training, no torch needed."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -43,10 +44,35 @@ def test_bad_seeds_fail_with_the_flag_named(harness, capsys, seeds):
     assert f"--seeds={seeds!r}" in line
 
 
-def test_unknown_method_names_the_available_ones(harness, capsys):
-    line = _error_line(harness, capsys, ["--method=byol"])
-    assert "--method='byol' has no lightly counterpart yet" in line
-    assert "available: simclr" in line
+@pytest.mark.parametrize(
+    "method, why",
+    [("mocov3", "lightly has MoCo v3's heads but not its loss"), ("simsiam", "unknown method")],
+)
+def test_a_method_without_counterpart_names_why_and_the_available_ones(
+    harness, capsys, method, why
+):
+    line = _error_line(harness, capsys, [f"--method={method}"])
+    assert f"--method={method!r} has no lightly counterpart ({why}" in line
+    assert "available: simclr, byol, mocov2, barlow_twins, vicreg, nnclr" in line
+
+
+def test_every_method_has_our_config_and_a_lightly_builder(harness):
+    """Each METHODS entry names a config file of ours and a builder in lightly_methods.py
+    (imported without torch: the builders import it when called)."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        sys.modules.setdefault("quality_vs_lightly", harness)
+        import lightly_methods
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    from simclr_jax.methods import METHODS as OUR_METHODS
+
+    for name, method in harness.METHODS.items():
+        assert os.path.isfile(os.path.join(ROOT, method.our_config)), name
+        assert callable(getattr(lightly_methods, method.lightly_counterpart)), name
+        assert name in OUR_METHODS
+    assert not set(harness.NO_COUNTERPART) & set(harness.METHODS)
+    assert set(harness.METHODS) | set(harness.NO_COUNTERPART) == set(OUR_METHODS)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +82,8 @@ def test_unknown_method_names_the_available_ones(harness, capsys):
         ("--width=0", "--width=0 must be a positive integer"),
         ("--epochs=0.25", "must be at least the warmup, 0.5"),
         ("--epochs=nan", "must be at least the warmup"),
-        ("--role=lightly", "--role=lightly needs --data_root and --out"),
+        ("--role=lightly", "--role=lightly needs --data_root, --recipe and --out"),
+        ("--role=recipe", "--role=recipe needs --out"),
     ],
 )
 def test_bad_setting_fails_with_the_flag_named(harness, capsys, flag, expected):
@@ -91,3 +118,66 @@ def test_the_driver_imports_no_torch():
     code = f"import runpy, sys; runpy.run_path({SCRIPT!r}); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _recipe(harness, tmp_path, method, *extra):
+    out = tmp_path / f"{method}.json"
+    harness.main(["--role=recipe", f"--method={method}", f"--out={out}", *extra])
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_the_recipe_is_our_config_with_the_settings_overrides(harness, tmp_path):
+    """What the lightly side configures itself from: our config file resolved with the
+    harness's overrides, each view's augmentations resolved by our own view_recipe."""
+    from configs import byol_cifar10
+
+    recipe = _recipe(harness, tmp_path, "byol", "--width=8", "--batch=64", "--epochs=2")
+    config = byol_cifar10.get_config()
+    assert recipe["method"] == config.method.to_dict()
+    assert recipe["model"]["base_width"] == 8 and recipe["model"]["cifar_stem"] is True
+    assert recipe["train"]["batch_size"] == 64 and recipe["train"]["epochs"] == 2.0
+    assert recipe["optim"]["warmup_epochs"] == harness.WARMUP_EPOCHS
+    assert recipe["optim"]["weight_decay"] == config.optim.weight_decay == 1e-5
+    view1, view2 = recipe["views"]
+    assert (view1["solarize_prob"], view2["solarize_prob"]) == (0.0, 0.2)  # BYOL's asymmetry
+    assert view1["jitter_magnitudes"] == [0.4, 0.4, 0.2, 0.1]
+    assert view1["brightness_mode"] == "additive"
+
+    simclr = _recipe(harness, tmp_path, "simclr")
+    assert "method" not in simclr or simclr["method"].get("name", "simclr") == "simclr"
+    assert (simclr["loss"]["temperature"], simclr["loss"]["loss_scale"]) == (0.5, 2.0)
+    assert simclr["optim"]["name"] == "lars" and simclr["optim"]["base_lr"] == harness.BASE_LR
+    assert simclr["model"]["head_layers"] == 3 and simclr["model"]["head_dim"] == 128
+    assert simclr["views"][0] == simclr["views"][1]
+    assert simclr["views"][0]["jitter_magnitudes"] == [0.4, 0.4, 0.4, 0.1]  # strength 0.5
+    assert simclr["views"][0]["blur_prob"] == 0.0
+
+
+def test_view_options_map_our_view_to_lightlys_arguments(harness):
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        sys.modules.setdefault("quality_vs_lightly", harness)
+        import lightly_side
+    finally:
+        sys.path.remove(os.path.dirname(SCRIPT))
+    view = {
+        "crop_area_range": [0.2, 1.0],
+        "crop_aspect_range": [3 / 4, 4 / 3],
+        "jitter_magnitudes": [0.4, 0.3, 0.2, 0.1],
+        "jitter_prob": 0.8,
+        "grayscale_prob": 0.2,
+        "blur_prob": 0.5,
+        "blur_sigma_range": [0.1, 2.0],
+        "flip_prob": 0.5,
+    }
+    options = lightly_side.view_options(view, 32)
+    assert options["min_scale"] == 0.2 and options["input_size"] == 32
+    assert (options["cj_bright"], options["cj_contrast"], options["cj_sat"]) == (0.4, 0.3, 0.2)
+    assert options["cj_hue"] == 0.1 and options["cj_strength"] == 1.0
+    assert options["gaussian_blur"] == 0.5 and options["normalize"] is None
+    with pytest.raises(harness.HarnessError, match="aspect"):
+        lightly_side.view_options(view | {"crop_aspect_range": [0.5, 2.0]}, 32)
+    with pytest.raises(harness.HarnessError, match="area"):
+        lightly_side.view_options(view | {"crop_area_range": [0.2, 0.9]}, 32)
