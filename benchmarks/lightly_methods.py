@@ -1,15 +1,15 @@
 r"""lightly's counterpart of each method, built from our resolved recipe (quality_vs_lightly.py).
 
 One builder per method, named as the method in our registry: (recipe, encoder, feature_dim,
-total_steps, joint) -> an object with `transform`, `modules`, `all_modules`,
-`before_step(step)` and `loss(view1, view2) -> (optimised loss, h of both views)`; the shared
+total_steps, joint) -> a Counterpart (below); the shared
 loop, optimiser and evaluation are benchmarks/lightly_side.py's. Each uses lightly's own
 components for the method (its heads, loss, memory banks, momentum update and schedule, view
 transforms) configured with our recipe's values; where a lightly component cannot be
 configured to do what ours does, docs/quality_vs_lightly.md ("Other methods") says so.
 
 The loss each returns is scaled to the value our objective optimises (the same gradient up to
-the components' differences), because LARS weighs the gradient against the weight decay.
+the components' differences), because LARS weighs the gradient against the weight decay; the
+loop reports it divided by `loss_scale`, the method's own loss, as our side reports it.
 """
 
 import copy
@@ -26,8 +26,9 @@ class Counterpart:
     transform: Callable
     modules: list  # trainable online modules besides the encoder
     all_modules: list  # every module, for train() / eval() and the device
-    loss: Callable  # (view1, view2) -> (loss, h [2n, feature_dim])
+    loss: Callable  # (view1, view2) -> (optimised loss, h [2n, feature_dim])
     before_step: Callable = lambda step: None
+    loss_scale: float = 1.0  # optimised loss / reported loss
 
 
 def _views_transform(recipe: dict):
@@ -84,7 +85,7 @@ def simclr(recipe, encoder, feature_dim, total_steps, joint) -> Counterpart:
         z1, z2 = _heads(head, h1, h2, joint)
         return scale * criterion(z1, z2), torch.cat([h1, h2])
 
-    return Counterpart(transform, [head], [encoder, head], loss)
+    return Counterpart(transform, [head], [encoder, head], loss, loss_scale=scale)
 
 
 def byol(recipe, encoder, feature_dim, total_steps, joint) -> Counterpart:
@@ -160,6 +161,7 @@ def barlow_twins(recipe, encoder, feature_dim, total_steps, joint) -> Counterpar
     from lightly.models.modules import BarlowTwinsProjectionHead
 
     method = recipe["method"]
+    scale = method["loss_scale"]
     head = BarlowTwinsProjectionHead(
         feature_dim, method["projector_hidden_dim"], method["projector_dim"]
     )
@@ -167,9 +169,9 @@ def barlow_twins(recipe, encoder, feature_dim, total_steps, joint) -> Counterpar
 
     def loss(view1, view2):
         h1, h2 = encode(encoder, view1, view2, joint)
-        return method["loss_scale"] * criterion(*_heads(head, h1, h2, joint)), torch.cat([h1, h2])
+        return scale * criterion(*_heads(head, h1, h2, joint)), torch.cat([h1, h2])
 
-    return Counterpart(_views_transform(recipe), [head], [encoder, head], loss)
+    return Counterpart(_views_transform(recipe), [head], [encoder, head], loss, loss_scale=scale)
 
 
 def vicreg(recipe, encoder, feature_dim, total_steps, joint) -> Counterpart:

@@ -12,9 +12,10 @@ docs/quality_vs_lightly.md lists what each lightly component corresponds to on o
 import argparse
 import math
 import os
+import random
 import time
 
-from quality_vs_lightly import (
+from quality_recipe import (
     EVAL_BATCH,
     INSTALL_HINT,
     KNN_K,
@@ -121,7 +122,10 @@ def build_optimizer(recipe: dict, trainable, probe, batch: int):
     """lightly's LARS or torch's SGD from recipe['optim']; returns (optimizer, peak LR).
 
     Weight decay on neither BN parameters nor biases (lightly's get_weight_decay_parameters,
-    as our optimiser masks them) nor the probe, which trains at the same LR.
+    as our optimiser masks them). The probe trains at the same LR and is decayed as ours
+    (simclr_jax.optim.build_optimizer): under LARS not at all (optim.probe_weight_decay
+    False; True, plain L2 without the trust ratio, has no lightly equivalent: HarnessError),
+    under SGD its kernel (coupled L2, as every kernel) but not its bias.
     """
     torch, _, _ = import_lightly_stack()
     from lightly.models.utils import get_weight_decay_parameters
@@ -137,12 +141,18 @@ def build_optimizer(recipe: dict, trainable, probe, batch: int):
     }.get(scaling, math.nan)
     if math.isnan(peak_lr):
         raise HarnessError(f"optim.lr_scaling={scaling!r}: the lightly side knows linear, sqrt")
-    decayed, not_decayed = get_weight_decay_parameters(trainable)
-    groups = [
-        {"params": decayed},
-        {"params": not_decayed, "weight_decay": 0.0},
-        {"params": probe.parameters(), "weight_decay": 0.0},
-    ]
+    if optim["name"] == "lars" and optim.get("probe_weight_decay", False):
+        raise HarnessError(
+            "optim.probe_weight_decay=True (L2 on the probe's kernel outside LARS's trust "
+            "ratio): lightly's LARS applies the trust ratio wherever it decays"
+        )
+    probe_decayed = optim["name"] != "lars"
+    decayed, not_decayed = get_weight_decay_parameters(
+        [*trainable, probe] if probe_decayed else trainable
+    )
+    groups = [{"params": decayed}, {"params": not_decayed, "weight_decay": 0.0}]
+    if not probe_decayed:
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
     if optim["name"] == "lars":
         optimizer = LARS(
             groups,
@@ -181,17 +191,24 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 def run(args: argparse.Namespace, data_root: str, seed: int, recipe: dict, build_method) -> dict:
     """Pretrains build_method's counterpart on the subset, then kNN and the online probe.
 
-    build_method(recipe, encoder, feature_dim, total_steps, joint) returns a method object
-    with `transform` (image -> [view1, view2]), `modules` (its trainable online modules
-    besides the encoder, for the optimiser), `all_modules` (every module that switches
-    between training and evaluation, momentum copies included), `before_step(step)` and
-    `loss(view1, view2) -> (loss, h)` with h [2n, feature_dim] of both views.
+    build_method(recipe, encoder, feature_dim, total_steps, joint) returns a
+    lightly_methods.Counterpart: `transform` (image -> [view1, view2]), `modules` (its
+    trainable online modules besides the encoder, for the optimiser), `all_modules` (every
+    module that switches between training and evaluation, momentum copies included),
+    `before_step(step)`, `loss(view1, view2) -> (loss, h)` with h [2n, feature_dim] of both
+    views, and `loss_scale` (the printed and reported loss is loss / loss_scale, the
+    method's own loss, as our side reports it).
     """
     torch, torchvision, lightly = import_lightly_stack()
+    import numpy as np
     from lightly.utils.benchmarking import OnlineLinearClassifier, knn_predict
     from torch.nn import functional
 
+    # torch's RNG draws the initialisation and the crops; lightly's RandomSolarization and
+    # blur draw from numpy's and Python's, in the loading process (workers reseed their own).
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     device = args.lightly_device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,13 +249,13 @@ def run(args: argparse.Namespace, data_root: str, seed: int, recipe: dict, build
             (loss + probe_loss).backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())  # waits for the step
+            losses.append(loss.item() / method.loss_scale)  # waits for the step
             now = time.perf_counter()
             if step > 0:  # the first step pays for start-up, as our compile step
                 timed_steps, timed_s = timed_steps + 1, timed_s + now - tick
             tick, step = now, step + 1
             if step % 50 == 0 or step == total_steps:
-                print(f"[lightly step {step}/{total_steps}] loss {loss.item():.4f}", flush=True)
+                print(f"[lightly step {step}/{total_steps}] loss {losses[-1]:.4f}", flush=True)
             if not math.isfinite(losses[-1]):
                 raise HarnessError(f"lightly side: the loss is {losses[-1]} at step {step}")
             if step == total_steps:

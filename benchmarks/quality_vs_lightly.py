@@ -25,18 +25,19 @@ Other methods (--method=byol, mocov2, barlow_twins, vicreg, nnclr): our CIFAR re
 method (configs/<method>_cifar10.py) with the same budget overrides, against its lightly
 counterpart (benchmarks/lightly_methods.py).
 
-One script, three roles: the driver (default) runs our side with --ours_python (default: this
-interpreter), resolves our config with the same overrides into <workdir>/recipe.json
-(--role=recipe under --ours_python), and runs the lightly side by calling this script with
---role=lightly under --lightly_python, which needs torch, torchvision and lightly (an
-optional extra, never a dependency of the library) and reads every value it configures from
-the recipe. Each run writes one JSON file; a rerun with the same setting reuses the finished
-ones, so a long comparison can be resumed.
+One script, three roles: the driver (default) resolves our config with the setting's
+overrides into <workdir>/recipe.json once (--role=recipe under --ours_python, default: this
+interpreter, which therefore needs our package even for --sides=lightly), runs our side with
+--ours_python, and runs the lightly side by calling this script with --role=lightly under
+--lightly_python, which needs torch, torchvision and lightly (an optional extra, never a
+dependency of the library) and reads every value it configures from the recipe. Each run
+writes one JSON file; a rerun with the same setting (the recipe's hash included) reuses the
+finished ones, so a long comparison can be resumed. The setting's constants, the method
+table and the recipe: benchmarks/quality_recipe.py.
 """
 
 import argparse
-import dataclasses
-import importlib
+import hashlib
 import json
 import math
 import os
@@ -46,94 +47,20 @@ import sys
 import tarfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from quality_recipe import (
+    INSTALL_HINT,
+    METHODS,
+    NO_COUNTERPART,
+    ROOT,
+    WARMUP_EPOCHS,
+    HarnessError,
+    recipe_overrides,
+    write_recipe,
+)
+
 SIDES = ("ours", "lightly")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 LIGHTLY_MODULES = ("torch", "torchvision", "lightly")
-INSTALL_HINT = (
-    "install them apart from the project, e.g. python3.11 -m venv VENV && VENV/bin/pip install "
-    "torch==2.14.1 torchvision==0.29.1 lightly, then pass --lightly_python=VENV/bin/python"
-)
-# The recipe's fixed part (both sides); --width, --batch and --epochs vary.
-BASE_LR = 1.0  # x batch / 256
-WEIGHT_DECAY = 1e-4
-MOMENTUM = 0.9
-TRUST_COEFFICIENT = 0.001
-WARMUP_EPOCHS = 0.5
-TEMPERATURE = 0.5
-LOSS_SCALE = 2.0
-HEAD_LAYERS = 3
-HEAD_DIM = 128
-JITTER_STRENGTH = 0.5
-KNN_K = 200
-KNN_TEMPERATURE = 0.1
-EVAL_BATCH = 512
-
-
-class HarnessError(Exception):
-    """A problem the user can fix; printed as one line, exit status 2."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """One method: our config, its overrides, and the builder of its lightly counterpart."""
-
-    our_config: str
-    our_overrides: tuple[str, ...] = ()
-    # The builder of its lightly counterpart: a function of benchmarks/lightly_methods.py.
-    lightly_counterpart: str = ""
-
-
-# The issue's SimCLR setting; the other methods run their own CIFAR recipe (configs/) with the
-# harness's budget (recipe_overrides), so a method's side-by-side is the recipe users run.
-SIMCLR_OVERRIDES = (
-    f"--config.model.head_layers={HEAD_LAYERS}",
-    f"--config.model.head_dim={HEAD_DIM}",
-    "--config.optim.name=lars",
-    f"--config.optim.base_lr={BASE_LR}",
-    "--config.optim.lr_scaling=linear",
-    f"--config.optim.weight_decay={WEIGHT_DECAY}",
-    f"--config.optim.momentum={MOMENTUM}",
-    f"--config.optim.trust_coefficient={TRUST_COEFFICIENT}",
-    f"--config.loss.temperature={TEMPERATURE}",
-    f"--config.loss.loss_scale={LOSS_SCALE}",
-    f"--config.augment.jitter_strength={JITTER_STRENGTH}",
-    "--config.augment.blur_prob=0.0",
-)
-METHODS = {
-    "simclr": Method("configs/cifar10.py", SIMCLR_OVERRIDES, "simclr"),
-    "byol": Method("configs/byol_cifar10.py", (), "byol"),
-    "mocov2": Method("configs/mocov2_cifar10.py", (), "mocov2"),
-    "barlow_twins": Method("configs/barlow_twins_cifar10.py", (), "barlow_twins"),
-    "vicreg": Method("configs/vicreg_cifar10.py", (), "vicreg"),
-    "nnclr": Method("configs/nnclr_cifar10.py", (), "nnclr"),
-}
-# Methods of ours without a lightly counterpart, and why (printed when asked for).
-NO_COUNTERPART = {
-    "mocov3": "lightly has MoCo v3's heads but not its loss (2 tau CE(q k^T / tau) over the "
-    "keys of the batch)",
-    "instdisc": "lightly has no InstDisc (a memory bank of one vector per image, the "
-    "non-parametric softmax)",
-}
-
-
-def recipe_overrides(args: argparse.Namespace) -> list[str]:
-    """Our config's overrides for the harness's setting: budget, encoder, kNN, the method's.
-
-    Every method gets the setting's width, batch and epochs and the 0.5-epoch warmup (the
-    CIFAR recipes' 10 warmup epochs are for 1000-epoch runs); the rest is its config's.
-    """
-    return [
-        f"--config.model.base_width={args.width}",
-        "--config.model.cifar_stem=True",
-        f"--config.train.batch_size={args.batch}",
-        f"--config.train.epochs={args.epochs}",
-        f"--config.optim.warmup_epochs={WARMUP_EPOCHS}",
-        f"--config.eval.knn_k={KNN_K}",
-        f"--config.eval.knn_temperature={KNN_TEMPERATURE}",
-        "--config.eval.compare_random_init=False",
-        *METHODS[args.method].our_overrides,
-    ]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -148,7 +75,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=16, help="ResNet-18 base width")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=float, default=5.0)
-    parser.add_argument("--ours_python", default=sys.executable)
+    parser.add_argument(
+        "--ours_python",
+        default=sys.executable,
+        help="an interpreter with our package: runs our side and resolves the recipe (so it is "
+        "needed for --sides=lightly too)",
+    )
     parser.add_argument("--lightly_python", default=sys.executable)
     parser.add_argument(
         "--lightly_views",
@@ -228,17 +160,6 @@ def check_lightly_python(python: str, modules: tuple[str, ...] = LIGHTLY_MODULES
             f"the lightly side needs {', '.join(modules)} in --lightly_python={python} ({last}); "
             f"{INSTALL_HINT}"
         )
-
-
-def schedule(
-    num_train: int, args: argparse.Namespace, warmup_epochs: float = WARMUP_EPOCHS
-) -> tuple[int, int, int]:
-    """(steps per epoch, total steps, warmup steps), as simclr_jax.train derives them."""
-    steps_per_epoch = num_train // args.batch
-    if steps_per_epoch == 0:
-        raise HarnessError(f"--batch={args.batch} exceeds the {num_train} pretraining images")
-    total = int(math.ceil(args.epochs * steps_per_epoch))
-    return steps_per_epoch, total, int(round(warmup_epochs * steps_per_epoch))
 
 
 # --- the data subset -----------------------------------------------------------------------
@@ -321,8 +242,9 @@ def prepare_subset(args: argparse.Namespace) -> str:
 # --- our side ------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, data_root: str, seed: int) -> dict:
-    """main.py on the subset; returns its results.json fields the summary needs."""
+def run_ours(args: argparse.Namespace, data_root: str, seed: int, recipe: str) -> dict:
+    """main.py on the subset (`recipe` unused: main.py resolves the same config itself);
+    returns its results.json fields the summary needs."""
     method = METHODS[args.method]
     workdir = os.path.abspath(os.path.join(args.workdir, "ours", f"seed{seed}"))
     command = [
@@ -356,54 +278,33 @@ def _ours_env() -> dict:
     return dict(os.environ, PYTHONPATH=path)
 
 
-def write_recipe(args: argparse.Namespace) -> dict:
-    """--role=recipe (under --ours_python): our config with recipe_overrides, resolved.
-
-    Loads the method's config file with the same overrides as main.py would (ml_collections'
-    config flags), adds each view's resolved augmentations (simclr_jax.data.views.view_recipe)
-    under 'views', writes it to --out as JSON and returns it. The lightly side reads every
-    value it configures from this file.
-    """
-    from absl import flags
-    from ml_collections import config_flags
-
-    from simclr_jax.data import views
-
-    path = os.path.join(ROOT, METHODS[args.method].our_config)
-    argv = ["recipe", f"--config={path}", *recipe_overrides(args)]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
-    values(argv)
-    config = values.config
-    name = config.get("method", {}).get("name", "simclr")
-    if name != args.method:
-        raise HarnessError(f"{path} configures the method {name!r}, not {args.method!r}")
-    recipe = json.loads(config.to_json_best_effort())
-    recipe["views"] = [views.view_recipe(config.augment, view) for view in (1, 2)]
-    with open(args.out, "w") as f:
-        json.dump(recipe, f, indent=2)
-    return recipe
-
-
-def resolve_recipe(args: argparse.Namespace) -> str:
-    """Runs --role=recipe under --ours_python once; returns <workdir>/recipe.json."""
-    out = os.path.abspath(os.path.join(args.workdir, "recipe.json"))
-    command = [
-        args.ours_python,
+def _role_command(python: str, role: str, args: argparse.Namespace, out: str) -> list[str]:
+    """This script under `python` in `role`, with the setting's flags, writing `out`."""
+    return [
+        python,
         os.path.abspath(__file__),
-        "--role=recipe",
+        f"--role={role}",
         f"--method={args.method}",
         f"--width={args.width}",
         f"--batch={args.batch}",
         f"--epochs={args.epochs}",
         f"--out={out}",
     ]
+
+
+def resolve_recipe(args: argparse.Namespace) -> tuple[str, str]:
+    """Runs --role=recipe under --ours_python; returns (<workdir>/recipe.json, its SHA-256)."""
+    out = os.path.abspath(os.path.join(args.workdir, "recipe.json"))
+    command = _role_command(args.ours_python, "recipe", args, out)
     env = dict(_ours_env(), TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise HarnessError(f"resolving our {args.method} recipe failed: {last}")
-    return out
+        raise HarnessError(
+            f"resolving our {args.method} recipe failed: {last.removeprefix('error: ')}"
+        )
+    with open(out, "rb") as f:
+        return out, hashlib.sha256(f.read()).hexdigest()
 
 
 def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> float:
@@ -427,22 +328,14 @@ def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> f
 # --- lightly's side (benchmarks/lightly_side.py and lightly_methods.py import torch) --------
 
 
-def run_lightly(args: argparse.Namespace, data_root: str, seed: int) -> dict:
+def run_lightly(args: argparse.Namespace, data_root: str, seed: int, recipe: str) -> dict:
     """This script with --role=lightly under --lightly_python; returns its JSON."""
-    recipe = resolve_recipe(args)
     out = os.path.abspath(os.path.join(args.workdir, "lightly", f"seed{seed}.json"))
     command = [
-        args.lightly_python,
-        os.path.abspath(__file__),
-        "--role=lightly",
-        f"--method={args.method}",
+        *_role_command(args.lightly_python, "lightly", args, out),
         f"--seed={seed}",
         f"--data_root={os.path.abspath(data_root)}",
         f"--recipe={recipe}",
-        f"--out={out}",
-        f"--width={args.width}",
-        f"--batch={args.batch}",
-        f"--epochs={args.epochs}",
         f"--lightly_views={args.lightly_views}",
         f"--lightly_workers={args.lightly_workers}",
         f"--lightly_device={args.lightly_device}",
@@ -471,27 +364,42 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
-def _setting(args: argparse.Namespace) -> dict:
+def _setting(args: argparse.Namespace, recipe_sha256: str) -> dict:
+    """What a finished run's JSON depends on; a resumed comparison must match it."""
     keys = ("method", "data", "train_per_class", "eval_per_class", "width", "batch", "epochs")
-    return {k: getattr(args, k) for k in keys} | {"lightly_views": args.lightly_views}
+    return {k: getattr(args, k) for k in keys} | {
+        "lightly_views": args.lightly_views,
+        "recipe_sha256": recipe_sha256,  # our config file and its overrides, resolved
+    }
+
+
+def _check_setting(path: str, setting: dict) -> None:
+    """Raises HarnessError naming the fields where the workdir's earlier setting differs."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        earlier = json.load(f)
+    differ = sorted(k for k in setting.keys() | earlier.keys() if setting.get(k) != earlier.get(k))
+    if differ:
+        raise HarnessError(
+            f"{os.path.dirname(path)} holds a comparison with another setting ({path}: "
+            f"{', '.join(differ)} differ; recipe_sha256 changes with our config files); use "
+            "another --workdir"
+        )
 
 
 def drive(args: argparse.Namespace) -> dict:
     if "lightly" in args.side_list:
         check_lightly_python(args.lightly_python)
     data_root = prepare_subset(args)
+    recipe, recipe_sha256 = resolve_recipe(args)
+    setting = _setting(args, recipe_sha256)
     setting_path = os.path.join(args.workdir, "setting.json")
-    if os.path.exists(setting_path):
-        with open(setting_path) as f:
-            if json.load(f) != _setting(args):
-                raise HarnessError(
-                    f"{args.workdir} holds a comparison with another setting ({setting_path}); "
-                    "use another --workdir"
-                )
+    _check_setting(setting_path, setting)
     with open(setting_path, "w") as f:
-        json.dump(_setting(args), f, indent=2)
+        json.dump(setting, f, indent=2)
     runners = {"ours": run_ours, "lightly": run_lightly}
-    report = {"setting": _setting(args), "sides": {}}
+    report = {"setting": setting, "sides": {}}
     per_side = {side: {} for side in args.side_list}
     # Seed by seed, the sides alternating: a drift of the machine's speed hits both alike.
     for seed in args.seed_list:
@@ -502,7 +410,7 @@ def drive(args: argparse.Namespace) -> dict:
                     per_side[side][seed] = json.load(f)
                 print(f"{side} seed {seed}: reusing {done}")
                 continue
-            per_side[side][seed] = runners[side](args, data_root, seed)
+            per_side[side][seed] = runners[side](args, data_root, seed, recipe)
             with open(done, "w") as f:
                 json.dump(per_side[side][seed], f, indent=2)
     for side, per_seed in per_side.items():
@@ -542,14 +450,13 @@ def main(argv: list[str]) -> dict:
         if args.role == "recipe":
             return write_recipe(args)
         if args.role == "lightly":
-            # lightly_side imports this script by name: one module, one HarnessError class.
-            sys.modules.setdefault("quality_vs_lightly", sys.modules[__name__])
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            lightly_side = importlib.import_module("lightly_side")
-            methods = importlib.import_module("lightly_methods")
+            # Imported here: they import torch, which the driver never does.
+            import lightly_methods
+            import lightly_side
+
             with open(args.recipe) as f:
                 recipe = json.load(f)
-            build = getattr(methods, METHODS[args.method].lightly_counterpart)
+            build = getattr(lightly_methods, METHODS[args.method].lightly_counterpart)
             result = lightly_side.run(args, args.data_root, args.seed, recipe, build)
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)

@@ -1,4 +1,5 @@
-"""The argument handling of benchmarks/quality_vs_lightly.py: no training, no torch needed."""
+"""The argument handling and the recipe of benchmarks/quality_vs_lightly.py: no training, no
+torch needed (the lightly side's modules import torch only when a builder runs)."""
 
 import importlib.util
 import json
@@ -9,19 +10,28 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "quality_vs_lightly.py")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_quality_vs_lightly", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+SCRIPT = os.path.join(BENCHMARKS, "quality_vs_lightly.py")
+# The script's sibling modules, imported by name as when it runs as a script.
+SIBLINGS = ("quality_recipe", "lightly_side", "lightly_methods")
 
 
 @pytest.fixture(scope="module")
 def harness():
-    return _load()
+    """The driver loaded from its file, its siblings importable; both undone afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(BENCHMARKS)
+        spec = importlib.util.spec_from_file_location("bench_quality_vs_lightly", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+        for name in SIBLINGS:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def recipe_module(harness):
+    return sys.modules["quality_recipe"]
 
 
 def _error_line(harness, capsys, argv):
@@ -59,12 +69,8 @@ def test_a_method_without_counterpart_names_why_and_the_available_ones(
 def test_every_method_has_our_config_and_a_lightly_builder(harness):
     """Each METHODS entry names a config file of ours and a builder in lightly_methods.py
     (imported without torch: the builders import it when called)."""
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        sys.modules.setdefault("quality_vs_lightly", harness)
-        import lightly_methods
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
+    import lightly_methods
+
     from simclr_jax.methods import METHODS as OUR_METHODS
 
     for name, method in harness.METHODS.items():
@@ -115,9 +121,40 @@ def test_missing_data_is_named(harness, capsys, tmp_path):
 
 
 def test_the_driver_imports_no_torch():
-    code = f"import runpy, sys; runpy.run_path({SCRIPT!r}); print('torch' in sys.modules)"
+    code = (
+        f"import runpy, sys; sys.path.insert(0, {BENCHMARKS!r}); runpy.run_path({SCRIPT!r}); "
+        "print('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_resumed_comparison_names_the_fields_that_changed(harness, tmp_path):
+    args = harness.parse_args(["--width=8", f"--workdir={tmp_path}"])
+    path = tmp_path / "setting.json"
+    path.write_text(json.dumps(harness._setting(args, "a" * 64)))
+    harness._check_setting(str(path), harness._setting(args, "a" * 64))  # same: no error
+    changed = harness.parse_args(["--width=16", f"--workdir={tmp_path}"])
+    with pytest.raises(harness.HarnessError, match=r"recipe_sha256, width differ"):
+        harness._check_setting(str(path), harness._setting(changed, "b" * 64))
+
+
+def test_the_driver_resolves_the_recipe_as_main_py_checks_it(harness, tmp_path):
+    """resolve_recipe runs --role=recipe under --ours_python; a setting main.py would reject
+    (MoCo v2's queue of 32768 keys is no multiple of a batch of 100) fails there, in one line,
+    before any training; an accepted one gives the file and its hash."""
+    args = harness.parse_args(["--method=mocov2", "--batch=100", f"--workdir={tmp_path}"])
+    with pytest.raises(harness.HarnessError) as error:
+        harness.resolve_recipe(args)
+    message = str(error.value)
+    assert message.startswith("resolving our mocov2 recipe failed: our mocov2 config")
+    assert "queue_size=32768" in message and "multiple" in message
+    args = harness.parse_args(["--method=mocov2", "--batch=128", f"--workdir={tmp_path}"])
+    path, digest = harness.resolve_recipe(args)
+    with open(path) as f:
+        recipe = json.load(f)
+    assert recipe["method"]["queue_size"] == 32768 and recipe["train"]["batch_size"] == 128
+    assert len(digest) == 64
 
 
 def _recipe(harness, tmp_path, method, *extra):
@@ -127,8 +164,7 @@ def _recipe(harness, tmp_path, method, *extra):
         return json.load(f)
 
 
-@pytest.mark.slow
-def test_the_recipe_is_our_config_with_the_settings_overrides(harness, tmp_path):
+def test_the_recipe_is_our_config_with_the_settings_overrides(harness, recipe_module, tmp_path):
     """What the lightly side configures itself from: our config file resolved with the
     harness's overrides, each view's augmentations resolved by our own view_recipe."""
     from configs import byol_cifar10
@@ -138,7 +174,7 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, tmp_path)
     assert recipe["method"] == config.method.to_dict()
     assert recipe["model"]["base_width"] == 8 and recipe["model"]["cifar_stem"] is True
     assert recipe["train"]["batch_size"] == 64 and recipe["train"]["epochs"] == 2.0
-    assert recipe["optim"]["warmup_epochs"] == harness.WARMUP_EPOCHS
+    assert recipe["optim"]["warmup_epochs"] == recipe_module.WARMUP_EPOCHS
     assert recipe["optim"]["weight_decay"] == config.optim.weight_decay == 1e-5
     view1, view2 = recipe["views"]
     assert (view1["solarize_prob"], view2["solarize_prob"]) == (0.0, 0.2)  # BYOL's asymmetry
@@ -148,7 +184,7 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, tmp_path)
     simclr = _recipe(harness, tmp_path, "simclr")
     assert "method" not in simclr or simclr["method"].get("name", "simclr") == "simclr"
     assert (simclr["loss"]["temperature"], simclr["loss"]["loss_scale"]) == (0.5, 2.0)
-    assert simclr["optim"]["name"] == "lars" and simclr["optim"]["base_lr"] == harness.BASE_LR
+    assert simclr["optim"]["name"] == "lars" and simclr["optim"]["base_lr"] == recipe_module.BASE_LR
     assert simclr["model"]["head_layers"] == 3 and simclr["model"]["head_dim"] == 128
     assert simclr["views"][0] == simclr["views"][1]
     assert simclr["views"][0]["jitter_magnitudes"] == [0.4, 0.4, 0.4, 0.1]  # strength 0.5
@@ -156,12 +192,8 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, tmp_path)
 
 
 def test_view_options_map_our_view_to_lightlys_arguments(harness):
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        sys.modules.setdefault("quality_vs_lightly", harness)
-        import lightly_side
-    finally:
-        sys.path.remove(os.path.dirname(SCRIPT))
+    import lightly_side
+
     view = {
         "crop_area_range": [0.2, 1.0],
         "crop_aspect_range": [3 / 4, 4 / 3],
