@@ -21,11 +21,10 @@ from quality_recipe import (
     KNN_K,
     KNN_TEMPERATURE,
     HarnessError,
+    check_lightly_recipe,
+    peak_learning_rate,
     schedule,
 )
-
-# lightly's RandomResizedCrop takes torchvision's default aspect range; the crop's upper area 1.
-TORCHVISION_ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
 def import_lightly_stack():
@@ -78,19 +77,11 @@ def build_torchvision_resnet18(width: int):
 def view_options(view: dict, image_size: int) -> dict:
     """The keyword arguments of lightly's view transforms for one of our resolved views.
 
-    `view` is simclr_jax.data.views.view_recipe's dict (in the recipe JSON). The arguments
-    are those SimCLRTransform, BYOLView1Transform and BYOLView2Transform share; the jitter
-    magnitudes are passed as they are (cj_strength 1). Raises HarnessError for a recipe
-    lightly's transforms cannot express (another crop aspect range or upper area).
+    `view` is simclr_jax.data.views.view_recipe's dict (in the recipe JSON), whose crop
+    quality_recipe.check_lightly_recipe accepted (lightly's transforms take the lower area
+    only). The arguments are those SimCLRTransform, BYOLView1Transform and BYOLView2Transform
+    share; the jitter magnitudes are passed as they are (cj_strength 1).
     """
-    area, aspect = tuple(view["crop_area_range"]), tuple(view["crop_aspect_range"])
-    if area[1] != 1.0 or not all(
-        math.isclose(a, b) for a, b in zip(aspect, TORCHVISION_ASPECT_RANGE, strict=True)
-    ):
-        raise HarnessError(
-            f"crop area {area} / aspect {aspect}: lightly's view transforms crop with area "
-            f"(min_scale, 1.0) and aspect {TORCHVISION_ASPECT_RANGE} only"
-        )
     brightness, contrast, saturation, hue = view["jitter_magnitudes"]
     return dict(
         input_size=image_size,
@@ -100,7 +91,7 @@ def view_options(view: dict, image_size: int) -> dict:
         cj_contrast=contrast,
         cj_sat=saturation,
         cj_hue=hue,
-        min_scale=area[0],
+        min_scale=view["crop_area_range"][0],
         random_gray_scale=view["grayscale_prob"],
         gaussian_blur=view["blur_prob"],
         sigmas=tuple(view["blur_sigma_range"]),
@@ -123,29 +114,17 @@ def build_optimizer(recipe: dict, trainable, probe, batch: int):
 
     Weight decay on neither BN parameters nor biases (lightly's get_weight_decay_parameters,
     as our optimiser masks them). The probe trains at the same LR and is decayed as ours
-    (simclr_jax.optim.build_optimizer): under LARS not at all (optim.probe_weight_decay
-    False; True, plain L2 without the trust ratio, has no lightly equivalent: HarnessError),
-    under SGD its kernel (coupled L2, as every kernel) but not its bias.
+    (simclr_jax.optim.create_optimizer): under LARS not at all (in its own group with weight
+    decay 0, which lightly's LARS also leaves without trust ratio), under SGD its kernel
+    (coupled L2, as every kernel) but not its bias. The recipe is one check_lightly_recipe
+    accepted.
     """
     torch, _, _ = import_lightly_stack()
     from lightly.models.utils import get_weight_decay_parameters
     from lightly.utils.lars import LARS
 
     optim = recipe["optim"]
-    scaling = optim.get("lr_scaling")
-    peak_lr = optim["base_lr"] * {
-        "linear": batch / 256,
-        "sqrt": math.sqrt(batch),
-        None: 1.0,
-        "none": 1.0,
-    }.get(scaling, math.nan)
-    if math.isnan(peak_lr):
-        raise HarnessError(f"optim.lr_scaling={scaling!r}: the lightly side knows linear, sqrt")
-    if optim["name"] == "lars" and optim.get("probe_weight_decay", False):
-        raise HarnessError(
-            "optim.probe_weight_decay=True (L2 on the probe's kernel outside LARS's trust "
-            "ratio): lightly's LARS applies the trust ratio wherever it decays"
-        )
+    peak_lr = peak_learning_rate(optim, batch)
     probe_decayed = optim["name"] != "lars"
     decayed, not_decayed = get_weight_decay_parameters(
         [*trainable, probe] if probe_decayed else trainable
@@ -170,7 +149,7 @@ def build_optimizer(recipe: dict, trainable, probe, batch: int):
             nesterov=bool(optim.get("nesterov", False)),
         )
     else:
-        raise HarnessError(f"optim.name={optim['name']!r}: the lightly side knows lars, sgd")
+        raise AssertionError(optim["name"])  # check_lightly_recipe refused it
     return optimizer, peak_lr
 
 
@@ -204,8 +183,9 @@ def run(args: argparse.Namespace, data_root: str, seed: int, recipe: dict, build
     from lightly.utils.benchmarking import OnlineLinearClassifier, knn_predict
     from torch.nn import functional
 
+    check_lightly_recipe(recipe)
     # torch's RNG draws the initialisation and the crops; lightly's RandomSolarization and
-    # blur draw from numpy's and Python's, in the loading process (workers reseed their own).
+    # GaussianBlur draw from numpy's, in the loading process (workers reseed their own).
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

@@ -32,6 +32,11 @@ WARMUP_EPOCHS = 0.5
 KNN_K = 200
 KNN_TEMPERATURE = 0.1
 EVAL_BATCH = 512
+# What the lightly side can reproduce of a recipe (check_lightly_recipe).
+LIGHTLY_OPTIMIZERS = ("lars", "sgd")
+LR_SCALINGS = {"linear": lambda batch: batch / 256, "sqrt": math.sqrt}  # as simclr_jax.optim
+# lightly's view transforms crop with area (min_scale, 1) and torchvision's aspect range only.
+TORCHVISION_ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
 class HarnessError(Exception):
@@ -111,6 +116,52 @@ def schedule(
     return steps_per_epoch, total, int(round(warmup_epochs * steps_per_epoch))
 
 
+def peak_learning_rate(optim: dict, batch: int) -> float:
+    """The recipe's peak LR at `batch`: base_lr x B / 256 (linear) or x sqrt(B) (sqrt)."""
+    return optim["base_lr"] * LR_SCALINGS[optim["lr_scaling"]](batch)
+
+
+def check_lightly_recipe(recipe: dict) -> None:
+    """Raises HarnessError for a resolved recipe the lightly side cannot reproduce.
+
+    Standard library only, so the driver checks before any run (not after our side's first
+    seed). Refused: an optimiser other than LARS or SGD, an LR scaling other than linear or
+    sqrt, optim.probe_weight_decay under LARS (L2 on the probe's kernel outside the trust
+    ratio; lightly's LARS applies the trust ratio wherever it decays), a budget in
+    train.steps (the harness's budget is --epochs), and a view whose crop lightly's
+    transforms cannot express (upper area below 1, another aspect range).
+    """
+    optim = recipe["optim"]
+    if optim["name"] not in LIGHTLY_OPTIMIZERS:
+        raise HarnessError(
+            f"optim.name={optim['name']!r}: the lightly side has {', '.join(LIGHTLY_OPTIMIZERS)}"
+        )
+    if optim.get("lr_scaling") not in LR_SCALINGS:
+        raise HarnessError(
+            f"optim.lr_scaling={optim.get('lr_scaling')!r}: the lightly side has "
+            f"{', '.join(LR_SCALINGS)}"
+        )
+    if optim["name"] == "lars" and optim.get("probe_weight_decay", False):
+        raise HarnessError(
+            "optim.probe_weight_decay=True (L2 on the probe's kernel outside LARS's trust "
+            "ratio): lightly's LARS applies the trust ratio wherever it decays"
+        )
+    if recipe["train"].get("steps", 0):
+        raise HarnessError(
+            f"train.steps={recipe['train']['steps']}: the harness's budget is --epochs; set "
+            "train.steps to 0 in the config"
+        )
+    for index, view in enumerate(recipe["views"], 1):
+        area, aspect = tuple(view["crop_area_range"]), tuple(view["crop_aspect_range"])
+        if area[1] != 1.0 or not all(
+            math.isclose(a, b) for a, b in zip(aspect, TORCHVISION_ASPECT_RANGE, strict=True)
+        ):
+            raise HarnessError(
+                f"view {index}: crop area {area} / aspect {aspect}: lightly's view transforms "
+                f"crop with area (min_scale, 1.0) and aspect {TORCHVISION_ASPECT_RANGE} only"
+            )
+
+
 def write_recipe(args: argparse.Namespace) -> dict:
     """--role=recipe (under our interpreter): our config with recipe_overrides, resolved.
 
@@ -144,10 +195,11 @@ def write_recipe(args: argparse.Namespace) -> dict:
     try:
         config_checks.validate_pretrain_config(config)
         methods.check_config(config)
+        resolved_views = [views.view_recipe(config.augment, view) for view in (1, 2)]
     except config_checks.ConfigError as e:
         raise HarnessError(f"our {args.method} config with the harness's setting: {e}") from None
     recipe = json.loads(config.to_json_best_effort())
-    recipe["views"] = [views.view_recipe(config.augment, view) for view in (1, 2)]
+    recipe["views"] = resolved_views
     with open(args.out, "w") as f:
         json.dump(recipe, f, indent=2, sort_keys=True)
     return recipe

@@ -54,6 +54,7 @@ from quality_recipe import (
     ROOT,
     WARMUP_EPOCHS,
     HarnessError,
+    check_lightly_recipe,
     recipe_overrides,
     write_recipe,
 )
@@ -292,9 +293,8 @@ def _role_command(python: str, role: str, args: argparse.Namespace, out: str) ->
     ]
 
 
-def resolve_recipe(args: argparse.Namespace) -> tuple[str, str]:
-    """Runs --role=recipe under --ours_python; returns (<workdir>/recipe.json, its SHA-256)."""
-    out = os.path.abspath(os.path.join(args.workdir, "recipe.json"))
+def resolve_recipe(args: argparse.Namespace, out: str) -> str:
+    """Runs --role=recipe under --ours_python, writing `out`; returns the file's SHA-256."""
     command = _role_command(args.ours_python, "recipe", args, out)
     env = dict(_ours_env(), TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -304,7 +304,7 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[str, str]:
             f"resolving our {args.method} recipe failed: {last.removeprefix('error: ')}"
         )
     with open(out, "rb") as f:
-        return out, hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> float:
@@ -374,17 +374,28 @@ def _setting(args: argparse.Namespace, recipe_sha256: str) -> dict:
 
 
 def _check_setting(path: str, setting: dict) -> None:
-    """Raises HarnessError naming the fields where the workdir's earlier setting differs."""
+    """Raises HarnessError naming the fields where the workdir's earlier setting differs.
+
+    recipe_sha256 covers our config resolved with the setting's overrides (our config files,
+    the overrides, the views' augmentations), not the lightly side's code or the packages'
+    versions (each lightly JSON records those).
+    """
     if not os.path.exists(path):
         return
     with open(path) as f:
         earlier = json.load(f)
+    if "recipe_sha256" not in earlier:
+        raise HarnessError(
+            f"{path} predates the recipe's hash (an older harness): if our config files have not "
+            "changed since its runs, delete it to carry on with them; otherwise use another "
+            "--workdir"
+        )
     differ = sorted(k for k in setting.keys() | earlier.keys() if setting.get(k) != earlier.get(k))
     if differ:
         raise HarnessError(
             f"{os.path.dirname(path)} holds a comparison with another setting ({path}: "
-            f"{', '.join(differ)} differ; recipe_sha256 changes with our config files); use "
-            "another --workdir"
+            f"{', '.join(differ)} differ; recipe_sha256 changes with our config files and their "
+            "resolution); use another --workdir"
         )
 
 
@@ -392,10 +403,22 @@ def drive(args: argparse.Namespace) -> dict:
     if "lightly" in args.side_list:
         check_lightly_python(args.lightly_python)
     data_root = prepare_subset(args)
-    recipe, recipe_sha256 = resolve_recipe(args)
-    setting = _setting(args, recipe_sha256)
+    # Resolved aside, and kept only once the setting is the workdir's: a refused setting
+    # leaves the recipe of the runs already there.
+    recipe = os.path.abspath(os.path.join(args.workdir, "recipe.json"))
+    pending = recipe + ".pending"
     setting_path = os.path.join(args.workdir, "setting.json")
-    _check_setting(setting_path, setting)
+    try:
+        setting = _setting(args, resolve_recipe(args, pending))
+        if "lightly" in args.side_list:
+            with open(pending) as f:
+                check_lightly_recipe(json.load(f))  # before our side's first run, not after
+        _check_setting(setting_path, setting)
+    except HarnessError:
+        if os.path.exists(pending):
+            os.remove(pending)
+        raise
+    os.replace(pending, recipe)
     with open(setting_path, "w") as f:
         json.dump(setting, f, indent=2)
     runners = {"ours": run_ours, "lightly": run_lightly}
