@@ -311,13 +311,14 @@ def _run_logged(command: list[str], log_path: str, env: dict | None = None) -> f
     """Runs command, its output to the console and log_path; returns its wall time (s)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` follows it
         log.write(" ".join(command) + "\n")
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
         )
         for line in process.stdout:
             sys.stdout.write(line)
+            sys.stdout.flush()  # also when the driver's output goes to a file
             log.write(line)
         code = process.wait()
     if code != 0:
