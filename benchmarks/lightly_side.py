@@ -22,7 +22,6 @@ from quality_recipe import (
     KNN_TEMPERATURE,
     HarnessError,
     check_lightly_recipe,
-    peak_learning_rate,
     schedule,
 )
 
@@ -109,8 +108,9 @@ def encode(encoder, view1, view2, joint: bool):
     return encoder(view1), encoder(view2)
 
 
-def build_optimizer(recipe: dict, trainable, probe, batch: int):
-    """lightly's LARS or torch's SGD from recipe['optim']; returns (optimizer, peak LR).
+def build_optimizer(recipe: dict, trainable, probe):
+    """lightly's LARS or torch's SGD from recipe['optim'] at recipe['peak_lr'] (our
+    simclr_jax.optim.peak_learning_rate of the recipe's batch); returns (optimizer, peak LR).
 
     Weight decay on neither BN parameters nor biases (lightly's get_weight_decay_parameters,
     as our optimiser masks them). The probe trains at the same LR and is decayed as ours
@@ -124,7 +124,7 @@ def build_optimizer(recipe: dict, trainable, probe, batch: int):
     from lightly.utils.lars import LARS
 
     optim = recipe["optim"]
-    peak_lr = peak_learning_rate(optim, batch)
+    peak_lr = recipe["peak_lr"]
     probe_decayed = optim["name"] != "lars"
     decayed, not_decayed = get_weight_decay_parameters(
         [*trainable, probe] if probe_decayed else trainable
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, data_root: str, seed: int, recipe: dict, build
     probe = OnlineLinearClassifier(feature_dim=feature_dim, num_classes=len(train_set.classes))
     for module in (*method.all_modules, probe):
         module.to(device)
-    optimizer, _ = build_optimizer(recipe, [encoder, *method.modules], probe, args.batch)
+    optimizer, _ = build_optimizer(recipe, [encoder, *method.modules], probe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, warmup_steps)
     )

@@ -34,7 +34,6 @@ KNN_TEMPERATURE = 0.1
 EVAL_BATCH = 512
 # What the lightly side can reproduce of a recipe (check_lightly_recipe).
 LIGHTLY_OPTIMIZERS = ("lars", "sgd")
-LR_SCALINGS = {"linear": lambda batch: batch / 256, "sqrt": math.sqrt}  # as simclr_jax.optim
 # lightly's view transforms crop with area (min_scale, 1) and torchvision's aspect range only.
 TORCHVISION_ASPECT_RANGE = (3 / 4, 4 / 3)
 
@@ -116,30 +115,21 @@ def schedule(
     return steps_per_epoch, total, int(round(warmup_epochs * steps_per_epoch))
 
 
-def peak_learning_rate(optim: dict, batch: int) -> float:
-    """The recipe's peak LR at `batch`: base_lr x B / 256 (linear) or x sqrt(B) (sqrt)."""
-    return optim["base_lr"] * LR_SCALINGS[optim["lr_scaling"]](batch)
-
-
 def check_lightly_recipe(recipe: dict) -> None:
     """Raises HarnessError for a resolved recipe the lightly side cannot reproduce.
 
     Standard library only, so the driver checks before any run (not after our side's first
-    seed). Refused: an optimiser other than LARS or SGD, an LR scaling other than linear or
-    sqrt, optim.probe_weight_decay under LARS (L2 on the probe's kernel outside the trust
-    ratio; lightly's LARS applies the trust ratio wherever it decays), a budget in
-    train.steps (the harness's budget is --epochs), and a view whose crop lightly's
-    transforms cannot express (upper area below 1, another aspect range).
+    seed). Refused: an optimiser other than LARS or SGD, optim.probe_weight_decay under
+    LARS (L2 on the probe's kernel outside the trust ratio; lightly's LARS applies the trust
+    ratio wherever it decays), a budget in train.steps (the harness's budget is --epochs),
+    and a view whose crop lightly's transforms cannot express (upper area below 1, another
+    aspect range). An unknown LR scaling never gets here: our config checks refuse it when
+    the recipe is written, and the recipe carries our peak LR.
     """
     optim = recipe["optim"]
     if optim["name"] not in LIGHTLY_OPTIMIZERS:
         raise HarnessError(
             f"optim.name={optim['name']!r}: the lightly side has {', '.join(LIGHTLY_OPTIMIZERS)}"
-        )
-    if optim.get("lr_scaling") not in LR_SCALINGS:
-        raise HarnessError(
-            f"optim.lr_scaling={optim.get('lr_scaling')!r}: the lightly side has "
-            f"{', '.join(LR_SCALINGS)}"
         )
     if optim["name"] == "lars" and optim.get("probe_weight_decay", False):
         raise HarnessError(
@@ -168,7 +158,8 @@ def write_recipe(args: argparse.Namespace) -> dict:
     Loads the method's config file with the same overrides as main.py would (ml_collections'
     config flags), checks it as main.py does before training (simclr_jax.config_checks and
     the method's own checks, e.g. a queue that is a multiple of the batch), adds each view's
-    resolved augmentations (simclr_jax.data.views.view_recipe) under 'views', writes it to
+    resolved augmentations (simclr_jax.data.views.view_recipe) under 'views' and the peak
+    learning rate (simclr_jax.optim.peak_learning_rate) under 'peak_lr', writes it to
     args.out as JSON and returns it. The lightly side reads every value it configures from
     this file.
 
@@ -180,7 +171,7 @@ def write_recipe(args: argparse.Namespace) -> dict:
     from absl import flags
     from ml_collections import config_flags
 
-    from simclr_jax import config_checks, methods
+    from simclr_jax import config_checks, methods, optim
     from simclr_jax.data import views
 
     path = os.path.join(ROOT, METHODS[args.method].our_config)
@@ -196,10 +187,14 @@ def write_recipe(args: argparse.Namespace) -> dict:
         config_checks.validate_pretrain_config(config)
         methods.check_config(config)
         resolved_views = [views.view_recipe(config.augment, view) for view in (1, 2)]
+        peak_lr = optim.peak_learning_rate(
+            config.optim.base_lr, config.train.batch_size, config.optim.lr_scaling
+        )
     except config_checks.ConfigError as e:
         raise HarnessError(f"our {args.method} config with the harness's setting: {e}") from None
     recipe = json.loads(config.to_json_best_effort())
     recipe["views"] = resolved_views
+    recipe["peak_lr"] = peak_lr
     with open(args.out, "w") as f:
         json.dump(recipe, f, indent=2, sort_keys=True)
     return recipe

@@ -243,9 +243,8 @@ def prepare_subset(args: argparse.Namespace) -> str:
 # --- our side ------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, data_root: str, seed: int, recipe: str) -> dict:
-    """main.py on the subset (`recipe` unused: main.py resolves the same config itself);
-    returns its results.json fields the summary needs."""
+def run_ours(args: argparse.Namespace, data_root: str, seed: int) -> dict:
+    """main.py on the subset; returns its results.json fields the summary needs."""
     method = METHODS[args.method]
     workdir = os.path.abspath(os.path.join(args.workdir, "ours", f"seed{seed}"))
     command = [
@@ -422,7 +421,10 @@ def drive(args: argparse.Namespace) -> dict:
     os.replace(pending, recipe)
     with open(setting_path, "w") as f:
         json.dump(setting, f, indent=2)
-    runners = {"ours": run_ours, "lightly": run_lightly}
+    runners = {
+        "ours": lambda seed: run_ours(args, data_root, seed),
+        "lightly": lambda seed: run_lightly(args, data_root, seed, recipe),
+    }
     report = {"setting": setting, "sides": {}}
     per_side = {side: {} for side in args.side_list}
     # Seed by seed, the sides alternating: a drift of the machine's speed hits both alike.
@@ -434,7 +436,7 @@ def drive(args: argparse.Namespace) -> dict:
                     per_side[side][seed] = json.load(f)
                 print(f"{side} seed {seed}: reusing {done}")
                 continue
-            per_side[side][seed] = runners[side](args, data_root, seed, recipe)
+            per_side[side][seed] = runners[side](seed)
             with open(done, "w") as f:
                 json.dump(per_side[side][seed], f, indent=2)
     for side, per_seed in per_side.items():

@@ -168,7 +168,6 @@ def _lightly_recipe(optim=(), train=(), view=()):
     "recipe, expected",
     [
         (_lightly_recipe(optim={"name": "adamw"}), "optim.name='adamw': the lightly side has"),
-        (_lightly_recipe(optim={"lr_scaling": "none"}), "optim.lr_scaling='none'"),
         (_lightly_recipe(optim={"probe_weight_decay": True}), "optim.probe_weight_decay=True"),
         (_lightly_recipe(train={"steps": 100}), "train.steps=100: the harness's budget"),
         (_lightly_recipe(view={"crop_area_range": [0.2, 0.9]}), r"view 1: crop area \(0.2, 0.9\)"),
@@ -180,15 +179,11 @@ def test_a_recipe_lightly_cannot_reproduce_is_refused(recipe_module, recipe, exp
         recipe_module.check_lightly_recipe(recipe)
 
 
-def test_a_recipe_lightly_can_reproduce_passes_with_our_peak_lr(recipe_module):
+def test_a_recipe_lightly_can_reproduce_passes(recipe_module):
     recipe_module.check_lightly_recipe(_lightly_recipe())
     recipe_module.check_lightly_recipe(
         _lightly_recipe(optim={"name": "sgd", "probe_weight_decay": True})
     )
-    optim = {"base_lr": 0.3, "lr_scaling": "linear"}
-    assert recipe_module.peak_learning_rate(optim, 512) == pytest.approx(0.6)
-    optim = {"base_lr": 0.075, "lr_scaling": "sqrt"}
-    assert recipe_module.peak_learning_rate(optim, 4096) == pytest.approx(4.8)  # SimCLR's
 
 
 def test_the_driver_checks_the_recipe_for_lightly_before_any_run(harness, tmp_path, monkeypatch):
@@ -250,6 +245,7 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, recipe_mo
     """What the lightly side configures itself from: our config file resolved with the
     harness's overrides, each view's augmentations resolved by our own view_recipe."""
     from configs import byol_cifar10
+    from simclr_jax import optim
 
     recipe = _recipe(harness, tmp_path, "byol", "--width=8", "--batch=64", "--epochs=2")
     config = byol_cifar10.get_config()
@@ -258,6 +254,9 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, recipe_mo
     assert recipe["train"]["batch_size"] == 64 and recipe["train"]["epochs"] == 2.0
     assert recipe["optim"]["warmup_epochs"] == recipe_module.WARMUP_EPOCHS
     assert recipe["optim"]["weight_decay"] == config.optim.weight_decay == 1e-5
+    # The lightly side's peak LR is ours, not a copy of the formula: base_lr x 64 / 256.
+    assert recipe["peak_lr"] == optim.peak_learning_rate(config.optim.base_lr, 64, "linear")
+    assert recipe["peak_lr"] == pytest.approx(config.optim.base_lr * 64 / 256)
     view1, view2 = recipe["views"]
     assert (view1["solarize_prob"], view2["solarize_prob"]) == (0.0, 0.2)  # BYOL's asymmetry
     assert view1["jitter_magnitudes"] == [0.4, 0.4, 0.2, 0.1]
@@ -267,6 +266,7 @@ def test_the_recipe_is_our_config_with_the_settings_overrides(harness, recipe_mo
     assert simclr["method"]["name"] == "simclr"
     assert (simclr["loss"]["temperature"], simclr["loss"]["loss_scale"]) == (0.5, 2.0)
     assert simclr["optim"]["name"] == "lars" and simclr["optim"]["base_lr"] == recipe_module.BASE_LR
+    assert simclr["peak_lr"] == recipe_module.BASE_LR  # x 256 / 256
     assert simclr["model"]["head_layers"] == 3 and simclr["model"]["head_dim"] == 128
     assert simclr["views"][0] == simclr["views"][1]
     assert simclr["views"][0]["jitter_magnitudes"] == [0.4, 0.4, 0.4, 0.1]  # strength 0.5
