@@ -18,13 +18,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The CPU boundary (simclr_jax/cpu), optional: without it every run uses XLA's convolutions.
-# Its XLA:CPU flags (YNNPACK off convolutions, ...) are read when the backend starts, so they go
-# into the environment before jax is imported. See simclr_jax/cpu/xla_flags.py.
+# Its malloc policy (XLA:CPU's step buffer reused, not faulted in anew each step) must be set
+# before any thread starts, and its XLA:CPU flags (YNNPACK off convolutions, ...) are read when
+# the backend starts: both happen before jax is imported. See simclr_jax/cpu/host_memory.py
+# and simclr_jax/cpu/xla_flags.py.
 try:
-    from simclr_jax.cpu import xla_flags  # noqa: E402  (imports no jax)
+    from simclr_jax.cpu import host_memory, xla_flags  # noqa: E402  (import no jax)
 except ImportError:
     xla_flags = None
 else:
+    host_memory.apply()
     xla_flags.apply()
     from simclr_jax.cpu import conv_class  # noqa: E402
 

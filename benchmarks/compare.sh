@@ -42,10 +42,13 @@ def load(name):
     return [json.load(open(f"{out}/{name}_{r}.json"))["images_per_s"] for r in range(1, rounds + 1)]
 for width in widths:
     jax_ips, torch_ips = load(f"jax_w{width}"), load(f"torch_w{width}")
-    impl = json.load(open(f"{out}/jax_w{width}_1.json"))["cpu_conv"]
+    first = json.load(open(f"{out}/jax_w{width}_1.json"))
+    impl = f"{first['cpu_conv']}, malloc {first.get('host_malloc', 'default')}"
     mj, mt = statistics.median(jax_ips), statistics.median(torch_ips)
-    print(f"width {width}: jax ({impl}) img/s median {mj:.1f} rounds {[round(v, 1) for v in jax_ips]}")
-    print(f"width {width}: torch img/s median {mt:.1f} rounds {[round(v, 1) for v in torch_ips]}")
+    mem = {name: max(json.load(open(f"{out}/{name}_w{width}_{r}.json"))["peak_memory_mib"]
+                     for r in range(1, rounds + 1)) for name in ("jax", "torch")}
+    print(f"width {width}: jax ({impl}) img/s median {mj:.1f} rounds {[round(v, 1) for v in jax_ips]}, peak RSS max {mem['jax']:.0f} MiB")
+    print(f"width {width}: torch img/s median {mt:.1f} rounds {[round(v, 1) for v in torch_ips]}, peak RSS max {mem['torch']:.0f} MiB")
     print(f"width {width}: ratio jax/torch {mj / mt:.2f}")
 model = [l for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
          if l.startswith("Model name")]

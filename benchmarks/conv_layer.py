@@ -141,8 +141,9 @@ def main(argv: list[str]) -> dict:
     if args.threads > 0:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     if args.impl != "torch" and args.xla_flags == "recommended":
-        from simclr_jax.cpu import xla_flags
+        from simclr_jax.cpu import host_memory, xla_flags
 
+        host_memory.apply()  # as main.py: XLA's step buffer reused, not faulted in anew
         xla_flags.apply()
     if args.impl == "torch":
         timer = _torch_timer(args.threads)

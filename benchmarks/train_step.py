@@ -83,6 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["recommended", "none"],
         help="'recommended': add simclr_jax.cpu.xla_flags to XLA_FLAGS (as main.py does)",
     )
+    parser.add_argument(
+        "--host_malloc",
+        default="recommended",
+        choices=["recommended", "default"],
+        help="'recommended': simclr_jax.cpu.host_memory's malloc policy (as main.py sets it; "
+        "CPU backend only), 'default': glibc's",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size; 0: by backend")
@@ -228,8 +235,10 @@ def main(argv: list[str]) -> dict:
     if args.threads > 0:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[: args.threads])
-    from simclr_jax.cpu import xla_flags
+    from simclr_jax.cpu import host_memory, xla_flags
 
+    # Before jax (or anything else) starts threads: see simclr_jax/cpu/host_memory.py.
+    host_malloc = host_memory.apply() if args.host_malloc == "recommended" else False
     if args.devices > 1:
         xla_flags.add_flag("xla_force_host_platform_device_count", str(args.devices))
     if args.profile_dir:
@@ -367,6 +376,8 @@ def main(argv: list[str]) -> dict:
         "peak_memory_mib": memory / 2**20,
         "peak_memory_kind": memory_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # 'reuse', 'over budget' (the watchdog restored glibc's defaults) or 'default'.
+        "host_malloc": host_memory.policy() if host_malloc else "default",
         "profiled": bool(args.profile_dir),
     }
     if profile:

@@ -7,13 +7,16 @@ is why it happens at the top of conftest rather than in a fixture.
 
 import os
 
-from simclr_jax.cpu import xla_flags  # noqa: E402  (imports no jax)
+from simclr_jax.cpu import host_memory, xla_flags  # noqa: E402  (import no jax)
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# main.py's malloc policy (XLA's step buffer reused; threads pytest already started keep their
+# own arenas, so here it holds only in part) and XLA:CPU flags.
+host_memory.apply()
 xla_flags.add_flag("xla_force_host_platform_device_count", "8")
 # The same XLA:CPU flags as main.py (tests that build models in-process use nn.Conv, the
 # library default; main.py subprocess tests use simclr_jax.cpu.conv_class like users do).
 xla_flags.apply()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

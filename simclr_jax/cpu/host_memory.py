@@ -1,0 +1,226 @@
+"""glibc malloc settings that let XLA:CPU reuse its per-step buffer instead of faulting it anew.
+
+XLA:CPU runs a compiled program with one temporary buffer holding all its intermediate values
+(for the ResNet-18 CIFAR train step at batch 256: 1.2 GB at width 16, several GB at width 64),
+allocated with posix_memalign when an execution starts and freed when it ends. The allocating
+thread is one of XLA's workers, and glibc gives each such thread its own arena, whose heaps are
+at most 64 MB: a larger request falls back to a fresh mmap whatever M_MMAP_THRESHOLD says, and
+free unmaps it. So every step the kernel faults the whole buffer in again, 4 KiB at a time, and
+zeroes it: 313,000 minor page faults and about 0.6 CPU-seconds of system time per width-16
+step on the 2-core machine of docs/performance.md, where the step takes about 1.3 s on two
+cores.
+
+`apply()` sets, through mallopt(3) (glibc only), before any other thread exists:
+
+- M_ARENA_MAX = 1: every thread allocates from the main arena, whose heap grows with brk and
+  can hold the buffer;
+- M_MMAP_MAX = 0: no allocation is served by its own mmap;
+- M_TRIM_THRESHOLD = SIZE_MAX: free memory at the top of the heap is kept, not returned to the
+  kernel, so the next step's buffer lands on pages that are already mapped.
+
+The cost is memory: the process keeps its peak heap, and it settles at about three step
+buffers (a step allocates its buffer before the previous step's is freed, and small
+allocations split the free ones): the width-16 step's process grew from 2.0 to 4.4 GB over its
+first 3 steps and stayed there, the width-64 one reached 10-20 GB (5.9 GB without). So a
+watchdog thread checks memory every second and, once the machine (or the process's cgroup) has
+less than a quarter of its memory available, or the process's RSS passes
+SIMCLR_CPU_MALLOC_BUDGET_GB where that is set, restores glibc's defaults, hands the free heap
+back (malloc_trim) and logs one warning: the run goes on at the default speed. Also: all
+threads share one arena's lock (compiling the train step took about 1.5 s longer), and the
+settings hold for the whole process (the input pipeline's allocations included). Figures:
+docs/performance.md ("Host memory: reusing XLA's step buffer").
+
+Only for the CPU backend: nothing is set when JAX_PLATFORMS names another platform first or an
+accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not ask for 'cpu',
+when SIMCLR_CPU_MALLOC=0, when GLIBC_TUNABLES already sets a glibc.malloc tunable (the user's
+choice stands), or off glibc. Like `xla_flags.apply()`, call it first thing, before jax,
+TensorFlow or anything else starts threads: an arena a thread already owns keeps serving it.
+"""
+
+import ctypes
+import importlib.util
+import logging
+import os
+import platform
+import threading
+import time
+
+DISABLE_ENV = "SIMCLR_CPU_MALLOC"
+BUDGET_ENV = "SIMCLR_CPU_MALLOC_BUDGET_GB"
+# The watchdog restores glibc's defaults once less than this share of the memory (the machine's,
+# or the cgroup's limit where lower) is available.
+MIN_AVAILABLE_FRACTION = 0.25
+WATCH_INTERVAL_S = 1.0
+
+# mallopt(3) parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+# mallopt's value is an int; glibc converts it to size_t for the trim threshold, so -1 means
+# SIZE_MAX: never trim.
+SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD), restored over budget;
+# the single arena stays (threads keep the arena they have).
+DEFAULTS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
+
+_state = {"policy": "default"}  # 'default', 'reuse' or 'over budget'
+
+# Modules whose presence means jax will pick an accelerator backend by default.
+_ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+
+
+def _accelerator_expected(environ: dict[str, str]) -> bool:
+    platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_MODULES)
+
+
+def skip_reason(environ: dict[str, str] | None = None) -> str | None:
+    """Why `apply` would set nothing here, or None if it would set the policy.
+
+    Args:
+      environ: the environment to read (default os.environ).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{DISABLE_ENV}=0"
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets glibc.malloc tunables"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
+    if _accelerator_expected(environ):
+        return "an accelerator backend is expected (JAX_PLATFORMS or an installed plugin)"
+    return None
+
+
+def budget_bytes(environ: dict[str, str] | None = None) -> int | None:
+    """The RSS cap SIMCLR_CPU_MALLOC_BUDGET_GB sets, in bytes; None where it is unset.
+
+    Raises:
+      ValueError: SIMCLR_CPU_MALLOC_BUDGET_GB is not a positive number.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(BUDGET_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise ValueError(f"{BUDGET_ENV}={value!r}: expected a positive number of GiB.")
+    return int(gib * 2**30)
+
+
+def memory_headroom(
+    meminfo: str, cgroup_max: str | None = None, cgroup_current: str | None = None
+) -> tuple[int, int]:
+    """(available, total) bytes from /proc/meminfo's text and a cgroup v2 limit.
+
+    Args:
+      meminfo: the text of /proc/meminfo (MemTotal and MemAvailable, in kB).
+      cgroup_max: the text of the cgroup's memory.max ('max' or bytes); None if unreadable.
+      cgroup_current: the text of its memory.current (bytes); None if unreadable.
+
+    Returns:
+      The available and total bytes, the cgroup's limit and use counted where lower.
+    """
+    fields = {}
+    for line in meminfo.splitlines():
+        name, _, rest = line.partition(":")
+        if rest.strip():
+            fields[name.strip()] = int(rest.split()[0]) * 1024
+    total, available = fields["MemTotal"], fields.get("MemAvailable", fields["MemTotal"])
+    if cgroup_max is not None and cgroup_max.strip().isdigit():
+        limit = int(cgroup_max)
+        used = int(cgroup_current) if cgroup_current and cgroup_current.strip().isdigit() else 0
+        total, available = min(total, limit), min(available, max(limit - used, 0))
+    return available, total
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _over_budget(budget: int | None) -> bool:
+    if budget is not None and _rss_bytes() > budget:
+        return True
+    meminfo = _read("/proc/meminfo")
+    if meminfo is None:
+        return False
+    available, total = memory_headroom(
+        meminfo, _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+    )
+    return available < MIN_AVAILABLE_FRACTION * total
+
+
+def policy() -> str:
+    """'reuse' while the policy holds, 'over budget' once the watchdog restored glibc's
+    defaults, 'default' if `apply` set nothing."""
+    return _state["policy"]
+
+
+def _libc():
+    libc = ctypes.CDLL(None)
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim.restype = ctypes.c_int
+    return libc
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _watch(libc, budget: int | None) -> None:
+    while not _over_budget(budget):
+        time.sleep(WATCH_INTERVAL_S)
+    for param, value in DEFAULTS:
+        libc.mallopt(param, value)
+    libc.malloc_trim(0)
+    _state["policy"] = "over budget"
+    logging.getLogger(__name__).warning(
+        "Memory is getting short (less than %d%% available, or the process past %s): XLA's "
+        "step buffers are no longer kept between steps; glibc's malloc defaults are restored "
+        "(slower on CPU).",
+        round(100 * MIN_AVAILABLE_FRACTION),
+        BUDGET_ENV,
+    )
+
+
+def apply(environ: dict[str, str] | None = None) -> bool:
+    """Sets the malloc policy above for this process unless `skip_reason` says not to.
+
+    Also starts the watchdog (a daemon thread) that restores glibc's defaults once memory gets
+    short (module docstring).
+
+    Args:
+      environ: the environment to read (default os.environ).
+
+    Returns:
+      Whether the policy was set (every mallopt call accepted).
+
+    Raises:
+      ValueError: SIMCLR_CPU_MALLOC_BUDGET_GB is not a positive number.
+    """
+    if _state["policy"] != "default":
+        return _state["policy"] == "reuse"  # set already (one watchdog per process)
+    if skip_reason(environ) is not None:
+        return False
+    budget = budget_bytes(environ)
+    libc = _libc()
+    if not all([libc.mallopt(param, value) == 1 for param, value in SETTINGS]):
+        return False
+    _state["policy"] = "reuse"
+    threading.Thread(
+        target=_watch, args=(libc, budget), name="simclr_jax-malloc-budget", daemon=True
+    ).start()
+    return True
