@@ -14,7 +14,8 @@ forward, input-gradient and kernel-gradient convolutions separately instead (2 x
 x C x C FLOPs each), to show which of the three is slow. --xla_flags picks
 whether simclr_jax.cpu.xla_flags is applied before jax starts (as main.py does) or not, which is
 what decides between XLA's own convolution and the YNNPACK one in jaxlib 0.10 (see that
-module). --threads pins the process to T CPUs, as benchmarks/train_step.py does.
+module). --host_malloc picks main.py's malloc policy (simclr_jax.cpu.host_memory) or glibc's
+default. --threads pins the process to T CPUs, as benchmarks/train_step.py does.
 """
 
 import argparse
@@ -31,6 +32,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--impl", default="xla", choices=["xla", "matmul", "onednn", "torch"])
     parser.add_argument("--xla_flags", default="recommended", choices=["recommended", "none"])
+    parser.add_argument(
+        "--host_malloc",
+        default="recommended",
+        choices=["recommended", "default"],
+        help="simclr_jax.cpu.host_memory's malloc policy (as main.py) or glibc's default",
+    )
     parser.add_argument("--views", type=int, default=128, help="batch of images per conv")
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
     parser.add_argument("--repeats", type=int, default=5)
@@ -140,10 +147,11 @@ def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     if args.threads > 0:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-    if args.impl != "torch" and args.xla_flags == "recommended":
-        from simclr_jax.cpu import host_memory, xla_flags
+    from simclr_jax.cpu import host_memory, xla_flags  # imports no jax
 
+    if args.impl != "torch" and args.host_malloc == "recommended":
         host_memory.apply()  # as main.py: XLA's step buffer reused, not faulted in anew
+    if args.impl != "torch" and args.xla_flags == "recommended":
         xla_flags.apply()
     if args.impl == "torch":
         timer = _torch_timer(args.threads)
@@ -181,6 +189,7 @@ def main(argv: list[str]) -> dict:
     result = {
         "impl": args.impl,
         "xla_flags": os.environ.get("XLA_FLAGS", "") if args.impl != "torch" else "",
+        "host_malloc": host_memory.policy(),
         "views": args.views,
         "parts": args.parts,
         "cpus": len(os.sched_getaffinity(0)),

@@ -90,6 +90,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="'recommended': simclr_jax.cpu.host_memory's malloc policy (as main.py sets it; "
         "CPU backend only), 'default': glibc's",
     )
+    parser.add_argument(
+        "--print_rss",
+        action="store_true",
+        help="print each step's time and the process's RSS (Linux /proc/self/statm)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak_size", type=int, default=0, help="matmul size; 0: by backend")
@@ -325,6 +330,10 @@ def main(argv: list[str]) -> dict:
         jax.block_until_ready((state, metrics))
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
+        if args.print_rss:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            print(f"step {index}: {time.perf_counter() - start:.3f} s, RSS {rss / 2**20:.0f} MiB")
     step_s = statistics.median(times)
     profile = (
         profile_step(jax, compiled, state, batch, args.profile_dir) if args.profile_dir else {}

@@ -3,7 +3,8 @@
 The behaviour test runs a jitted program whose 256 MiB intermediates live in XLA's per-execution
 temporary buffer, in a fresh process (the policy must be set before threads start), and counts
 the minor page faults of its later executions: without the policy every execution faults the
-buffer in anew (at least 65,536 4 KiB pages), with it the pages are reused.
+buffer in anew (at least 65,536 4 KiB pages), with it the pages are reused; once the watchdog
+trips, the free heap goes back to the kernel and the faults return.
 """
 
 import json
@@ -35,8 +36,11 @@ def test_policy_applies_on_the_cpu_backend():
     "env, reason",
     [
         (_env(SIMCLR_CPU_MALLOC="0"), "SIMCLR_CPU_MALLOC=0"),
-        (_env(SIMCLR_CPU_MALLOC="off"), "SIMCLR_CPU_MALLOC=0"),
+        (_env(SIMCLR_CPU_MALLOC="off"), "SIMCLR_CPU_MALLOC=off"),
         (_env(GLIBC_TUNABLES="glibc.malloc.arena_max=4"), "GLIBC_TUNABLES"),
+        (_env(MALLOC_ARENA_MAX="2"), "MALLOC_ARENA_MAX is set"),
+        (_env(MALLOC_TRIM_THRESHOLD_="0"), "MALLOC_TRIM_THRESHOLD_ is set"),
+        (_env(LD_PRELOAD="/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"), "LD_PRELOAD"),
         (_env(JAX_PLATFORMS="cuda"), "accelerator"),
         (_env(JAX_PLATFORMS="tpu,cpu"), "accelerator"),
     ],
@@ -52,10 +56,11 @@ def test_glibc_tunables_of_other_subsystems_do_not_skip():
     assert host_memory.skip_reason(env) in (None, "not glibc")
 
 
-# Counts the minor page faults of the 3rd-5th executions of a program with 256 MiB
-# intermediates (dot outputs that a transpose and a reduction keep from fusing away).
+# Runs a program with 256 MiB intermediates (dot outputs that a transpose and a reduction keep
+# from fusing away) twice, optionally drops the RSS cap to 1 byte (the watchdog's next check
+# trips), then counts the minor page faults of three more executions and reads the RSS.
 _PROBE = r"""
-import json, os, resource, sys, time
+import json, resource, sys, time
 from simclr_jax.cpu import host_memory
 applied = host_memory.apply()
 import jax, jax.numpy as jnp
@@ -64,22 +69,30 @@ b = jnp.ones((64, 16384), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b) * jnp.tanh(a @ b + 1.0).T.sum(), axis=0))
 for _ in range(2):
     f(a, b).block_until_ready()
-time.sleep(2 * host_memory.WATCH_INTERVAL_S)  # the watchdog's turn
+rss_warm = host_memory._rss_bytes()
+if sys.argv[1] == "trip":
+    host_memory._state["budget"] = 1
+time.sleep(3 * host_memory.WATCH_INTERVAL_S)  # the watchdog's turn (and one trim)
+rss_after = host_memory._rss_bytes()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
     f(a, b).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-print(json.dumps({"applied": applied, "faults_per_call": faults, "policy": host_memory.policy()}))
+available, total = host_memory.memory_headroom(open("/proc/meminfo").read())
+print(json.dumps({
+    "applied": applied, "policy": host_memory.policy(), "faults_per_call": faults,
+    "rss_warm": rss_warm, "rss_after": rss_after, "available_share": available / total,
+}))
 """
+PAGES = 4096 * 16384 * 4 // 4096  # one 256 MiB intermediate, in 4 KiB pages
 
 
-def _faults_per_call(policy: str, budget_gb: str = "") -> dict:
+def _probe(policy: str, mode: str = "") -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", SIMCLR_CPU_MALLOC=policy)
-    env[host_memory.BUDGET_ENV] = budget_gb
-    env.pop("GLIBC_TUNABLES", None)
-    env.pop("XLA_FLAGS", None)  # one device is enough
+    for name in ("GLIBC_TUNABLES", "XLA_FLAGS", "LD_PRELOAD", host_memory.BUDGET_ENV):
+        env.pop(name, None)  # glibc's malloc, one device, no RSS cap
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
+        [sys.executable, "-c", _PROBE, mode],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -87,29 +100,46 @@ def _faults_per_call(policy: str, budget_gb: str = "") -> dict:
         timeout=300,
         check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    short = result["available_share"] < host_memory.MIN_AVAILABLE_FRACTION
+    if policy != "0" and mode != "trip" and result["policy"] != "reuse" and short:
+        pytest.skip("under a quarter of this machine's memory is available: the watchdog trips")
+    return result
 
 
-@pytest.mark.skipif(not GLIBC, reason="the policy is for glibc's malloc")
+def _thp_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="the policy is for glibc's malloc")
+
+
+@needs_glibc
 def test_xla_reuses_its_temporary_buffer_under_the_policy():
-    pages = 4096 * 16384 * 4 // 4096  # one 256 MiB intermediate, in 4 KiB pages
-    without = _faults_per_call("0")
-    with_policy = _faults_per_call("1")
-    assert not without["applied"] and with_policy["applied"]
-    # glibc's default: the buffer is a fresh mmap every call, faulted in page by page.
-    assert without["faults_per_call"] > 0.5 * pages, without
-    # The policy: the same heap pages every call.
-    assert with_policy["faults_per_call"] < 0.05 * pages, with_policy
-    assert with_policy["policy"] == "reuse"
+    with_policy = _probe("1")
+    assert with_policy["applied"] and with_policy["policy"] == "reuse", with_policy
+    # The same heap pages every call.
+    assert with_policy["faults_per_call"] < 0.05 * PAGES, with_policy
+    without = _probe("0")
+    assert not without["applied"] and without["policy"] == "default", without
+    if not _thp_always():  # with THP 'always', a fresh mmap faults in 2 MiB pages
+        # glibc's default: the buffer is a fresh mmap every call, faulted in page by page.
+        assert without["faults_per_call"] > 0.5 * PAGES, without
 
 
-@pytest.mark.skipif(not GLIBC, reason="the policy is for glibc's malloc")
-def test_over_budget_the_watchdog_restores_glibc_defaults():
-    pages = 4096 * 16384 * 4 // 4096
-    # An RSS cap of 10 MiB: far below what the process holds once jax is up.
-    result = _faults_per_call("1", budget_gb="0.01")
+@needs_glibc
+def test_over_budget_the_watchdog_restores_glibc_defaults_and_returns_memory():
+    result = _probe("1", "trip")
     assert result["applied"] and result["policy"] == "over budget", result
-    assert result["faults_per_call"] > 0.5 * pages, result
+    # The free heap went back to the kernel (the 256 MiB intermediates were in it) ...
+    assert result["rss_after"] < result["rss_warm"] - 0.5 * PAGES * 4096, result
+    # ... and later calls fault their buffers in again, as without the policy.
+    if not _thp_always():
+        assert result["faults_per_call"] > 0.5 * PAGES, result
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "lots"])
@@ -124,17 +154,32 @@ def test_budget_is_unset_by_default():
 
 
 _MEMINFO = "MemTotal:       16000000 kB\nMemFree:  1000 kB\nMemAvailable:    6000000 kB\n"
+_MACHINE = (6_000_000 * 1024, 16_000_000 * 1024)
 
 
 @pytest.mark.parametrize(
-    "cgroup_max, cgroup_current, expected",
+    "cgroup_max, cgroup_current, cgroup_stat, expected",
     [
-        (None, None, (6_000_000 * 1024, 16_000_000 * 1024)),  # no cgroup file: the machine's
-        ("max\n", "123\n", (6_000_000 * 1024, 16_000_000 * 1024)),  # cgroup without a limit
-        ("4294967296\n", "1073741824\n", (3 * 2**30, 4 * 2**30)),  # the limit is lower
-        ("4294967296\n", "5000000000\n", (0, 4 * 2**30)),  # past its limit: nothing left
-        ("68719476736\n", "0\n", (6_000_000 * 1024, 16_000_000 * 1024)),  # higher limit
+        (None, None, None, _MACHINE),  # no cgroup files: the machine's
+        ("max\n", "123\n", None, _MACHINE),  # a cgroup without a limit
+        ("68719476736\n", "0\n", None, _MACHINE),  # a limit above the machine's memory
+        ("4294967296\n", "1073741824\n", None, (3 * 2**30, 4 * 2**30)),  # a lower limit
+        ("4294967296\n", "5000000000\n", None, (0, 4 * 2**30)),  # past its limit
+        # Inactive page cache is reclaimable: not counted as used.
+        (
+            "4294967296\n",
+            "3221225472\n",
+            "anon 1073741824\ninactive_file 2147483648\nactive_file 0\n",
+            (3 * 2**30, 4 * 2**30),
+        ),
     ],
 )
-def test_memory_headroom(cgroup_max, cgroup_current, expected):
-    assert host_memory.memory_headroom(_MEMINFO, cgroup_max, cgroup_current) == expected
+def test_memory_headroom(cgroup_max, cgroup_current, cgroup_stat, expected):
+    assert (
+        host_memory.memory_headroom(_MEMINFO, cgroup_max, cgroup_current, cgroup_stat) == expected
+    )
+
+
+def test_memory_headroom_needs_memtotal():
+    with pytest.raises(ValueError, match="MemTotal"):
+        host_memory.memory_headroom("MemFree: 1000 kB\n")

@@ -21,20 +21,25 @@ cores.
 The cost is memory: the process keeps its peak heap, and it settles at about three step
 buffers (a step allocates its buffer before the previous step's is freed, and small
 allocations split the free ones): the width-16 step's process grew from 2.0 to 4.4 GB over its
-first 3 steps and stayed there, the width-64 one reached 10-20 GB (5.9 GB without). So a
+first 3 steps and stayed there, the width-64 one reached 10.7-20.4 GB (5.9 GB without). So a
 watchdog thread checks memory every second and, once the machine (or the process's cgroup) has
 less than a quarter of its memory available, or the process's RSS passes
-SIMCLR_CPU_MALLOC_BUDGET_GB where that is set, restores glibc's defaults, hands the free heap
-back (malloc_trim) and logs one warning: the run goes on at the default speed. Also: all
-threads share one arena's lock (compiling the train step took about 1.5 s longer), and the
-settings hold for the whole process (the input pipeline's allocations included). Figures:
+SIMCLR_CPU_MALLOC_BUDGET_GB where that is set, or the check itself fails, restores glibc's mmap
+and trim defaults, logs one warning with the figures, and from then on returns the heap's free
+pages every second (malloc_trim): the run goes on at about the default speed. The single arena
+stays (threads keep their arena), and so does a fixed mmap threshold (glibc's dynamic one is off
+after any of these mallopt calls). Also: all threads share one arena's lock (compiling the train
+step took about 1.5 s longer), and the settings hold for the whole process (the input
+pipeline's allocations included). Figures:
 docs/performance.md ("Host memory: reusing XLA's step buffer").
 
 Only for the CPU backend: nothing is set when JAX_PLATFORMS names another platform first or an
-accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not ask for 'cpu',
-when SIMCLR_CPU_MALLOC=0, when GLIBC_TUNABLES already sets a glibc.malloc tunable (the user's
-choice stands), or off glibc. Like `xla_flags.apply()`, call it first thing, before jax,
-TensorFlow or anything else starts threads: an arena a thread already owns keeps serving it.
+accelerator plugin (CUDA, ROCm, TPU) is installed and JAX_PLATFORMS does not ask for 'cpu' (set
+JAX_PLATFORMS=cpu on a machine with a plugin but no accelerator), when SIMCLR_CPU_MALLOC=0, when
+the user chose malloc settings (a glibc.malloc tunable in GLIBC_TUNABLES, a MALLOC_* variable,
+a preloaded jemalloc/tcmalloc/mimalloc), or off glibc. Like `xla_flags.apply()`, call it first
+thing, before jax, TensorFlow or anything else starts threads: an arena a thread already owns
+keeps serving it.
 """
 
 import ctypes
@@ -60,14 +65,33 @@ M_ARENA_MAX = -8
 # mallopt's value is an int; glibc converts it to size_t for the trim threshold, so -1 means
 # SIZE_MAX: never trim.
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
-# glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD), restored over budget;
-# the single arena stays (threads keep the arena they have).
+# glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD), restored over budget.
+# Not restored: the single arena (threads keep the arena they have) and the dynamic mmap
+# threshold (any mallopt of these turns it off for good).
 DEFAULTS = ((M_MMAP_MAX, 65536), (M_TRIM_THRESHOLD, 128 * 1024))
 
-_state = {"policy": "default"}  # 'default', 'reuse' or 'over budget'
+# policy: 'default', 'reuse' or 'over budget'; budget: the RSS cap in bytes or None (read by
+# the watchdog at every check).
+_state: dict = {"policy": "default", "budget": None}
 
 # Modules whose presence means jax will pick an accelerator backend by default.
-_ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+_ACCELERATOR_MODULES = (
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm60_plugin",
+    "jax_rocm7_plugin",
+    "libtpu",
+)
+# glibc's older malloc environment variables (mallopt(3)); one set means the user chose.
+_MALLOC_ENV = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+)
+# Allocators that replace glibc's malloc when preloaded; mallopt would not reach them.
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
 def _accelerator_expected(environ: dict[str, str]) -> bool:
@@ -84,14 +108,21 @@ def skip_reason(environ: dict[str, str] | None = None) -> str | None:
       environ: the environment to read (default os.environ).
     """
     environ = os.environ if environ is None else environ
-    if environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{DISABLE_ENV}=0"
-    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
-        return "GLIBC_TUNABLES sets glibc.malloc tunables"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "not glibc"
+    disable = environ.get(DISABLE_ENV, "1").strip().lower()
+    if disable in ("0", "false", "no", "off"):
+        return f"{DISABLE_ENV}={disable}"
     if _accelerator_expected(environ):
         return "an accelerator backend is expected (JAX_PLATFORMS or an installed plugin)"
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES sets glibc.malloc tunables"
+    chosen = [name for name in _MALLOC_ENV if name in environ]
+    if chosen:
+        return f"{chosen[0]} is set"
+    preload = environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _PRELOADED_ALLOCATORS):
+        return "another allocator is preloaded (LD_PRELOAD)"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc"
     return None
 
 
@@ -115,28 +146,42 @@ def budget_bytes(environ: dict[str, str] | None = None) -> int | None:
 
 
 def memory_headroom(
-    meminfo: str, cgroup_max: str | None = None, cgroup_current: str | None = None
+    meminfo: str,
+    cgroup_max: str | None = None,
+    cgroup_current: str | None = None,
+    cgroup_stat: str | None = None,
 ) -> tuple[int, int]:
-    """(available, total) bytes from /proc/meminfo's text and a cgroup v2 limit.
+    """(available, total) bytes from /proc/meminfo's text and the process's cgroup v2 files.
 
     Args:
       meminfo: the text of /proc/meminfo (MemTotal and MemAvailable, in kB).
       cgroup_max: the text of the cgroup's memory.max ('max' or bytes); None if unreadable.
       cgroup_current: the text of its memory.current (bytes); None if unreadable.
+      cgroup_stat: the text of its memory.stat; its inactive_file (page cache the kernel
+        reclaims first) does not count as used. None if unreadable.
 
     Returns:
-      The available and total bytes, the cgroup's limit and use counted where lower.
+      The available and total bytes; the cgroup's limit and use where the limit is lower.
+
+    Raises:
+      ValueError: meminfo has no MemTotal line.
     """
     fields = {}
     for line in meminfo.splitlines():
         name, _, rest = line.partition(":")
-        if rest.strip():
+        if rest.split():
             fields[name.strip()] = int(rest.split()[0]) * 1024
+    if "MemTotal" not in fields:
+        raise ValueError("/proc/meminfo has no MemTotal line.")
     total, available = fields["MemTotal"], fields.get("MemAvailable", fields["MemTotal"])
-    if cgroup_max is not None and cgroup_max.strip().isdigit():
+    if cgroup_max is not None and cgroup_max.strip().isdigit() and int(cgroup_max) < total:
         limit = int(cgroup_max)
         used = int(cgroup_current) if cgroup_current and cgroup_current.strip().isdigit() else 0
-        total, available = min(total, limit), min(available, max(limit - used, 0))
+        for line in (cgroup_stat or "").splitlines():
+            name, _, value = line.partition(" ")
+            if name == "inactive_file" and value.strip().isdigit():
+                used -= int(value)
+        total, available = limit, min(available, max(limit - max(used, 0), 0))
     return available, total
 
 
@@ -148,16 +193,34 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _over_budget(budget: int | None) -> bool:
-    if budget is not None and _rss_bytes() > budget:
-        return True
-    meminfo = _read("/proc/meminfo")
-    if meminfo is None:
-        return False
+def _cgroup_dir() -> str:
+    """The process's cgroup v2 directory (from /proc/self/cgroup's '0::' line)."""
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        if line.startswith("0::"):
+            path = os.path.join("/sys/fs/cgroup", line[3:].strip().lstrip("/"))
+            if os.path.exists(os.path.join(path, "memory.max")):
+                return path
+    return "/sys/fs/cgroup"
+
+
+def _memory_short(cgroup: str) -> str | None:
+    """Why memory is short (a message with the figures), or None."""
+    budget = _state["budget"]
+    rss = _rss_bytes()
+    if budget is not None and rss > budget:
+        return f"the process's RSS {rss / 2**30:.1f} GiB passed {BUDGET_ENV}={budget / 2**30:g}"
     available, total = memory_headroom(
-        meminfo, _read("/sys/fs/cgroup/memory.max"), _read("/sys/fs/cgroup/memory.current")
+        _read("/proc/meminfo") or "",
+        _read(os.path.join(cgroup, "memory.max")),
+        _read(os.path.join(cgroup, "memory.current")),
+        _read(os.path.join(cgroup, "memory.stat")),
     )
-    return available < MIN_AVAILABLE_FRACTION * total
+    if available < MIN_AVAILABLE_FRACTION * total:
+        return (
+            f"{available / 2**30:.1f} of {total / 2**30:.1f} GiB available (under "
+            f"{MIN_AVAILABLE_FRACTION:.0%}; the process's RSS {rss / 2**30:.1f} GiB)"
+        )
+    return None
 
 
 def policy() -> str:
@@ -180,20 +243,26 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _watch(libc, budget: int | None) -> None:
-    while not _over_budget(budget):
-        time.sleep(WATCH_INTERVAL_S)
+def _watch(libc) -> None:
+    cgroup = _cgroup_dir()
+    try:
+        while (reason := _memory_short(cgroup)) is None:
+            time.sleep(WATCH_INTERVAL_S)
+    except Exception as error:  # noqa: BLE001 (unguarded reuse is the one outcome to avoid)
+        reason = f"the memory check failed ({error!r})"
     for param, value in DEFAULTS:
         libc.mallopt(param, value)
-    libc.malloc_trim(0)
     _state["policy"] = "over budget"
     logging.getLogger(__name__).warning(
-        "Memory is getting short (less than %d%% available, or the process past %s): XLA's "
-        "step buffers are no longer kept between steps; glibc's malloc defaults are restored "
-        "(slower on CPU).",
-        round(100 * MIN_AVAILABLE_FRACTION),
-        BUDGET_ENV,
+        "%s: XLA's step buffers are no longer kept between steps (glibc's mmap and trim "
+        "defaults restored, free heap returned every second; slower on CPU).",
+        reason,
     )
+    # Step buffers freed into the heap before the trip would be reused (and stay resident)
+    # by later steps: hand their free pages back from now on.
+    while True:
+        libc.malloc_trim(0)
+        time.sleep(WATCH_INTERVAL_S)
 
 
 def apply(environ: dict[str, str] | None = None) -> bool:
@@ -215,12 +284,14 @@ def apply(environ: dict[str, str] | None = None) -> bool:
         return _state["policy"] == "reuse"  # set already (one watchdog per process)
     if skip_reason(environ) is not None:
         return False
-    budget = budget_bytes(environ)
+    _state["budget"] = budget_bytes(environ)
     libc = _libc()
     if not all([libc.mallopt(param, value) == 1 for param, value in SETTINGS]):
+        for param, value in DEFAULTS:  # no half-set policy without its watchdog
+            libc.mallopt(param, value)
         return False
     _state["policy"] = "reuse"
     threading.Thread(
-        target=_watch, args=(libc, budget), name="simclr_jax-malloc-budget", daemon=True
+        target=_watch, args=(libc,), name="simclr_jax-malloc-budget", daemon=True
     ).start()
     return True
