@@ -64,7 +64,7 @@ def _jax_fns(shape):
         variables_in = {"params": params, "batch_stats": variables["batch_stats"]}
         return block.apply(variables_in, x, shortcut, mutable=["batch_stats"])
 
-    def loss(params, x, shortcut):
+    def loss(params, x, shortcut, cotangent):
         y, updates = forward(params, x, shortcut)
         return jnp.vdot(y, cotangent), updates
 
@@ -73,7 +73,7 @@ def _jax_fns(shape):
     params = variables["params"]
     return (
         lambda: jax.block_until_ready(fwd(params, x, shortcut)),
-        lambda: jax.block_until_ready(grad(params, x, shortcut)),
+        lambda: jax.block_until_ready(grad(params, x, shortcut, cotangent)),
     )
 
 
@@ -95,8 +95,11 @@ def _torch_fns(shape, threads: int):
         with torch.no_grad():
             return torch.relu(bn(x) + shortcut)
 
+    inputs = (x, shortcut, *bn.parameters())
+
     def forward_backward():
-        torch.relu(bn(x) + shortcut).backward(cotangent)
+        # autograd.grad returns fresh gradients (no accumulation into .grad), as jax.grad does.
+        torch.autograd.grad(torch.relu(bn(x) + shortcut), inputs, cotangent)
 
     return forward, forward_backward
 

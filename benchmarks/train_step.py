@@ -328,12 +328,13 @@ def main(argv: list[str]) -> dict:
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - start
         if index >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
         if args.print_rss:
             with open("/proc/self/statm") as f:
                 rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            print(f"step {index}: {time.perf_counter() - start:.3f} s, RSS {rss / 2**20:.0f} MiB")
+            print(f"step {index}: {elapsed:.3f} s, RSS {rss / 2**20:.0f} MiB")
     step_s = statistics.median(times)
     profile = (
         profile_step(jax, compiled, state, batch, args.profile_dir) if args.profile_dir else {}

@@ -20,10 +20,11 @@ cores.
 
 The cost is memory: the process keeps its peak heap, and it settles at about three step
 buffers (a step allocates its buffer before the previous step's is freed, and small
-allocations split the free ones): the width-16 step's process grew from 2.0 to 4.4 GB over its
-first 3 steps and stayed there, the width-64 one reached 10.7-20.4 GB (5.9 GB without). So a
-watchdog thread checks memory every second and, once the machine (or the process's cgroup) has
-less than a quarter of its memory available, or the process's RSS passes
+allocations split the free ones): the width-16 step's process grew from 2.0 to 4.3 GiB over
+its first 3 steps and stayed there; the width-64 one reached 10.7-20.4 GB with no watchdog
+(5.9 GB without the policy), 10.7-15.6 GB with it. So a
+watchdog thread checks memory every second and, once the machine (or the tightest cgroup v2
+limit over the process) has less than a quarter of its memory available, or the process's RSS passes
 SIMCLR_CPU_MALLOC_BUDGET_GB where that is set, or the check itself fails, restores glibc's mmap
 and trim defaults, logs one warning with the figures, and from then on returns the heap's free
 pages every second (malloc_trim): the run goes on at about the default speed. The single arena
@@ -82,14 +83,9 @@ _ACCELERATOR_MODULES = (
     "jax_rocm7_plugin",
     "libtpu",
 )
-# glibc's older malloc environment variables (mallopt(3)); one set means the user chose.
-_MALLOC_ENV = (
-    "MALLOC_ARENA_MAX",
-    "MALLOC_MMAP_MAX_",
-    "MALLOC_MMAP_THRESHOLD_",
-    "MALLOC_TRIM_THRESHOLD_",
-    "MALLOC_TOP_PAD_",
-)
+# glibc's older malloc environment variables (MALLOC_ARENA_MAX, MALLOC_TRIM_THRESHOLD_, ...,
+# mallopt(3)) start with this; one set means the user chose.
+_MALLOC_ENV_PREFIX = "MALLOC_"
 # Allocators that replace glibc's malloc when preloaded; mallopt would not reach them.
 _PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
@@ -115,7 +111,7 @@ def skip_reason(environ: dict[str, str] | None = None) -> str | None:
         return "an accelerator backend is expected (JAX_PLATFORMS or an installed plugin)"
     if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets glibc.malloc tunables"
-    chosen = [name for name in _MALLOC_ENV if name in environ]
+    chosen = sorted(name for name in environ if name.startswith(_MALLOC_ENV_PREFIX))
     if chosen:
         return f"{chosen[0]} is set"
     preload = environ.get("LD_PRELOAD", "")
@@ -193,28 +189,43 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cgroup_dir() -> str:
-    """The process's cgroup v2 directory (from /proc/self/cgroup's '0::' line)."""
-    for line in (_read("/proc/self/cgroup") or "").splitlines():
-        if line.startswith("0::"):
-            path = os.path.join("/sys/fs/cgroup", line[3:].strip().lstrip("/"))
-            if os.path.exists(os.path.join(path, "memory.max")):
-                return path
-    return "/sys/fs/cgroup"
+def _cgroup_files() -> tuple[str | None, str | None, str | None]:
+    """memory.max, memory.current and memory.stat of the cgroup v2 level with the lowest limit.
+
+    Walks from the process's own cgroup (/proc/self/cgroup's '0::' line) up to the root: a
+    limit often sits on a parent (a Slurm job above its steps, a container above its
+    processes). (None, None, None) where no level has a numeric memory.max.
+    """
+    root = "/sys/fs/cgroup"
+    own = next(
+        (
+            line[3:].strip().strip("/")
+            for line in (_read("/proc/self/cgroup") or "").splitlines()
+            if line.startswith("0::")
+        ),
+        "",
+    )
+    best, best_limit = None, None
+    parts = own.split("/") if own else []
+    for depth in range(len(parts), -1, -1):
+        path = os.path.join(root, *parts[:depth])
+        limit = (_read(os.path.join(path, "memory.max")) or "").strip()
+        if limit.isdigit() and (best_limit is None or int(limit) < best_limit):
+            best, best_limit = path, int(limit)
+    if best is None:
+        return None, None, None
+    return tuple(
+        _read(os.path.join(best, name)) for name in ("memory.max", "memory.current", "memory.stat")
+    )
 
 
-def _memory_short(cgroup: str) -> str | None:
+def _memory_short() -> str | None:
     """Why memory is short (a message with the figures), or None."""
     budget = _state["budget"]
     rss = _rss_bytes()
     if budget is not None and rss > budget:
         return f"the process's RSS {rss / 2**30:.1f} GiB passed {BUDGET_ENV}={budget / 2**30:g}"
-    available, total = memory_headroom(
-        _read("/proc/meminfo") or "",
-        _read(os.path.join(cgroup, "memory.max")),
-        _read(os.path.join(cgroup, "memory.current")),
-        _read(os.path.join(cgroup, "memory.stat")),
-    )
+    available, total = memory_headroom(_read("/proc/meminfo") or "", *_cgroup_files())
     if available < MIN_AVAILABLE_FRACTION * total:
         return (
             f"{available / 2**30:.1f} of {total / 2**30:.1f} GiB available (under "
@@ -244,9 +255,8 @@ def _rss_bytes() -> int:
 
 
 def _watch(libc) -> None:
-    cgroup = _cgroup_dir()
     try:
-        while (reason := _memory_short(cgroup)) is None:
+        while (reason := _memory_short()) is None:
             time.sleep(WATCH_INTERVAL_S)
     except Exception as error:  # noqa: BLE001 (unguarded reuse is the one outcome to avoid)
         reason = f"the memory check failed ({error!r})"
@@ -287,7 +297,9 @@ def apply(environ: dict[str, str] | None = None) -> bool:
     _state["budget"] = budget_bytes(environ)
     libc = _libc()
     if not all([libc.mallopt(param, value) == 1 for param, value in SETTINGS]):
-        for param, value in DEFAULTS:  # no half-set policy without its watchdog
+        # No half-set policy without its watchdog. (An accepted M_ARENA_MAX stays, and glibc's
+        # dynamic mmap threshold stays off: mallopt cannot undo either.)
+        for param, value in DEFAULTS:
             libc.mallopt(param, value)
         return False
     _state["policy"] = "reuse"
