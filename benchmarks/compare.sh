@@ -8,7 +8,10 @@
 # to 2 CPUs (train_step.py --threads=2 sets the affinity before jax starts;
 # torch.set_num_threads(2) and the same affinity), and prints per width the median images/s of
 # each and the ratio JAX/torch, then the CPU model (lscpu) the figures belong to.
-# Environment: PYTHON (default: the python on PATH, i.e. the active environment), OUT (JSON dir).
+# Environment: PYTHON (default: the python on PATH, i.e. the active environment), OUT (JSON dir),
+# TORCH_MALLOC: 'default' (PyTorch as it installs, glibc's default malloc) or 'policy' (PyTorch
+# with the glibc malloc settings our side sets, simclr_jax.cpu.host_memory, as GLIBC_TUNABLES:
+# the like-for-like comparison). Our side takes SIMCLR_CPU_MALLOC (0: glibc's default) as usual.
 set -euo pipefail
 
 BATCH="${1:-256}"
@@ -21,13 +24,19 @@ PYTHON="${PYTHON:-python}"
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+TORCH_MALLOC="${TORCH_MALLOC:-default}"
+case "$TORCH_MALLOC" in
+  default) TORCH_TUNABLES="${GLIBC_TUNABLES:-}" ;;
+  policy) TORCH_TUNABLES="$("$PYTHON" -c 'from simclr_jax.cpu import host_memory; print(host_memory.glibc_tunables())')" ;;
+  *) echo "TORCH_MALLOC must be 'default' or 'policy', got '$TORCH_MALLOC'" >&2; exit 2 ;;
+esac
 
 for width in ${WIDTHS//,/ }; do
   for round in $(seq 1 "$ROUNDS"); do
     "$PYTHON" benchmarks/train_step.py --config=configs/cifar10.py --batch="$BATCH" \
       --base_width="$width" --cpu_conv="$CPU_CONV" --threads=2 --steps="$STEPS" --warmup=1 \
       --json="$OUT/jax_w${width}_$round.json" > "$OUT/jax_w${width}_$round.log"
-    taskset -c "$("$PYTHON" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))')" \
+    GLIBC_TUNABLES="$TORCH_TUNABLES" taskset -c "$("$PYTHON" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))')" \
       "$PYTHON" benchmarks/peer_torch.py --batch="$BATCH" --width="$width" --threads=2 \
       --steps="$STEPS" --warmup=1 --json="$OUT/torch_w${width}_$round.json" \
       > "$OUT/torch_w${width}_$round.log"
@@ -35,9 +44,9 @@ for width in ${WIDTHS//,/ }; do
   done
 done
 
-"$PYTHON" - "$OUT" "$ROUNDS" "$WIDTHS" <<'PY'
+"$PYTHON" - "$OUT" "$ROUNDS" "$WIDTHS" "$TORCH_MALLOC" <<'PY'
 import json, statistics, subprocess, sys
-out, rounds, widths = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+out, rounds, widths, torch_malloc = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
 def load(name):
     return [json.load(open(f"{out}/{name}_{r}.json"))["images_per_s"] for r in range(1, rounds + 1)]
 for width in widths:
@@ -48,7 +57,7 @@ for width in widths:
     mem = {name: max(json.load(open(f"{out}/{name}_w{width}_{r}.json"))["peak_memory_mib"]
                      for r in range(1, rounds + 1)) for name in ("jax", "torch")}
     print(f"width {width}: jax ({impl}) img/s median {mj:.1f} rounds {[round(v, 1) for v in jax_ips]}, peak RSS max {mem['jax']:.0f} MiB")
-    print(f"width {width}: torch img/s median {mt:.1f} rounds {[round(v, 1) for v in torch_ips]}, peak RSS max {mem['torch']:.0f} MiB")
+    print(f"width {width}: torch (malloc {torch_malloc}) img/s median {mt:.1f} rounds {[round(v, 1) for v in torch_ips]}, peak RSS max {mem['torch']:.0f} MiB")
     print(f"width {width}: ratio jax/torch {mj / mt:.2f}")
 model = [l for l in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
          if l.startswith("Model name")]

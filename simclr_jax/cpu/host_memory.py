@@ -122,6 +122,23 @@ def skip_reason(environ: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def glibc_tunables() -> str:
+    """The policy as a GLIBC_TUNABLES value, for a process that should run with it from its start.
+
+    For like-for-like comparisons: benchmarks/compare.sh runs PyTorch with it when
+    TORCH_MALLOC=policy. It comes without the watchdog: nothing hands memory back when it gets
+    short. glibc ignores unknown or out-of-range tunables without a word, so
+    tests/cpu_host_memory_test.py checks that XLA reuses its buffer under this value alone.
+
+    Returns:
+      'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=N' with
+      N = SIZE_MAX (the trim threshold `SETTINGS` sets with -1).
+    """
+    size_max = 2 ** (8 * ctypes.sizeof(ctypes.c_size_t)) - 1
+    values = {"arena_max": 1, "mmap_max": 0, "trim_threshold": size_max}
+    return ":".join(f"glibc.malloc.{name}={value}" for name, value in values.items())
+
+
 def budget_bytes(environ: dict[str, str] | None = None) -> int | None:
     """The RSS cap SIMCLR_CPU_MALLOC_BUDGET_GB sets, in bytes; None where it is unset.
 
