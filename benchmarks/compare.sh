@@ -9,9 +9,11 @@
 # torch.set_num_threads(2) and the same affinity), and prints per width the median images/s of
 # each and the ratio JAX/torch, then the CPU model (lscpu) the figures belong to.
 # Environment: PYTHON (default: the python on PATH, i.e. the active environment), OUT (JSON dir),
-# TORCH_MALLOC: 'default' (PyTorch as it installs, glibc's default malloc) or 'policy' (PyTorch
-# with the glibc malloc settings our side sets, simclr_jax.cpu.host_memory, as GLIBC_TUNABLES:
-# the like-for-like comparison). Our side takes SIMCLR_CPU_MALLOC (0: glibc's default) as usual.
+# TORCH_MALLOC: 'default' (PyTorch as it installs: the environment as given) or 'policy'
+# (PyTorch with the glibc malloc settings our side sets, simclr_jax.cpu.host_memory, appended to
+# GLIBC_TUNABLES: the like-for-like comparison). Our side takes SIMCLR_CPU_MALLOC (0: glibc's
+# default) as usual; malloc tunables already in GLIBC_TUNABLES turn our policy off, so 'policy'
+# refuses them.
 set -euo pipefail
 
 BATCH="${1:-256}"
@@ -25,9 +27,18 @@ OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 TORCH_MALLOC="${TORCH_MALLOC:-default}"
+USER_TUNABLES="${GLIBC_TUNABLES:-}"
 case "$TORCH_MALLOC" in
-  default) TORCH_TUNABLES="${GLIBC_TUNABLES:-}" ;;
-  policy) TORCH_TUNABLES="$("$PYTHON" -c 'from simclr_jax.cpu import host_memory; print(host_memory.glibc_tunables())')" ;;
+  default)
+    TORCH_TUNABLES="$USER_TUNABLES"
+    if [[ "$USER_TUNABLES" == *glibc.malloc.* ]]; then TORCH_LABEL="GLIBC_TUNABLES=$USER_TUNABLES"; else TORCH_LABEL=default; fi ;;
+  policy)
+    if [[ "$USER_TUNABLES" == *glibc.malloc.* ]]; then
+      echo "TORCH_MALLOC=policy: GLIBC_TUNABLES already sets glibc.malloc tunables ($USER_TUNABLES), which turn our side's policy off; unset them" >&2
+      exit 2
+    fi
+    TORCH_TUNABLES="${USER_TUNABLES:+$USER_TUNABLES:}$("$PYTHON" -c 'from simclr_jax.cpu import host_memory; print(host_memory.glibc_tunables())')"
+    TORCH_LABEL=policy ;;
   *) echo "TORCH_MALLOC must be 'default' or 'policy', got '$TORCH_MALLOC'" >&2; exit 2 ;;
 esac
 
@@ -44,15 +55,16 @@ for width in ${WIDTHS//,/ }; do
   done
 done
 
-"$PYTHON" - "$OUT" "$ROUNDS" "$WIDTHS" "$TORCH_MALLOC" <<'PY'
+"$PYTHON" - "$OUT" "$ROUNDS" "$WIDTHS" "$TORCH_LABEL" <<'PY'
 import json, statistics, subprocess, sys
 out, rounds, widths, torch_malloc = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
 def load(name):
     return [json.load(open(f"{out}/{name}_{r}.json"))["images_per_s"] for r in range(1, rounds + 1)]
 for width in widths:
     jax_ips, torch_ips = load(f"jax_w{width}"), load(f"torch_w{width}")
-    first = json.load(open(f"{out}/jax_w{width}_1.json"))
-    impl = f"{first['cpu_conv']}, malloc {first.get('host_malloc', 'default')}"
+    runs = [json.load(open(f"{out}/jax_w{width}_{r}.json")) for r in range(1, rounds + 1)]
+    # Per round: 'over budget' marks a round where the watchdog restored glibc's defaults.
+    impl = f"{runs[0]['cpu_conv']}, malloc {[run.get('host_malloc', 'default') for run in runs]}"
     mj, mt = statistics.median(jax_ips), statistics.median(torch_ips)
     mem = {name: max(json.load(open(f"{out}/{name}_w{width}_{r}.json"))["peak_memory_mib"]
                      for r in range(1, rounds + 1)) for name in ("jax", "torch")}

@@ -66,6 +66,13 @@ M_ARENA_MAX = -8
 # mallopt's value is an int; glibc converts it to size_t for the trim threshold, so -1 means
 # SIZE_MAX: never trim.
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
+# The same parameters as glibc tunables (GLIBC_TUNABLES=glibc.malloc.NAME=VALUE:...).
+TUNABLE_PREFIX = "glibc.malloc."
+_TUNABLE_NAMES = {
+    M_ARENA_MAX: "arena_max",
+    M_MMAP_MAX: "mmap_max",
+    M_TRIM_THRESHOLD: "trim_threshold",
+}
 # glibc's defaults (malloc.c: DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD), restored over budget.
 # Not restored: the single arena (threads keep the arena they have) and the dynamic mmap
 # threshold (any mallopt of these turns it off for good).
@@ -109,7 +116,7 @@ def skip_reason(environ: dict[str, str] | None = None) -> str | None:
         return f"{DISABLE_ENV}={disable}"
     if _accelerator_expected(environ):
         return "an accelerator backend is expected (JAX_PLATFORMS or an installed plugin)"
-    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+    if TUNABLE_PREFIX in environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets glibc.malloc tunables"
     chosen = sorted(name for name in environ if name.startswith(_MALLOC_ENV_PREFIX))
     if chosen:
@@ -131,12 +138,13 @@ def glibc_tunables() -> str:
     tests/cpu_host_memory_test.py checks that XLA reuses its buffer under this value alone.
 
     Returns:
-      'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=N' with
-      N = SIZE_MAX (the trim threshold `SETTINGS` sets with -1).
+      'glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=N', built
+      from `SETTINGS`: N = SIZE_MAX bytes (mallopt's -1 read as size_t, as glibc does).
     """
-    size_max = 2 ** (8 * ctypes.sizeof(ctypes.c_size_t)) - 1
-    values = {"arena_max": 1, "mmap_max": 0, "trim_threshold": size_max}
-    return ":".join(f"glibc.malloc.{name}={value}" for name, value in values.items())
+    return ":".join(
+        f"{TUNABLE_PREFIX}{_TUNABLE_NAMES[param]}={ctypes.c_size_t(value).value}"
+        for param, value in SETTINGS
+    )
 
 
 def budget_bytes(environ: dict[str, str] | None = None) -> int | None:
