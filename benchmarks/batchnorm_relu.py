@@ -14,9 +14,9 @@ alone and of forward + backward, in ms.
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+from conv_layer import median_seconds
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -26,16 +26,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="pin to T CPUs; 0: all")
     parser.add_argument("--repeats", type=int, default=10)
     return parser.parse_args(argv)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def _jax_fns(shape):
@@ -116,8 +106,8 @@ def main(argv: list[str]) -> dict:
     result = {
         "impl": args.impl,
         "shape": list(shape),
-        "forward_ms": _median_ms(forward, args.repeats),
-        "forward_backward_ms": _median_ms(forward_backward, args.repeats),
+        "forward_ms": median_seconds(forward, args.repeats) * 1e3,
+        "forward_backward_ms": median_seconds(forward_backward, args.repeats) * 1e3,
     }
     print(
         f"{args.impl} {args.shape}: forward {result['forward_ms']:.1f} ms, "

@@ -50,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _median_seconds(run, repeats: int) -> float:
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` calls after one warm-up call, in seconds."""
     run()  # compile / warm up
     times = []
     for _ in range(repeats):
@@ -85,7 +86,7 @@ def _jax_timer(impl: str):
     def timer(n: int, size: int, channels: int, repeats: int) -> float:
         x, w, _ = inputs(n, size, channels)
         step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
-        return _median_seconds(lambda: jax.block_until_ready(step(x, w)), repeats)
+        return median_seconds(lambda: jax.block_until_ready(step(x, w)), repeats)
 
     def parts(n: int, size: int, channels: int, repeats: int) -> dict[str, float]:
         x, w, dy = inputs(n, size, channels)
@@ -96,7 +97,7 @@ def _jax_timer(impl: str):
             "dw": (jax.jit(lambda x, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, dy)),
         }
         return {
-            name: _median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats)
+            name: median_seconds(lambda f=f, a=a: jax.block_until_ready(f(*a)), repeats)
             for name, (f, a) in fns.items()
         }
 
@@ -121,7 +122,7 @@ def _torch_timer(threads: int):
             conv.zero_grad(set_to_none=True)
             (conv(x) ** 2).sum().backward()
 
-        return _median_seconds(run, repeats)
+        return median_seconds(run, repeats)
 
     def parts(n: int, size: int, channels: int, repeats: int) -> dict[str, float]:
         x = torch.randn(n, channels, size, size).to(memory_format=torch.channels_last)
@@ -134,9 +135,9 @@ def _torch_timer(threads: int):
                 torch.nn.functional.conv2d(x, w, padding=1)
 
         return {
-            "fwd": _median_seconds(fwd, repeats),
-            "dx": _median_seconds(lambda: grad.conv2d_input(x.shape, w, dy, padding=1), repeats),
-            "dw": _median_seconds(lambda: grad.conv2d_weight(x, w.shape, dy, padding=1), repeats),
+            "fwd": median_seconds(fwd, repeats),
+            "dx": median_seconds(lambda: grad.conv2d_input(x.shape, w, dy, padding=1), repeats),
+            "dw": median_seconds(lambda: grad.conv2d_weight(x, w.shape, dy, padding=1), repeats),
         }
 
     timer.parts = parts

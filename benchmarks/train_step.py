@@ -332,9 +332,8 @@ def main(argv: list[str]) -> dict:
         if index >= args.warmup:
             times.append(elapsed)
         if args.print_rss:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            print(f"step {index}: {elapsed:.3f} s, RSS {rss / 2**20:.0f} MiB")
+            rss_mib = host_memory.rss_bytes() / 2**20
+            print(f"step {index}: {elapsed:.3f} s, RSS {rss_mib:.0f} MiB")
     step_s = statistics.median(times)
     profile = (
         profile_step(jax, compiled, state, batch, args.profile_dir) if args.profile_dir else {}

@@ -69,13 +69,13 @@ b = jnp.ones((64, 16384), jnp.float32)
 f = jax.jit(lambda a, b: jnp.sum(jnp.tanh(a @ b) * jnp.tanh(a @ b + 1.0).T.sum(), axis=0))
 for _ in range(2):
     f(a, b).block_until_ready()
-rss_warm = host_memory._rss_bytes()
+rss_warm = host_memory.rss_bytes()
 policy_warm = host_memory.policy()
 trip = sys.argv[1] == "trip"
 if trip:
     host_memory._state["budget"] = 1
 time.sleep(3 * host_memory.WATCH_INTERVAL_S)  # the watchdog's turn (and one trim)
-rss_after = host_memory._rss_bytes()
+rss_after = host_memory.rss_bytes()
 faults = 0
 for _ in range(3):
     if trip:  # after a trip, free pages go back once a second: let each call find them gone

@@ -247,7 +247,7 @@ def _cgroup_files() -> tuple[str | None, str | None, str | None]:
 def _memory_short() -> str | None:
     """Why memory is short (a message with the figures), or None."""
     budget = _state["budget"]
-    rss = _rss_bytes()
+    rss = rss_bytes()
     if budget is not None and rss > budget:
         return f"the process's RSS {rss / 2**30:.1f} GiB passed {BUDGET_ENV}={budget / 2**30:g}"
     available, total = memory_headroom(_read("/proc/meminfo") or "", *_cgroup_files())
@@ -274,7 +274,8 @@ def _libc():
     return libc
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set size in bytes (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
